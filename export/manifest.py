@@ -1,0 +1,162 @@
+"""The model bundle manifest: the contract between `export` and the functions.
+
+Standard library only, so a function that reads a bundle never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(Exception):
+    """A bundle is missing, partial, corrupt or of an unknown format."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # Open Inference Protocol name: INT64, FP32, ...
+    shape: list[str | int]  # named dynamic axes ("batch", "sequence", ...) or fixed sizes
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    index: int  # 0-based
+    name: str  # "stage-1"
+    file: str  # "stage1.onnx"
+    layers: list[int]  # [start, stop)
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    files: dict[str, str]  # file name -> sha256 (the .onnx and any external data)
+
+    @property
+    def first(self) -> bool:
+        return self.layers[0] == 0
+
+    def past_names(self) -> list[str]:
+        return [t.name for t in self.inputs if t.name.startswith("past_key_values.")]
+
+    def present_names(self) -> list[str]:
+        return [t.name for t in self.outputs if t.name.startswith("present.")]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    model: dict[str, Any]  # id, revision, architecture, source
+    config: dict[str, Any]  # the GPT-2 config (n_layer, n_embd, n_head, n_positions, vocab_size...)
+    dtype: str  # "float32"
+    quantization: str | None  # None or "int8"
+    opset: int
+    stages: list[StageEntry]
+    tokenizer: dict[str, Any]  # file, sha256, eos_token_id, source
+    versions: dict[str, str]
+    parity: dict[str, Any]
+    export_args: dict[str, Any]  # normalised arguments: a re-run with the same ones is a no-op
+    reference: dict[str, Any] | None = None  # monolithic optimum export, when asked for
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # convenience views used by the serving side
+    @property
+    def n_layer(self) -> int:
+        return int(self.config["n_layer"])
+
+    @property
+    def n_head(self) -> int:
+        return int(self.config["n_head"])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.config["n_embd"]) // self.n_head
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.config["n_positions"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    def stage(self, name_or_index: str | int) -> StageEntry:
+        for s in self.stages:
+            if s.name == name_or_index or s.index == name_or_index:
+                return s
+        names = ", ".join(s.name for s in self.stages)
+        raise BundleError(f"no stage {name_or_index!r} in this bundle; it has {names}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if d.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format {d.get('format_version')!r} is not supported (expected "
+                f"{FORMAT_VERSION}); re-run `python -m export` to rebuild it"
+            )
+        try:
+            stages = [
+                StageEntry(
+                    **{
+                        **s,
+                        "inputs": [TensorSpec(**t) for t in s["inputs"]],
+                        "outputs": [TensorSpec(**t) for t in s["outputs"]],
+                    }
+                )
+                for s in d["stages"]
+            ]
+            return cls(**{**d, "stages": stages})
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"manifest.json does not match the bundle schema: {e}") from e
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(bundle: Path | str) -> Manifest:
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path} not found: is {bundle} a bundle made by `python -m export`?")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path} is not readable JSON: {e}") from e
+    return Manifest.from_dict(data)
+
+
+def all_files(m: Manifest) -> dict[str, str]:
+    """Every file the manifest vouches for, with its sha256."""
+    files: dict[str, str] = {}
+    for s in m.stages:
+        files.update(s.files)
+    files[m.tokenizer["file"]] = m.tokenizer["sha256"]
+    if m.reference:
+        files.update(m.reference["files"])
+    return files
+
+
+def verify_files(bundle: Path | str, m: Manifest, only: list[str] | None = None) -> list[str]:
+    """Problems found (missing files, hash mismatches); empty when the bundle is intact."""
+    problems = []
+    for name, digest in all_files(m).items():
+        if only is not None and name not in only:
+            continue
+        p = Path(bundle) / name
+        if not p.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(p) != digest:
+            problems.append(f"{name} does not match its sha256 in the manifest")
+    return problems

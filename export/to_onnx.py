@@ -1,0 +1,46 @@
+"""Export each stage wrapper to ONNX (torch.onnx dynamo exporter), optionally int8-quantised."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from export.stages import GPT2Stage, StageSpec, example_inputs
+
+
+def _dynamic_shapes(spec: StageSpec):
+    dyn = torch.export.Dim.DYNAMIC
+    two_d = {0: dyn, 1: dyn}
+    # forward(x, mask, pos, *past): torch.export sees the varargs as one nested tuple
+    past = tuple({0: dyn, 2: dyn} for _ in spec.past_names())
+    return (two_d, two_d, two_d, past)
+
+
+def export_stage(model, spec: StageSpec, path: Path, opset: int | None) -> None:
+    """Write one stage as a self-contained .onnx file (external data only past 2 GB)."""
+    module = GPT2Stage(model, spec).eval()
+    args = example_inputs(model, spec)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=spec.input_names(),
+            output_names=spec.output_names(),
+            dynamic_shapes=_dynamic_shapes(spec),
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    large = sum(p.numel() * p.element_size() for p in module.parameters()) > 1_800_000_000
+    program.save(str(path), external_data=large)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantisation of the weights (MatMul/Gemm), activations stay float."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)

@@ -1,0 +1,1 @@
+"""Serverless functions of tandem: the shared app factory, the tensor codec, the tokenizer."""

@@ -1,0 +1,122 @@
+"""The functions' exception tree and the one handler that turns any error into RFC 9457 JSON.
+
+    FunctionError (500)
+    ├── BadRequestError (400)        also: protocol.ProtocolError -> 400
+    ├── NotFoundError (404)
+    ├── ConflictError (409)
+    ├── PayloadTooLargeError (413)
+    └── NotReadyError (503)
+Litestar's own HTTPExceptions keep their status; anything else is a 500 with a generic detail.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from functions.protocol import ProtocolError
+
+logger = logging.getLogger("tandem.functions")
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class FunctionError(Exception):
+    """Base of the functions' errors; `extra` is merged into the problem body."""
+
+    status_code: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal Server Error"
+
+    def __init__(self, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra or {}
+
+
+class BadRequestError(FunctionError):
+    status_code = 400
+    title = "Bad Request"
+
+
+class NotFoundError(FunctionError):
+    status_code = 404
+    title = "Not Found"
+
+
+class ConflictError(FunctionError):
+    status_code = 409
+    title = "Conflict"
+
+
+class PayloadTooLargeError(FunctionError):
+    status_code = 413
+    title = "Payload Too Large"
+
+
+class NotReadyError(FunctionError):
+    status_code = 503
+    title = "Service Unavailable"
+
+
+# Litestar's default details are terse ("Not Found"): say what to do instead.
+_HTTP_DETAILS = {
+    404: "no route matches {method} {path}; see /docs for the API",
+    405: "{method} is not allowed on {path}; see /docs for the API",
+    413: "the request body is larger than this service accepts (TANDEM_MAX_BODY_BYTES)",
+}
+_TITLES = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict"}
+_TITLES |= {413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    instance: str,
+    title: str | None = None,
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[bytes]:
+    """An RFC 9457 `application/problem+json` response."""
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title or _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+    }
+    body.update(extra or {})
+    return Response(
+        msgspec.json.encode(body),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def problem_details_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Litestar exception handler for every exception type (register it for `Exception`)."""
+    path = request.scope.get("path", "")
+    if isinstance(exc, FunctionError):
+        return problem_response(
+            exc.status_code, exc.detail, instance=path, title=exc.title, extra=exc.extra
+        )
+    if isinstance(exc, ProtocolError):
+        return problem_response(400, str(exc), instance=path)
+    if isinstance(exc, HTTPException) and exc.status_code < 500:
+        status = exc.status_code
+        template = _HTTP_DETAILS.get(status)
+        detail = template.format(method=request.method, path=path) if template else exc.detail
+        extra = {"errors": exc.extra} if status == 400 and exc.extra else None
+        return problem_response(status, detail, instance=path, extra=extra, headers=exc.headers)
+    if isinstance(exc, HTTPException) and exc.status_code == 503:
+        return problem_response(503, exc.detail, instance=path, headers=exc.headers)
+    # Unexpected: log the traceback here, answer without internals, keep serving.
+    logger.exception("unhandled error on %s %s", request.method, path)
+    return problem_response(
+        500, "internal error; the traceback is in the service log", instance=path
+    )

@@ -1,0 +1,85 @@
+"""Per-sequence KV cache of one stage: bounded in bytes (LRU first) and by idle time.
+
+Everything here can be lost: a caller whose sequence is gone gets a 409 and replays the inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Entry:
+    kv: list[np.ndarray]  # one (1, H, T, D) array per past tensor of this stage, in manifest order
+    length: int  # T: positions held
+    nbytes: int
+    last_used: float
+
+
+class KVCache:
+    """Not thread-safe on its own: the stage engine holds its lock around every use."""
+
+    def __init__(self, max_bytes: int, idle_seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.max_bytes = max_bytes
+        self.idle_seconds = idle_seconds
+        self.clock = clock
+        self._entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
+        self.bytes = 0
+        self.evictions = 0  # dropped for the byte budget
+        self.expirations = 0  # dropped for being idle
+        self.misses = 0  # rows whose past length did not match (counted by the engine)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._entries
+
+    def length(self, seq_id: int) -> int:
+        e = self._entries.get(seq_id)
+        return 0 if e is None else e.length
+
+    def get(self, seq_id: int) -> Entry | None:
+        e = self._entries.get(seq_id)
+        if e is not None:
+            e.last_used = self.clock()
+            self._entries.move_to_end(seq_id)
+        return e
+
+    def put(self, seq_id: int, kv: list[np.ndarray], length: int, keep: Iterable[int] = ()) -> None:
+        """Store (replacing any old entry), then evict least recently used sequences, never the
+        ones in `keep` (the rest of the current batch), until the budget holds."""
+        self.release(seq_id)
+        nbytes = sum(a.nbytes for a in kv)
+        self._entries[seq_id] = Entry(kv, length, nbytes, self.clock())
+        self.bytes += nbytes
+        if self.bytes > self.max_bytes:
+            protected = set(keep) | {seq_id}
+            for victim in [s for s in self._entries if s not in protected]:
+                if self.bytes <= self.max_bytes:
+                    break
+                self._drop(victim)
+                self.evictions += 1
+
+    def release(self, seq_id: int) -> bool:
+        if seq_id not in self._entries:
+            return False
+        self._drop(seq_id)
+        return True
+
+    def expire(self) -> int:
+        """Drop the sequences idle for longer than idle_seconds; returns how many."""
+        cutoff = self.clock() - self.idle_seconds
+        stale = [s for s, e in self._entries.items() if e.last_used < cutoff]
+        for s in stale:
+            self._drop(s)
+        self.expirations += len(stale)
+        return len(stale)
+
+    def _drop(self, seq_id: int) -> None:
+        self.bytes -= self._entries.pop(seq_id).nbytes

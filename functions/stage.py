@@ -1,0 +1,263 @@
+"""The stage function: one ONNX pipeline stage behind the Open Inference Protocol v2 REST API.
+
+Run: `python -m functions.stage --bundle DIR --stage K [--port P] [--provider cpu|cuda] [--threads N]`.
+The session loads in the background after the port opens; /v2/health/ready is 503 until a
+warm-up inference has run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+from litestar import Litestar, Request, Response, delete, get, post
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from export.manifest import BundleError, Manifest, load_manifest, verify_files
+from functions import protocol
+from functions.app import LATENCY_BUCKETS, create_function_app, serve
+from functions.engine import StageEngine
+from functions.errors import BadRequestError, NotFoundError, NotReadyError
+from functions.settings import FunctionSettings, SettingsError
+from functions.telemetry import get_tracer
+
+logger = logging.getLogger("tandem.stage")
+DEFAULT_PORT_BASE = 8100  # stage K listens on 8100 + K by default
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    bundle: Path
+    stage: str  # "stage-2" (the manifest's name), also accepted as "2"
+    provider: str = "cpu"
+    threads: int | None = None
+    cache_bytes: int = 2 << 30
+    idle_seconds: float = 600.0
+    verify_hashes: bool = False  # sha256 of the stage file before loading (slow for big files)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> StageSettings:
+        env = os.environ
+        try:
+            values: dict[str, Any] = {
+                "provider": env.get("TANDEM_PROVIDER", "cpu"),
+                "threads": int(env["TANDEM_THREADS"]) if env.get("TANDEM_THREADS") else None,
+                "cache_bytes": int(env.get("TANDEM_KV_CACHE_BYTES", 2 << 30)),
+                "idle_seconds": float(env.get("TANDEM_KV_IDLE_SECONDS", 600)),
+                "verify_hashes": env.get("TANDEM_VERIFY_HASHES", "0") in ("1", "true"),
+            }
+        except ValueError as e:
+            raise SettingsError(f"a TANDEM_* stage variable is not a number: {e}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["provider"] not in ("cpu", "cuda"):
+            raise SettingsError(f"provider must be cpu or cuda, got {values['provider']!r}")
+        stage = str(values["stage"])
+        values["stage"] = f"stage-{stage}" if stage.isdigit() else stage
+        return cls(**values)
+
+
+class _Loader:
+    """Loads the session off the event loop; readiness reflects where it got to."""
+
+    def __init__(self, settings: StageSettings, manifest: Manifest):
+        self.settings, self.manifest = settings, manifest
+        self.engine: StageEngine | None = None
+        self.error: str | None = None
+        self.status = "loading the ONNX session"
+
+    def run(self) -> None:
+        s, m = self.settings, self.manifest
+        try:
+            entry = m.stage(s.stage)
+            if s.verify_hashes:
+                problems = verify_files(s.bundle, m, only=list(entry.files))
+                if problems:
+                    raise BundleError("; ".join(problems))
+            engine = StageEngine(s.bundle, m, entry, provider=s.provider, threads=s.threads,
+                                 cache_bytes=s.cache_bytes, idle_seconds=s.idle_seconds)
+            if s.provider == "cuda" and "CUDAExecutionProvider" not in engine.providers:
+                raise BundleError(f"CUDA was asked for but ONNX Runtime uses {engine.providers}")
+            self.status = "running the warm-up inference"
+            engine.warm_up()
+            self.engine = engine
+            logger.info("%s ready (providers %s)", entry.name, engine.providers)
+        except Exception as e:  # readiness reports it; the process stays up for /v2/health/live
+            logger.exception("loading %s failed", s.stage)
+            self.error = f"loading failed: {e}"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.engine is not None:
+            return True, "ready"
+        return False, self.error or self.status
+
+
+class _CacheCollector:
+    """KV cache figures read at scrape time, so they are never stale."""
+
+    def __init__(self, loader: _Loader, stage: str):
+        self.loader, self.stage = loader, stage
+
+    def collect(self):
+        e = self.loader.engine
+        c = e.cache if e else None
+        label = [self.stage]
+        for name, doc, value, family in (
+            ("tandem_kv_cache_sequences", "Sequences held in the KV cache.", len(c) if c else 0, GaugeMetricFamily),
+            ("tandem_kv_cache_bytes", "Bytes of keys/values held.", c.bytes if c else 0, GaugeMetricFamily),
+            ("tandem_kv_cache_evictions", "Sequences evicted for the byte budget.", c.evictions if c else 0,
+             CounterMetricFamily),
+            ("tandem_kv_cache_expirations", "Sequences dropped for idleness.", c.expirations if c else 0,
+             CounterMetricFamily),
+            ("tandem_kv_cache_misses", "Rows refused (409) for a past length the stage does not hold.",
+             c.misses if c else 0, CounterMetricFamily),
+        ):
+            m = family(name, doc, labels=["stage"])
+            m.add_metric(label, value)
+            yield m
+
+
+class ReleaseRequest(msgspec.Struct, forbid_unknown_fields=True):
+    sequence_ids: list[int]
+
+
+def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> Litestar:
+    manifest = load_manifest(settings.bundle)
+    entry = manifest.stage(settings.stage)
+    name = entry.name
+    loader = _Loader(settings, manifest)
+    registry = CollectorRegistry()
+    infer_seconds = Histogram("tandem_stage_infer_seconds", "Time in the ONNX session per batch.",
+                              ["stage", "phase"], registry=registry, buckets=LATENCY_BUCKETS)
+    batch_size = Histogram("tandem_stage_batch_size", "Rows per inference batch.", ["stage"],
+                           registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    registry.register(_CacheCollector(loader, name))
+    tracer = get_tracer("tandem.stage")
+
+    def engine_for(model: str) -> StageEngine:
+        if model != name:
+            raise NotFoundError(f"model {model!r} is not served here; this function serves {name!r}")
+        if loader.engine is None:
+            raise NotReadyError(f"{name} is not ready: {loader.ready()[1]}")
+        return loader.engine
+
+    @get("/v2", sync_to_thread=False, tags=["server"])
+    def server_metadata() -> dict[str, Any]:
+        """Server metadata (Open Inference Protocol v2)."""
+        return {"name": "tandem-stage", "version": "0.1.0", "extensions": ["binary_tensor_data", "sequences"]}
+
+    @get("/v2/models/{model:str}", sync_to_thread=False, tags=["model"])
+    def model_metadata(model: str) -> dict[str, Any]:
+        """Model metadata: the wire inputs and outputs of this stage."""
+        if model != name:
+            raise NotFoundError(f"model {model!r} is not served here; this function serves {name!r}")
+        e = loader.engine
+        return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
+                "inputs": e.wire_inputs() if e else [], "outputs": e.wire_outputs() if e else [],
+                "parameters": {"layers": entry.layers, "model_id": manifest.model["id"],
+                               "providers": e.providers if e else []}}
+
+    @get("/v2/models/{model:str}/ready", sync_to_thread=False, tags=["model"])
+    def model_ready(model: str) -> dict[str, Any]:
+        """200 when this stage can serve, 503 otherwise."""
+        engine_for(model)
+        return {"name": name, "ready": True}
+
+    @post("/v2/models/{model:str}/infer", status_code=200, tags=["model"])
+    async def infer(model: str, request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Run a batch (JSON tensors or the binary tensor extension)."""
+        engine = engine_for(model)
+        raw_len = request.headers.get(protocol.HEADER)
+        try:
+            header_len = int(raw_len) if raw_len is not None else None
+        except ValueError:
+            raise BadRequestError(f"{protocol.HEADER} must be an integer, got {raw_len!r}") from None
+        req = protocol.decode_request(await request.body(), header_len)
+        want = {o.name for o in req.outputs} or None
+        with tracer.start_as_current_span(f"{name} infer") as span:
+            result = await anyio.to_thread.run_sync(engine.infer, req.inputs, want)
+            span.set_attribute("tandem.batch_size", result.batch_size)
+            span.set_attribute("tandem.phase", result.phase)
+        infer_seconds.labels(name, result.phase).observe(result.seconds)
+        batch_size.labels(name).observe(result.batch_size)
+        outputs = result.outputs
+        if want is not None:
+            missing = want - set(outputs)
+            if missing:
+                raise BadRequestError(f"unknown output(s) {sorted(missing)}; {name} returns {sorted(outputs)}")
+            outputs = {k: v for k, v in outputs.items() if k in want}
+        binary: set[str] | bool = ({o.name for o in req.outputs if o.binary_data} if req.outputs
+                                   else bool(req.parameters.get("binary_data_output", False)))
+        body, hlen = protocol.encode_response(name, outputs, binary=binary, request_id=req.id)
+        headers = {protocol.HEADER: str(hlen)} if hlen is not None else {}
+        media = "application/octet-stream" if hlen is not None else "application/json"
+        return Response(body, media_type=media, headers=headers)
+
+    @get("/v2/models/{model:str}/sequences", sync_to_thread=False, tags=["sequences"])
+    def sequences(model: str) -> dict[str, Any]:
+        """The sequences whose KV cache this stage holds, with their lengths."""
+        engine = engine_for(model)
+        with engine.lock:
+            held = {str(s): engine.cache.length(s) for s in list(engine.cache._entries)}
+        return {"sequences": held, "bytes": engine.cache.bytes}
+
+    @delete("/v2/models/{model:str}/sequences/{seq_id:int}", status_code=200, sync_to_thread=False,
+            tags=["sequences"])
+    def release(model: str, seq_id: int) -> dict[str, Any]:
+        """Free one sequence's KV cache now (idempotent: released is false when none was held)."""
+        return {"released": engine_for(model).release(seq_id)}
+
+    @post("/v2/models/{model:str}/sequences/release", status_code=200, sync_to_thread=False,
+          tags=["sequences"])
+    def release_many(model: str, data: ReleaseRequest) -> dict[str, Any]:
+        """Free several sequences at once (the gateway's cancellation path)."""
+        engine = engine_for(model)
+        return {"released": [s for s in data.sequence_ids if engine.release(s)]}
+
+    @contextlib.asynccontextmanager
+    async def load_in_background(app: Litestar) -> AsyncIterator[None]:
+        threading.Thread(target=loader.run, name=f"load-{name}", daemon=True).start()
+        yield
+
+    return create_function_app(
+        service_name=name, route_handlers=[server_metadata, model_metadata, model_ready, infer, sequences,
+                                           release, release_many],
+        settings=fn_settings, lifespan=[load_in_background], is_ready=loader.ready, registry=registry,
+        openapi_title=f"tandem {name}", state={"loader": loader},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m functions.stage", description=__doc__)
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--stage", required=True, help="stage number (1-based) or name, e.g. 2 or stage-2")
+    p.add_argument("--port", type=int)
+    p.add_argument("--host")
+    p.add_argument("--provider", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
+    args = p.parse_args(argv)
+    try:
+        settings = StageSettings.from_env(bundle=args.bundle, stage=args.stage, provider=args.provider,
+                                          threads=args.threads)
+        manifest = load_manifest(settings.bundle)
+        index = manifest.stage(settings.stage).index
+        fn = FunctionSettings.from_env(DEFAULT_PORT_BASE + index + 1, port=args.port, host=args.host)
+        app = create_stage_app(settings, fn)
+    except (BundleError, SettingsError) as e:
+        print(f"stage: error: {e}", file=sys.stderr)
+        return 2
+    return serve(app, fn)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Tokenizer logic without HTTP: load a bundle's `tokenizer.json`, encode, decode, and stream-decode
+token by token without ever emitting half a UTF-8 character. Importable by the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+EOS_TOKEN = "<|endoftext|>"
+REPLACEMENT = "\ufffd"  # what a byte-level decode yields for an incomplete UTF-8 sequence
+
+
+class TokenizerInputError(ValueError):
+    """Input the tokenizer cannot take (e.g. an id outside the vocabulary)."""
+
+
+class TokenizerCore:
+    """A loaded tokenizer plus what serving needs to know about it."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        eos_token_id: int | None = None,
+        model_id: str | None = None,
+        raw_json: bytes | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eos_token_id: int | None = (
+            eos_token_id if eos_token_id is not None else tokenizer.token_to_id(EOS_TOKEN)
+        )
+        self.model_id = model_id
+        self.raw_json = raw_json if raw_json is not None else tokenizer.to_str().encode()
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, *, eos_token_id: int | None = None, model_id: str | None = None
+    ) -> TokenizerCore:
+        """Load an HF `tokenizers` JSON file."""
+        raw = Path(path).read_bytes()
+        return cls(
+            Tokenizer.from_str(raw.decode()),
+            eos_token_id=eos_token_id,
+            model_id=model_id,
+            raw_json=raw,
+        )
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path) -> TokenizerCore:
+        """Load `tokenizer.json` of a model bundle; `manifest.json` is optional."""
+        bundle = Path(bundle)
+        path = bundle / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer.json in bundle directory {bundle}; export a bundle first"
+            )
+        eos, model_id = None, None
+        manifest_path = bundle / "manifest.json"
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            eos = (manifest.get("tokenizer") or {}).get("eos_token_id")
+            model_id = (manifest.get("model") or {}).get("id")
+        return cls.from_file(path, eos_token_id=eos, model_id=model_id)
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(
+        self, texts: Sequence[str], *, add_special_tokens: bool = False
+    ) -> list[list[int]]:
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        self.check_ids(ids)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """Raise TokenizerInputError unless every id is in [0, vocab_size)."""
+        for i, token_id in enumerate(ids):
+            if not 0 <= token_id < self.vocab_size:
+                raise TokenizerInputError(
+                    f"token id {token_id} at position {i} is outside the vocabulary "
+                    f"[0, {self.vocab_size})"
+                )
+
+    def decode_step(
+        self,
+        ids: Sequence[int],
+        prefix_offset: int,
+        read_offset: int,
+        *,
+        skip_special_tokens: bool = False,
+        final: bool = False,
+    ) -> tuple[str, int, int]:
+        """One stateless incremental-decoding step over all ids so far.
+
+        `ids[:read_offset]` has already been emitted as text; `ids[prefix_offset:read_offset]` is
+        a short context window decoded again so that the new text is cut at a character boundary.
+        Returns (new text, new prefix_offset, new read_offset). New text is held back (returned
+        as "") while it ends in an incomplete UTF-8 sequence, unless `final`, which flushes.
+        Start a stream with both offsets 0, or both equal to the prompt length to skip the prompt.
+        """
+        if not 0 <= prefix_offset <= read_offset <= len(ids):
+            raise TokenizerInputError(
+                f"offsets must satisfy 0 <= prefix_offset ({prefix_offset}) <= read_offset "
+                f"({read_offset}) <= len(ids) ({len(ids)})"
+            )
+        window = ids[prefix_offset:]
+        self.check_ids(window)
+        prefix_text = self.tokenizer.decode(
+            list(ids[prefix_offset:read_offset]), skip_special_tokens=skip_special_tokens
+        )
+        full_text = self.tokenizer.decode(list(window), skip_special_tokens=skip_special_tokens)
+        if final or (len(full_text) > len(prefix_text) and not full_text.endswith(REPLACEMENT)):
+            return full_text[len(prefix_text) :], read_offset, len(ids)
+        return "", prefix_offset, read_offset
+
+
+class IncrementalDecoder:
+    """Stream decoder: `push` each generated id, get only newly completed text; `flush` at end."""
+
+    def __init__(self, core: TokenizerCore, *, skip_special_tokens: bool = False) -> None:
+        self.core = core
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.core.check_ids([token_id])  # before appending, so a bad id leaves the stream intact
+        self.ids.append(token_id)
+        return self._step(final=False)
+
+    def flush(self) -> str:
+        """Emit whatever is held back, with invalid bytes replaced by U+FFFD."""
+        return self._step(final=True)
+
+    def _step(self, *, final: bool) -> str:
+        text, self.prefix_offset, self.read_offset = self.core.decode_step(
+            self.ids,
+            self.prefix_offset,
+            self.read_offset,
+            skip_special_tokens=self.skip_special_tokens,
+            final=final,
+        )
+        return text
