@@ -115,9 +115,7 @@ def create_function_app(
         ok, reason = is_ready()
         if ok:
             return Response({"ready": True})
-        return problem_response(
-            503, f"{service_name} is not ready: {reason}", instance=request.url.path
-        )
+        return problem_response(503, f"{service_name} is not ready: {reason}", instance=request.url.path)
 
     @get("/metrics", include_in_schema=False, sync_to_thread=False)
     def metrics() -> Response[bytes]:
@@ -156,6 +154,7 @@ def serve(app: Litestar, settings: FunctionSettings) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per stage call is noise
     config = uvicorn.Config(
         app,
         host=settings.host,

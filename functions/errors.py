@@ -102,9 +102,7 @@ def problem_details_handler(request: Request[Any, Any, Any], exc: Exception) -> 
     """Litestar exception handler for every exception type (register it for `Exception`)."""
     path = request.scope.get("path", "")
     if isinstance(exc, FunctionError):
-        return problem_response(
-            exc.status_code, exc.detail, instance=path, title=exc.title, extra=exc.extra
-        )
+        return problem_response(exc.status_code, exc.detail, instance=path, title=exc.title, extra=exc.extra)
     if isinstance(exc, ProtocolError):
         return problem_response(400, str(exc), instance=path)
     if isinstance(exc, HTTPException) and exc.status_code < 500:
@@ -117,6 +115,4 @@ def problem_details_handler(request: Request[Any, Any, Any], exc: Exception) -> 
         return problem_response(503, exc.detail, instance=path, headers=exc.headers)
     # Unexpected: log the traceback here, answer without internals, keep serving.
     logger.exception("unhandled error on %s %s", request.method, path)
-    return problem_response(
-        500, "internal error; the traceback is in the service log", instance=path
-    )
+    return problem_response(500, "internal error; the traceback is in the service log", instance=path)

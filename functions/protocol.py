@@ -136,9 +136,7 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], int]
     return header, header_length
 
 
-def _decode_tensors(
-    entries: list[Any], kind: str, body: bytes, offset: int
-) -> dict[str, np.ndarray]:
+def _decode_tensors(entries: list[Any], kind: str, body: bytes, offset: int) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for i, entry in enumerate(entries):
         _require(entry, dict, f"{kind}s[{i}]")
@@ -203,9 +201,7 @@ def _shape(shape: list[Any], where: str) -> list[int]:
 def _from_json(data: Any, dtype: np.dtype[Any], shape: list[int], count: int, where: str) -> Any:
     flat = _flatten(data, shape, where)
     if len(flat) != count:
-        raise ProtocolError(
-            f"{where} has {len(flat)} elements in 'data' but shape {shape} needs {count}"
-        )
+        raise ProtocolError(f"{where} has {len(flat)} elements in 'data' but shape {shape} needs {count}")
     # Check Python types exactly: a bool in an FP32 tensor or a float in an INT64 tensor is a
     # client bug worth reporting, not silently converting (and bool is an int subclass).
     allowed, expected = _JSON_TYPES[dtype.kind]
@@ -235,9 +231,7 @@ _JSON_TYPES = {
 def _flatten(data: Any, shape: list[int], where: str) -> list[Any]:
     """A flat list stays as is; a nested one must mirror `shape` exactly."""
     if not isinstance(data, list):
-        raise ProtocolError(
-            f"{where} 'data' must be a (flat or nested) list, got {type(data).__name__}"
-        )
+        raise ProtocolError(f"{where} 'data' must be a (flat or nested) list, got {type(data).__name__}")
     if not any(isinstance(x, list) for x in data):
         return data
     flat: list[Any] = []

@@ -31,9 +31,7 @@ class FunctionSettings:
         if self.max_body_bytes <= 0:
             raise SettingsError(f"max_body_bytes must be > 0, got {self.max_body_bytes}")
         if self.log_level not in LOG_LEVELS:
-            raise SettingsError(
-                f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
-            )
+            raise SettingsError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 
     @classmethod
     def from_env(

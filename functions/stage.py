@@ -21,6 +21,7 @@ from typing import Any
 import anyio.to_thread
 import msgspec
 from litestar import Litestar, Request, Response, delete, get, post
+from litestar.params import FromPath, JSONBody
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -113,14 +114,14 @@ class _CacheCollector:
         c = e.cache if e else None
         label = [self.stage]
         for name, doc, value, family in (
-            ("tandem_kv_cache_sequences", "Sequences held in the KV cache.", len(c) if c else 0, GaugeMetricFamily),
-            ("tandem_kv_cache_bytes", "Bytes of keys/values held.", c.bytes if c else 0, GaugeMetricFamily),
-            ("tandem_kv_cache_evictions", "Sequences evicted for the byte budget.", c.evictions if c else 0,
+            ("tandem_kv_cache_sequences", "Sequences held in the KV cache.", len(c) if c is not None else 0, GaugeMetricFamily),
+            ("tandem_kv_cache_bytes", "Bytes of keys/values held.", c.bytes if c is not None else 0, GaugeMetricFamily),
+            ("tandem_kv_cache_evictions", "Sequences evicted for the byte budget.", c.evictions if c is not None else 0,
              CounterMetricFamily),
-            ("tandem_kv_cache_expirations", "Sequences dropped for idleness.", c.expirations if c else 0,
+            ("tandem_kv_cache_expirations", "Sequences dropped for idleness.", c.expirations if c is not None else 0,
              CounterMetricFamily),
             ("tandem_kv_cache_misses", "Rows refused (409) for a past length the stage does not hold.",
-             c.misses if c else 0, CounterMetricFamily),
+             c.misses if c is not None else 0, CounterMetricFamily),
         ):
             m = family(name, doc, labels=["stage"])
             m.add_metric(label, value)
@@ -157,7 +158,7 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
         return {"name": "tandem-stage", "version": "0.1.0", "extensions": ["binary_tensor_data", "sequences"]}
 
     @get("/v2/models/{model:str}", sync_to_thread=False, tags=["model"])
-    def model_metadata(model: str) -> dict[str, Any]:
+    def model_metadata(model: FromPath[str]) -> dict[str, Any]:
         """Model metadata: the wire inputs and outputs of this stage."""
         if model != name:
             raise NotFoundError(f"model {model!r} is not served here; this function serves {name!r}")
@@ -165,16 +166,18 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
         return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
                 "inputs": e.wire_inputs() if e else [], "outputs": e.wire_outputs() if e else [],
                 "parameters": {"layers": entry.layers, "model_id": manifest.model["id"],
+                               "n_embd": manifest.config["n_embd"], "n_positions": manifest.n_positions,
+                               "vocab_size": manifest.vocab_size,
                                "providers": e.providers if e else []}}
 
     @get("/v2/models/{model:str}/ready", sync_to_thread=False, tags=["model"])
-    def model_ready(model: str) -> dict[str, Any]:
+    def model_ready(model: FromPath[str]) -> dict[str, Any]:
         """200 when this stage can serve, 503 otherwise."""
         engine_for(model)
         return {"name": name, "ready": True}
 
     @post("/v2/models/{model:str}/infer", status_code=200, tags=["model"])
-    async def infer(model: str, request: Request[Any, Any, Any]) -> Response[bytes]:
+    async def infer(model: FromPath[str], request: Request[Any, Any, Any]) -> Response[bytes]:
         """Run a batch (JSON tensors or the binary tensor extension)."""
         engine = engine_for(model)
         raw_len = request.headers.get(protocol.HEADER)
@@ -204,7 +207,7 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
         return Response(body, media_type=media, headers=headers)
 
     @get("/v2/models/{model:str}/sequences", sync_to_thread=False, tags=["sequences"])
-    def sequences(model: str) -> dict[str, Any]:
+    def sequences(model: FromPath[str]) -> dict[str, Any]:
         """The sequences whose KV cache this stage holds, with their lengths."""
         engine = engine_for(model)
         with engine.lock:
@@ -213,13 +216,13 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
 
     @delete("/v2/models/{model:str}/sequences/{seq_id:int}", status_code=200, sync_to_thread=False,
             tags=["sequences"])
-    def release(model: str, seq_id: int) -> dict[str, Any]:
+    def release(model: FromPath[str], seq_id: FromPath[int]) -> dict[str, Any]:
         """Free one sequence's KV cache now (idempotent: released is false when none was held)."""
         return {"released": engine_for(model).release(seq_id)}
 
     @post("/v2/models/{model:str}/sequences/release", status_code=200, sync_to_thread=False,
           tags=["sequences"])
-    def release_many(model: str, data: ReleaseRequest) -> dict[str, Any]:
+    def release_many(model: FromPath[str], data: JSONBody[ReleaseRequest]) -> dict[str, Any]:
         """Free several sequences at once (the gateway's cancellation path)."""
         engine = engine_for(model)
         return {"released": [s for s in data.sequence_ids if engine.release(s)]}

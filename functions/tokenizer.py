@@ -11,7 +11,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from litestar import Litestar, Response, get, post
@@ -36,7 +35,9 @@ class EncodeRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class EncodeResponse(msgspec.Struct):
-    ids: list[int] | list[list[int]]
+    # One list for a single text, a list of lists for a batch. (msgspec and the OpenAPI schema
+    # cannot express `list[int] | list[list[int]]`: a union may hold one array type only.)
+    ids: list[int | list[int]]
     count: int | list[int]
 
 
@@ -90,9 +91,7 @@ def create_tokenizer_app(
     registry = registry if registry is not None else CollectorRegistry()
     loaded: dict[str, TokenizerCore] = {}
     tracer = get_tracer("tandem.tokenizer")
-    requests = Counter(
-        "tandem_tokenizer_requests_total", "Tokenizer operations.", ["op"], registry=registry
-    )
+    requests = Counter("tandem_tokenizer_requests_total", "Tokenizer operations.", ["op"], registry=registry)
     seconds = Histogram(
         "tandem_tokenizer_seconds",
         "Tokenizer operation time.",
@@ -100,9 +99,7 @@ def create_tokenizer_app(
         registry=registry,
         buckets=LATENCY_BUCKETS,
     )
-    tokens = Counter(
-        "tandem_tokenizer_tokens_total", "Tokens encoded or decoded.", ["op"], registry=registry
-    )
+    tokens = Counter("tandem_tokenizer_tokens_total", "Tokens encoded or decoded.", ["op"], registry=registry)
 
     @contextlib.asynccontextmanager
     async def load(_app: Litestar) -> AsyncIterator[None]:
@@ -212,9 +209,7 @@ def create_tokenizer_app(
     def info() -> InfoResponse:
         """Vocabulary size, end-of-text id and model id of the loaded tokenizer."""
         tok = core()
-        return InfoResponse(
-            model_id=tok.model_id, vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id
-        )
+        return InfoResponse(model_id=tok.model_id, vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id)
 
     return create_function_app(
         service_name=SERVICE_NAME,

@@ -56,9 +56,7 @@ class TokenizerCore:
         bundle = Path(bundle)
         path = bundle / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(
-                f"no tokenizer.json in bundle directory {bundle}; export a bundle first"
-            )
+            raise FileNotFoundError(f"no tokenizer.json in bundle directory {bundle}; export a bundle first")
         eos, model_id = None, None
         manifest_path = bundle / "manifest.json"
         if manifest_path.is_file():
@@ -70,9 +68,7 @@ class TokenizerCore:
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(
-        self, texts: Sequence[str], *, add_special_tokens: bool = False
-    ) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return [e.ids for e in encodings]
 
@@ -88,8 +84,7 @@ class TokenizerCore:
         for i, token_id in enumerate(ids):
             if not 0 <= token_id < self.vocab_size:
                 raise TokenizerInputError(
-                    f"token id {token_id} at position {i} is outside the vocabulary "
-                    f"[0, {self.vocab_size})"
+                    f"token id {token_id} at position {i} is outside the vocabulary [0, {self.vocab_size})"
                 )
 
     def decode_step(

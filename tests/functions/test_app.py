@@ -11,7 +11,7 @@ from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
 from functions.app import create_function_app
-from functions.errors import BadRequestError, PROBLEM_JSON
+from functions.errors import PROBLEM_JSON, BadRequestError
 from functions.settings import FunctionSettings, SettingsError
 
 

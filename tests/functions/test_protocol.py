@@ -141,7 +141,9 @@ BAD_JSON_REQUESTS = {
         [{**entry(), "parameters": {"binary_data_size": 16}, "data": None}]
     ),
     "outputs not a list": json_request([entry()], outputs={}),
-    "binary_data not bool": json_request([entry()], outputs=[{"name": "y", "parameters": {"binary_data": 1}}]),
+    "binary_data not bool": json_request(
+        [entry()], outputs=[{"name": "y", "parameters": {"binary_data": 1}}]
+    ),
     "id not a string": json_request([entry()], id=5),
 }
 
@@ -181,7 +183,16 @@ def test_binary_size_must_match_shape() -> None:
 
 def test_binary_bool_must_be_zero_or_one() -> None:
     header = json.dumps(
-        {"inputs": [{"name": "m", "shape": [2], "datatype": "BOOL", "parameters": {"binary_data_size": 2}}]}
+        {
+            "inputs": [
+                {
+                    "name": "m",
+                    "shape": [2],
+                    "datatype": "BOOL",
+                    "parameters": {"binary_data_size": 2},
+                }
+            ]
+        }
     ).encode()
     with pytest.raises(ProtocolError, match="BOOL"):
         decode_request(header + b"\x01\x07", len(header))

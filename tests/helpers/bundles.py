@@ -18,9 +18,7 @@ CORPUS = [
 ] * 20
 
 
-def make_tokenizer_bundle(
-    directory: Path, *, manifest: bool = True, model_id: str = "tiny"
-) -> Path:
+def make_tokenizer_bundle(directory: Path, *, manifest: bool = True, model_id: str = "tiny") -> Path:
     """Write tokenizer.json (and manifest.json) into `directory`; returns the directory."""
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = ByteLevelBPETokenizer()

@@ -48,9 +48,7 @@ def start_process(
     env: dict[str, str] | None = None,
 ) -> ProcessHandle:
     """Start `args` in the repository root and poll `ready_url` until it answers 200."""
-    stderr_file = tempfile.NamedTemporaryFile(
-        prefix="tandem-proc-", suffix=".log", delete=False
-    )
+    stderr_file = tempfile.NamedTemporaryFile(prefix="tandem-proc-", suffix=".log", delete=False)
     process = subprocess.Popen(
         args,
         cwd=REPO_ROOT,

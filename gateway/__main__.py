@@ -1,0 +1,32 @@
+"""`python -m gateway --config config.json [--port P] [--host H]`: the tandem gateway."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from functions.app import serve
+from functions.settings import FunctionSettings, SettingsError
+from gateway.app import create_gateway_app
+from gateway.config import ConfigError, load_config
+
+DEFAULT_PORT = 8000
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    p.add_argument("--config", required=True, help="config.json: model_name, tokenizer, nodes")
+    p.add_argument("--port", type=int)
+    p.add_argument("--host")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        settings = FunctionSettings.from_env(DEFAULT_PORT, port=args.port, host=args.host)
+    except (ConfigError, SettingsError) as e:
+        print(f"gateway: error: {e}", file=sys.stderr)
+        return 2
+    return serve(create_gateway_app(cfg, settings), settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

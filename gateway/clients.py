@@ -1,0 +1,119 @@
+"""HTTP clients for the stage and tokenizer functions: one keep-alive pool, binary Open Inference
+Protocol v2, explicit timeouts, bounded retries with backoff on transport errors only (never on
+4xx). This is the one place where httpx errors become gateway errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+import numpy as np
+
+from functions import protocol
+from gateway.config import GatewayConfig, Node
+from gateway.errors import StageError, StageTimeoutError, StageUnavailableError
+
+logger = logging.getLogger("tandem.gateway")
+
+
+class StageConflict(Exception):
+    """409: some rows' past lengths are not what the stage holds (nothing was changed there)."""
+
+    def __init__(self, held: dict[int, int]):
+        super().__init__(f"stage holds other lengths for {sorted(held)}")
+        self.held = held  # sequence id -> positions the stage holds
+
+
+class StageRejected(StageError):
+    """A 4xx other than 409: the stage refused the batch itself (a gateway bug or a bound hit)."""
+
+
+class Clients:
+    def __init__(self, cfg: GatewayConfig, transport: httpx.AsyncBaseTransport | None = None):
+        self.cfg = cfg
+        timeout = httpx.Timeout(cfg.call_timeout, connect=cfg.connect_timeout)
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        self.http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _request(self, node_desc: str, method: str, url: str, **kw: Any) -> httpx.Response:
+        """Bounded retries with exponential backoff for transport failures."""
+        delay = self.cfg.backoff
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                return await self.http.request(method, url, **kw)
+            except httpx.TimeoutException as e:
+                # A timed-out call may have run: no blind retry, the caller replays if needed.
+                raise StageTimeoutError(f"{node_desc} did not answer {method} {url} within its timeout") from e
+            except httpx.TransportError as e:
+                if attempt == self.cfg.retries:
+                    raise StageUnavailableError(
+                        f"{node_desc} at {url} refused or dropped the connection ({type(e).__name__}); "
+                        "is it running? GET /v2/health/ready"
+                    ) from e
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def infer(self, node: Node, stage: str, inputs: dict[str, np.ndarray], outputs: list[str],
+                    headers: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+        body, hlen = protocol.encode_request(inputs, outputs=outputs, binary_outputs=True)
+        url = f"{node.url}/v2/models/{stage}/infer"
+        h = {protocol.HEADER: str(hlen), "Content-Type": "application/octet-stream", **(headers or {})}
+        r = await self._request(f"{stage} replica {node.id!r}", "POST", url, content=body, headers=h)
+        if r.status_code == 200:
+            raw = r.headers.get(protocol.HEADER)
+            try:
+                return protocol.decode_response(r.content, int(raw) if raw is not None else None).outputs
+            except (protocol.ProtocolError, ValueError) as e:
+                raise StageError(f"{stage} replica {node.id!r} sent an unreadable answer: {e}") from e
+        detail = _detail(r)
+        if r.status_code == 409:
+            body_json = r.json()
+            raise StageConflict(dict(zip(body_json["sequence_ids"], body_json["held_lengths"], strict=True)))
+        if r.status_code == 503:
+            raise StageUnavailableError(f"{stage} replica {node.id!r} is not ready: {detail}")
+        if 400 <= r.status_code < 500:
+            raise StageRejected(f"{stage} replica {node.id!r} rejected the batch ({r.status_code}): {detail}")
+        raise StageError(f"{stage} replica {node.id!r} failed ({r.status_code}): {detail}")
+
+    async def release(self, node: Node, stage: str, seq_ids: list[int]) -> None:
+        """Best effort: a lost release only delays freeing until the stage's idle timeout."""
+        try:
+            await self.http.post(f"{node.url}/v2/models/{stage}/sequences/release",
+                                 json={"sequence_ids": seq_ids}, timeout=5.0)
+        except httpx.HTTPError as e:
+            logger.warning("release of %d sequence(s) on %s failed: %s", len(seq_ids), node.id, e)
+
+    async def ready(self, url: str) -> tuple[bool, str]:
+        try:
+            r = await self.http.get(f"{url}/v2/health/ready", timeout=2.0)
+        except httpx.HTTPError as e:
+            return False, f"unreachable ({type(e).__name__})"
+        return (True, "ready") if r.status_code == 200 else (False, _detail(r))
+
+    async def tokenizer_json(self) -> tuple[bytes, int | None]:
+        r = await self._request("tokenizer", "GET", f"{self.cfg.tokenizer_url}/v1/tokenizer")
+        r.raise_for_status()
+        eos = r.headers.get("Tandem-Eos-Token-Id")
+        return r.content, int(eos) if eos not in (None, "") else None
+
+    async def encode(self, texts: list[str], headers: dict[str, str] | None = None) -> list[list[int]]:
+        r = await self._request("tokenizer", "POST", f"{self.cfg.tokenizer_url}/v1/encode",
+                                json={"text": texts}, headers=headers or {})
+        if r.status_code != 200:
+            raise StageError(f"tokenizer failed to encode ({r.status_code}): {_detail(r)}")
+        return r.json()["ids"]
+
+
+def _detail(r: httpx.Response) -> str:
+    try:
+        body = r.json()
+        return str(body.get("detail") or body.get("error") or body)
+    except ValueError:
+        return r.text[:200]

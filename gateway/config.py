@@ -1,0 +1,130 @@
+"""Gateway configuration: the original config.json shape (model_name, nodes with id, address,
+model_part), extended with a tokenizer address and tuning knobs; every knob can be overridden by
+a `TANDEM_*` environment variable. Unknown keys are rejected, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    address: str  # host:port or a full http(s):// URL
+    model_part: int  # 0-based stage index
+
+    @property
+    def url(self) -> str:
+        return self.address if "://" in self.address else f"http://{self.address}"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model_name: str
+    tokenizer: str  # address of the tokenizer function
+    nodes: tuple[Node, ...]
+    max_running: int = 32  # sequences decoding together
+    max_waiting: int = 256  # queued behind them; beyond that, 429
+    max_prefill_batch: int = 16  # new sequences admitted per step
+    connect_timeout: float = 2.0
+    call_timeout: float = 60.0  # one stage call, prefill included
+    retries: int = 3  # transport-level retries per stage call, with backoff
+    backoff: float = 0.05  # seconds, doubled per retry
+    stage_wait: float = 30.0  # how long a sequence waits for a stage with no ready replica
+    health_interval: float = 1.0
+    default_max_tokens: int = 16
+    stages: int = field(default=0)  # derived: number of model parts
+
+    @property
+    def tokenizer_url(self) -> str:
+        return self.tokenizer if "://" in self.tokenizer else f"http://{self.tokenizer}"
+
+    def replicas(self, part: int) -> list[Node]:
+        return [n for n in self.nodes if n.model_part == part]
+
+
+_TUNABLE = {f.name: f.type for f in fields(GatewayConfig)
+            if f.name not in ("model_name", "tokenizer", "nodes", "stages")}
+
+
+def _number(key: str, value: Any, kind: str) -> int | float:
+    try:
+        v = int(value) if kind == "int" else float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if v < 0 or (key in ("max_running", "max_prefill_batch") and v < 1):
+        raise ConfigError(f"{key} must be positive, got {value!r}")
+    return v
+
+
+def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> GatewayConfig:
+    if not isinstance(data, Mapping):
+        raise ConfigError("the configuration must be a JSON object")
+    env = os.environ if env is None else env
+    allowed = {"model_name", "tokenizer", "nodes", *_TUNABLE}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown configuration key(s) {unknown}; allowed: {sorted(allowed)}")
+    if not isinstance(data.get("model_name"), str) or not data["model_name"]:
+        raise ConfigError("model_name must be a non-empty string")
+    tok = data.get("tokenizer")
+    if isinstance(tok, Mapping):
+        extra = sorted(set(tok) - {"address"})
+        if extra:
+            raise ConfigError(f"unknown key(s) {extra} in tokenizer; it takes only address")
+        tok = tok.get("address")
+    tok = env.get("TANDEM_TOKENIZER_ADDRESS", tok)
+    if not isinstance(tok, str) or not tok:
+        raise ConfigError('tokenizer must be {"address": "host:port"}')
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise ConfigError("nodes must be a non-empty list of {id, address, model_part}")
+    nodes = []
+    for i, n in enumerate(raw_nodes):
+        if not isinstance(n, Mapping):
+            raise ConfigError(f"nodes[{i}] must be an object")
+        extra = sorted(set(n) - {"id", "address", "model_part"})
+        if extra:
+            raise ConfigError(f"unknown key(s) {extra} in nodes[{i}]; allowed: id, address, model_part")
+        if not isinstance(n.get("id"), str) or not isinstance(n.get("address"), str):
+            raise ConfigError(f"nodes[{i}] needs string id and address")
+        if not isinstance(n.get("model_part"), int) or n["model_part"] < 0:
+            raise ConfigError(f"nodes[{i}].model_part must be an integer >= 0")
+        nodes.append(Node(n["id"], n["address"], n["model_part"]))
+    if len({n.id for n in nodes}) != len(nodes):
+        raise ConfigError("node ids must be unique")
+    parts = sorted({n.model_part for n in nodes})
+    if parts != list(range(len(parts))):
+        raise ConfigError(f"model_part values must cover 0..{parts[-1]} without gaps; got {parts}")
+    tuned: dict[str, Any] = {}
+    for key, kind in _TUNABLE.items():
+        raw = env.get(f"TANDEM_{key.upper()}", data.get(key))
+        if raw is not None:
+            tuned[key] = _number(key, raw, "int" if kind in (int, "int") else "float")
+    model = env.get("TANDEM_MODEL_NAME", data["model_name"])
+    return GatewayConfig(model, tok, tuple(nodes), stages=len(parts), **tuned)
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {p}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(f"{p} is not valid JSON: {e}") from None
+    return parse_config(data, env)
+
+
+def with_overrides(cfg: GatewayConfig, **kw: Any) -> GatewayConfig:
+    return replace(cfg, **kw)

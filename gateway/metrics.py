@@ -1,0 +1,51 @@
+"""The gateway's Prometheus metrics (vLLM-style names, prefix tandem_), in one registry per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from functions.app import LATENCY_BUCKETS
+
+TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5, 10)
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.requests = Counter("tandem_requests", "Finished API requests.", ["route", "status"], registry=r)
+        self.request_seconds = Histogram("tandem_request_duration_seconds", "End-to-end request latency.",
+                                         ["route"], registry=r, buckets=REQUEST_BUCKETS)
+        self.ttft = Histogram("tandem_time_to_first_token_seconds", "Arrival to first generated token.",
+                              registry=r, buckets=TOKEN_BUCKETS)
+        self.itl = Histogram("tandem_inter_token_latency_seconds", "Time between generated tokens.",
+                             registry=r, buckets=TOKEN_BUCKETS)
+        self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("tandem_generation_tokens", "Tokens generated.", registry=r)
+        self.running = Gauge("tandem_sequences_running", "Sequences in the running batch.", registry=r)
+        self.waiting = Gauge("tandem_sequences_waiting", "Sequences queued for admission.", registry=r)
+        self.stage_call = Histogram("tandem_stage_call_seconds", "Gateway-side latency of one stage call.",
+                                    ["stage", "replica"], registry=r, buckets=LATENCY_BUCKETS)
+        self.replays = Counter("tandem_replays", "Rows replayed to rebuild a stage's KV cache.", ["stage"],
+                               registry=r)
+        self.failovers = Counter("tandem_failovers", "Rows moved to another replica after a failure.",
+                                 ["stage"], registry=r)
+        self.step_batch = Histogram("tandem_step_batch_size", "Rows per scheduler step.", ["phase"],
+                                    registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.cancelled = Counter("tandem_sequences_cancelled", "Sequences cancelled (client went away).",
+                                 registry=r)
+
+
+class StageUpCollector:
+    """tandem_stage_up{stage,replica}: 1 when the replica's last readiness check passed."""
+
+    def __init__(self, replicas):
+        self.replicas = replicas
+
+    def collect(self):
+        m = GaugeMetricFamily("tandem_stage_up", "Replica readiness (1 ready, 0 not).", labels=["stage", "replica"])
+        for pool in self.replicas.pools:
+            for rep in pool.replicas:
+                m.add_metric([pool.name, rep.node.id], 1.0 if rep.up else 0.0)
+        yield m

