@@ -1,0 +1,66 @@
+"""Session fixtures: a tiny random-weight GPT-2 written as a local HF directory, exported through
+the real `python -m export` (from_pretrained on that directory), and a PyTorch reference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.procs import REPO_ROOT
+
+
+def run_export(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPT-2-architecture model with seeded random weights, saved like a hub download."""
+    from export.source import make_random_model
+
+    d = tmp_path_factory.mktemp("tiny-hf")
+    make_random_model("tiny", d, None, seed=0)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported as a 3-stage bundle (parity verified by the export itself)."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-3"
+    r = run_export("--model", str(tiny_hf_dir), "--out", str(out), "--stages", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+class Reference:
+    """Greedy generation with the PyTorch model, one prompt at a time: the monolithic truth."""
+
+    def __init__(self, hf_dir: Path):
+        import torch
+        from transformers import GPT2LMHeadModel
+
+        self.torch = torch
+        self.model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        torch = self.torch
+        ids = torch.tensor([prompt])
+        out: list[int] = []
+        past = None
+        with torch.no_grad():
+            for _ in range(n):
+                r = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = r.past_key_values
+                nxt = int(r.logits[0, -1].argmax())
+                out.append(nxt)
+                ids = torch.tensor([[nxt]])
+        return out
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_hf_dir: Path) -> Reference:
+    return Reference(tiny_hf_dir)

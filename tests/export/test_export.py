@@ -1,0 +1,199 @@
+"""`python -m export`: parity for 1, 2 and 3 stages, the manifest, idempotence, corruption,
+and every bad argument answered with one clear line (no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from export.manifest import FORMAT_VERSION, load_manifest, sha256_file, verify_files
+from tests.conftest import run_export
+from tests.helpers.procs import REPO_ROOT
+
+
+def _check_parity(bundle: Path, n_stages: int, layers: list[list[int]]) -> None:
+    m = load_manifest(bundle)
+    assert [s.layers for s in m.stages] == layers
+    assert len(m.stages) == n_stages
+    assert m.parity["max_abs_logit_diff"] <= 1e-3
+    assert m.parity["top1_agreement"] == 1.0
+    assert set(m.parity["sets"]) == {"batch1", "batch4"}
+    assert m.parity["sets"]["batch4"]["prompt_lengths"] == [16, 9, 5, 12]
+    assert m.parity["sets"]["batch4"]["steps"] >= 20
+
+
+def test_three_stages_parity_and_manifest(tiny_bundle: Path) -> None:
+    _check_parity(tiny_bundle, 3, [[0, 2], [2, 4], [4, 6]])
+    m = load_manifest(tiny_bundle)
+    assert m.format_version == FORMAT_VERSION
+    assert m.model["architecture"] == "GPT2LMHeadModel" and m.model["revision"]
+    assert m.config["n_layer"] == 6 and m.config["n_embd"] == 64 and m.config["n_head"] == 4
+    assert m.dtype == "float32" and m.quantization is None and m.opset >= 13
+    assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(m.versions)
+    s1, s2, s3 = m.stages
+    assert [t.name for t in s1.inputs[:3]] == ["input_ids", "attention_mask", "position_ids"]
+    assert s1.inputs[0].datatype == "INT64" and s1.inputs[0].shape == ["batch", "sequence"]
+    assert s1.inputs[1].shape == ["batch", "total_sequence"]
+    assert s1.past_names() == ["past_key_values.0.key", "past_key_values.0.value",
+                               "past_key_values.1.key", "past_key_values.1.value"]
+    assert s1.inputs[3].shape == ["batch", 4, "past_sequence", 16]
+    assert s1.outputs[0].name == "hidden_states_2" and s2.inputs[0].name == "hidden_states_2"
+    assert s2.outputs[0].name == "hidden_states_4" and s3.inputs[0].name == "hidden_states_4"
+    assert s3.outputs[0].name == "logits" and s3.outputs[0].shape == ["batch", m.config["vocab_size"]]
+    assert s3.present_names()[-1] == "present.5.value"
+    assert s3.outputs[-1].shape == ["batch", 4, "total_sequence", 16]
+    for s in m.stages:
+        assert s.file == f"stage{s.index + 1}.onnx" and s.name == f"stage-{s.index + 1}"
+        for f, digest in s.files.items():
+            assert sha256_file(tiny_bundle / f) == digest
+    tok = json.loads((tiny_bundle / "tokenizer.json").read_text())
+    assert any(t["content"] == "<|endoftext|>" for t in tok["added_tokens"])
+    assert m.tokenizer["eos_token_id"] == m.config["eos_token_id"]
+    assert verify_files(tiny_bundle, m) == []
+    # the graph's dynamic axes carry the manifest's names
+    import onnx
+
+    g = onnx.load(str(tiny_bundle / "stage2.onnx"), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
+    assert dims["hidden_states_2"] == ["batch", "sequence", 64]
+    assert dims["past_key_values.2.key"] == ["batch", 4, "past_sequence", 16]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stages", "layers"), [(1, [[0, 6]]), (2, [[0, 3], [3, 6]])])
+def test_one_and_two_stages(tiny_hf_dir: Path, tmp_path: Path, stages: int, layers: list[list[int]]) -> None:
+    out = tmp_path / f"b{stages}"
+    r = run_export("--model", str(tiny_hf_dir), "--out", str(out), "--stages", str(stages))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "parity: max |logit diff|" in r.stdout and "done in" in r.stdout
+    _check_parity(out, stages, layers)
+
+
+@pytest.mark.slow
+def test_explicit_split_idempotent_rerun_and_corruption(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    args = ("--model", str(tiny_hf_dir), "--out", str(out), "--layers", "0:1,1:5,5:6")
+    r = run_export(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _check_parity(out, 3, [[0, 1], [1, 5], [5, 6]])
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    again = run_export(*args)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    assert "stage-1" not in again.stdout  # nothing was exported
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    # flip one byte in the middle of a stage file: detected and rebuilt
+    p = out / "stage2.onnx"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    assert verify_files(out, load_manifest(out)) == ["stage2.onnx does not match its sha256 in the manifest"]
+    fixed = run_export(*args)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "corrupt" in fixed.stdout and "stage2.onnx" in fixed.stdout
+    assert verify_files(out, load_manifest(out)) == []
+
+    # a partial bundle (manifest gone) is rebuilt too, and no temporary directory is left behind
+    (out / "manifest.json").unlink()
+    partial = run_export(*args)
+    assert partial.returncode == 0 and "partial bundle" in partial.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+@pytest.mark.slow
+def test_random_init_int8_and_reference(tmp_path: Path) -> None:
+    """The offline path end to end: random weights, a tokenizer trained on the spot, int8
+    quantisation (drift reported, not failed) and the optimum monolithic reference."""
+    out = tmp_path / "q"
+    r = run_export("--random-init", "tiny", "--out", str(out), "--stages", "2", "--quantize", "int8",
+                   "--with-reference")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "trained on the spot" in r.stdout
+    m = load_manifest(out)
+    assert m.quantization == "int8" and m.model["id"] == "random-init:tiny"
+    assert 0.0 <= m.parity["top1_agreement"] <= 1.0 and m.parity["max_abs_logit_diff"] >= 0
+    assert m.reference is not None and (out / m.reference["file"]).is_file()
+    assert verify_files(out, m) == []
+    assert not any(p.name.startswith("_") for p in out.iterdir())  # no leftovers of the build
+
+
+def _bad(args: list[str], *expected: str) -> None:
+    r = run_export(*args, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    for e in expected:
+        assert e in r.stderr, r.stderr
+
+
+def test_unknown_model_or_unreachable_hub(tmp_path: Path) -> None:
+    env_before = dict(os.environ)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # what "unreachable" looks like, without waiting for DNS
+    try:
+        _bad(["--model", "no-such-org/no-such-model", "--out", str(tmp_path / "x")], "--random-init",
+             "no-such-org/no-such-model")
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    assert not (tmp_path / "x").exists()
+
+
+def test_not_gpt2(tmp_path: Path) -> None:
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    _bad(["--model", str(d), "--out", str(tmp_path / "x")], "'bert'", "GPT-2")
+
+
+@pytest.mark.parametrize(("split", "expected"), [
+    (["--stages", "7"], "between 1 and the number of layers (6)"),
+    (["--stages", "0"], "between 1 and the number of layers"),
+    (["--layers", "0:2,3:6"], "must cover layers 0..6 exactly"),
+    (["--layers", "0:2,2:5"], "ends at 5"),
+    (["--layers", "0:4,2:6"], "must cover layers"),
+    (["--layers", "a:b"], "expected ranges like 0:4"),
+])
+def test_bad_splits(tiny_hf_dir: Path, tmp_path: Path, split: list[str], expected: str) -> None:
+    _bad(["--model", str(tiny_hf_dir), "--out", str(tmp_path / "x"), *split], expected)
+
+
+def test_bad_random_init_and_tokenizer(tmp_path: Path) -> None:
+    _bad(["--random-init", "huge", "--out", str(tmp_path / "x")], "expected gpt2, tiny, or a config JSON")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model_type": "llama"}))
+    _bad(["--random-init", str(cfg), "--out", str(tmp_path / "x")], "model_type must be gpt2")
+    r = subprocess.run([sys.executable, "-m", "export", "--random-init", "tiny", "--tokenizer",
+                        str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+                       cwd=REPO_ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serving_side_never_imports_torch() -> None:
+    """functions/ and gateway/ run with onnxruntime, numpy and tokenizers only."""
+    code = (
+        "import sys\n"
+        "import functions.stage, functions.tokenizer, functions.engine, gateway.app, gateway.__main__\n"
+        "import gateway.stack\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'optimum'))\n"
+        "print(heavy)\n"
+        "sys.exit(1 if heavy else 0)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for folder in ("functions", "gateway"):
+        for path in (REPO_ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            assert "import torch" not in text and "from transformers" not in text, path
+
+
+def test_cleanup_of_failed_build(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    """A failing export leaves neither a bundle nor a temporary directory."""
+    _bad(["--model", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--stages", "9"], "--stages 9")
+    assert list(tmp_path.iterdir()) == []
+    shutil.rmtree(tmp_path, ignore_errors=True)
