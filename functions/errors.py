@@ -98,6 +98,20 @@ def problem_response(
     )
 
 
+def validation_detail(exc: HTTPException) -> str:
+    """Litestar's "Validation failed for POST /x" plus what failed: "text: Expected `str`, got `int`"."""
+    items = exc.extra if isinstance(exc.extra, list) else []
+    parts = []
+    for item in items:
+        if isinstance(item, dict):
+            key = item.get("key")
+            msg = str(item.get("message", item))
+            parts.append(f"{key}: {msg}" if key and key != "data" else msg)
+        else:
+            parts.append(str(item))
+    return "; ".join(parts) or str(exc.detail)
+
+
 def problem_details_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Litestar exception handler for every exception type (register it for `Exception`)."""
     path = request.scope.get("path", "")
@@ -108,7 +122,7 @@ def problem_details_handler(request: Request[Any, Any, Any], exc: Exception) -> 
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         status = exc.status_code
         template = _HTTP_DETAILS.get(status)
-        detail = template.format(method=request.method, path=path) if template else exc.detail
+        detail = template.format(method=request.method, path=path) if template else validation_detail(exc)
         extra = {"errors": exc.extra} if status == 400 and exc.extra else None
         return problem_response(status, detail, instance=path, extra=extra, headers=exc.headers)
     if isinstance(exc, HTTPException) and exc.status_code == 503:

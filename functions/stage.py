@@ -187,20 +187,18 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
             raise BadRequestError(f"{protocol.HEADER} must be an integer, got {raw_len!r}") from None
         req = protocol.decode_request(await request.body(), header_len)
         want = {o.name for o in req.outputs} or None
+        if want is not None:  # refuse before inferring: a refused request changes nothing
+            known = {o["name"] for o in engine.wire_outputs()}
+            if not want <= known:
+                raise BadRequestError(f"unknown output(s) {sorted(want - known)}; {name} returns {sorted(known)}")
         with tracer.start_as_current_span(f"{name} infer") as span:
             result = await anyio.to_thread.run_sync(engine.infer, req.inputs, want)
             span.set_attribute("tandem.batch_size", result.batch_size)
             span.set_attribute("tandem.phase", result.phase)
         infer_seconds.labels(name, result.phase).observe(result.seconds)
         batch_size.labels(name).observe(result.batch_size)
-        outputs = result.outputs
-        if want is not None:
-            missing = want - set(outputs)
-            if missing:
-                raise BadRequestError(f"unknown output(s) {sorted(missing)}; {name} returns {sorted(outputs)}")
-            outputs = {k: v for k, v in outputs.items() if k in want}
-        binary: set[str] | bool = ({o.name for o in req.outputs if o.binary_data} if req.outputs
-                                   else bool(req.parameters.get("binary_data_output", False)))
+        outputs = result.outputs if want is None else {k: v for k, v in result.outputs.items() if k in want}
+        binary = req.binary_output_names(outputs)
         body, hlen = protocol.encode_response(name, outputs, binary=binary, request_id=req.id)
         headers = {protocol.HEADER: str(hlen)} if hlen is not None else {}
         media = "application/octet-stream" if hlen is not None else "application/json"
@@ -211,6 +209,7 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
         """The sequences whose KV cache this stage holds, with their lengths."""
         engine = engine_for(model)
         with engine.lock:
+            engine.cache.expire()
             held = {str(s): engine.cache.length(s) for s in list(engine.cache._entries)}
         return {"sequences": held, "bytes": engine.cache.bytes}
 

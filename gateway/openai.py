@@ -18,6 +18,7 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 from opentelemetry import trace
 
+from functions.errors import validation_detail
 from gateway.errors import GatewayError, InvalidRequestError, NotFoundError
 from gateway.service import Gateway, disconnected, sampling_from
 from gateway.scheduler import Sequence
@@ -51,13 +52,21 @@ class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens
 
 
+class EventStream(Stream):
+    """Server-sent events. Litestar's Stream lets the handler's default media type (JSON) win
+    over its own; this one keeps text/event-stream."""
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["media_type"] = self.media_type
+        return super().to_asgi_response(*args, **kwargs)
+
+
 def openai_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, GatewayError):
         status, msg, typ, param, headers = exc.status_code, exc.message, exc.openai_type, exc.param, exc.headers
     elif isinstance(exc, ValidationException):
         status, typ, param, headers = 400, "invalid_request_error", None, {}
-        details = exc.extra if isinstance(exc.extra, list) else []
-        msg = "; ".join(str(d.get("message", d)) if isinstance(d, dict) else str(d) for d in details) or exc.detail
+        msg = validation_detail(exc)
     elif isinstance(exc, HTTPException):
         status, msg, typ, param, headers = exc.status_code, exc.detail, "invalid_request_error", None, {}
     else:
@@ -208,7 +217,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
             gw.metrics.requests.labels("/v1/completions", status).inc()
             gw.metrics.request_seconds.labels("/v1/completions").observe(time.perf_counter() - t0)
 
-    return Stream(events(), media_type="text/event-stream",
+    return EventStream(events(), media_type="text/event-stream",
                   headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

@@ -33,6 +33,28 @@ class _Stop(Exception):
     """Raised by the SIGINT/SIGTERM handler so every wait unwinds into one shutdown path."""
 
 
+class _Signals:
+    """While `defer` is set (between a Popen and its bookkeeping, where raising would orphan a
+    process) a stop signal is only noted; `resume()` raises it then. Blocking the signals instead
+    would not do: children inherit the signal mask and would then ignore SIGTERM."""
+
+    defer = False
+    pending = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: object) -> None:
+        if cls.defer:
+            cls.pending = True
+        else:
+            raise _Stop(signum)
+
+    @classmethod
+    def resume(cls) -> None:
+        cls.defer = False
+        if cls.pending:
+            raise _Stop()
+
+
 @dataclass
 class Service:
     name: str
@@ -107,6 +129,16 @@ def hub_hint(returncode: int, output: str, model: str, random_init: str | None) 
         return None
     which = "the default model 'gpt2'" if model == "gpt2" else f"the model {model!r}"
     return f"{which} needs the Hugging Face hub; to run offline with random weights use {OFFLINE}"
+
+
+def model_name(manifest: dict[str, Any]) -> str:
+    """The name clients pass as `model`: the bundle's model id, without path or random-init prefix."""
+    model_id = str(manifest.get("model", {}).get("id", "gpt2"))
+    return (
+        Path(model_id.removeprefix("random-init:")).stem
+        if model_id.startswith("random-init:")
+        else Path(model_id).name
+    )
 
 
 def client_host(host: str) -> str:
@@ -272,8 +304,7 @@ def up(args: argparse.Namespace) -> int:
     elif not run_export(args):
         return 1
     manifest = json.loads((args.bundle / "manifest.json").read_text())
-    model_name = Path(args.random_init).stem if args.random_init else Path(args.model).name
-    config = gateway_config(args, model_name, [s["name"] for s in manifest["stages"]])
+    config = gateway_config(args, model_name(manifest), [s["name"] for s in manifest["stages"]])
     (STATE_DIR / "logs").mkdir(parents=True, exist_ok=True)
     config_path = STATE_DIR / "config.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
@@ -287,8 +318,7 @@ def up(args: argparse.Namespace) -> int:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     try:
-        # A signal between a Popen and its bookkeeping would leave an orphan: hold them meanwhile.
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        _Signals.defer = True
         for s in svcs:
             with open(STATE_DIR / "logs" / f"{s.name}.log", "wb") as log:
                 # Own session, so own process group: the terminal's Ctrl-C reaches only the
@@ -303,7 +333,7 @@ def up(args: argparse.Namespace) -> int:
                 )
         services_state = [{"name": n, "pid": p.pid, "url": urls[n]} for n, p in procs.items()]
         pid_file.write_text(json.dumps({"launcher": os.getpid(), "services": services_state}, indent=2))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        _Signals.resume()
         if wait_ready(procs, urls, args.ready_timeout) is not None:
             return 1
         print(banner(args, config, svcs), flush=True)
@@ -378,12 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         return down()
     if args.command == "status":
         return status()
-
-    def on_signal(signum: int, frame: object) -> None:
-        raise _Stop(signum)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, _Signals.handle)
+    signal.signal(signal.SIGTERM, _Signals.handle)
     try:
         return up(args)
     except _Stop:  # during the export, before any service started

@@ -121,6 +121,20 @@ def test_replicas_take_consecutive_ports_per_stage() -> None:
     assert config["tokenizer"] == {"address": "127.0.0.1:9000"}
 
 
+@pytest.mark.parametrize(
+    ("model_id", "name"),
+    [
+        ("gpt2", "gpt2"),
+        ("random-init:gpt2", "gpt2"),
+        ("random-init:tiny", "tiny"),
+        ("random-init:cfg/small.json", "small"),
+        ("models/distilgpt2", "distilgpt2"),
+    ],
+)
+def test_model_name_comes_from_the_bundle(model_id: str, name: str) -> None:
+    assert stack.model_name({"model": {"id": model_id}, "stages": []}) == name
+
+
 def test_stage_ports() -> None:
     assert stack.stage_ports(2, 100, 3) == [[100, 101, 102], [103, 104, 105]]
     assert stack.stage_ports(4, 8101, 1) == [[8101], [8102], [8103], [8104]]

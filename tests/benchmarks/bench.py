@@ -167,6 +167,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "numpy": np.__version__,
+        "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     try:
         import onnxruntime
@@ -185,9 +186,10 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def measure(name: str, levels: list[int], repeats: int, run_once: Callable[[int], dict]) -> dict:
-    """Warm-up + `repeats` runs of `run_once(C)` for each level; {C: summary}."""
-    results: dict[int, dict] = {}
+def measure(name: str, levels: list[int], repeats: int, run_once: Callable[[int], dict],
+            results: dict[int, dict]) -> dict:
+    """Warm-up + `repeats` runs of `run_once(C)` for each level, into `results` as {C: summary}
+    (filled level by level, so the levels measured before a failure are kept)."""
     for c in levels:
         log(f"[{name}] C={c}: warm-up")
         warm = run_once(c)
@@ -207,12 +209,15 @@ def measure(name: str, levels: list[int], repeats: int, run_once: Callable[[int]
     return results
 
 
-def timing(t0: float, first: list[float], last: list[float], end: float, new_tokens: list[int]) -> dict:
-    """Figures for one run: t0 = start, first/last = per-sequence first/last token times."""
+def timing(t0: float, first: list[float], last: list[float], end: float, new_tokens: list[int],
+           seen: list[int] | None = None) -> dict:
+    """Figures for one run: t0 = start, first/last = per-sequence first/last token times,
+    new_tokens = tokens per sequence, seen = tokens observed from `first` to `last` (default
+    new_tokens; fewer when some streamed chunks carried no text)."""
     c = len(first)
     decode = [
         (n - 1) / (lt - ft) if n > 1 and lt > ft else float("nan")
-        for ft, lt, n in zip(first, last, new_tokens, strict=True)
+        for ft, lt, n in zip(first, last, seen or new_tokens, strict=True)
     ]
     return {
         "first_token_ms": 1000.0 * sum(f - t0 for f in first) / c,
@@ -301,12 +306,12 @@ class Monolith:
         return r
 
 
-def run_monolith(args, bundle: Path, prompts: np.ndarray) -> dict:
+def run_monolith(args, bundle: Path, prompts: np.ndarray, results: dict) -> dict:
     path = bundle / "reference" / "model.onnx"
     log(f"[monolith] loading {path}")
     model = Monolith(path)
     return measure("monolith", args.concurrency, args.repeats,
-                   lambda c: model.generate(prompts[:c], args.new_tokens))
+                   lambda c: model.generate(prompts[:c], args.new_tokens), results)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +370,7 @@ class _TokenTimes:
         pass
 
 
-def run_hf(args, bundle: Path, manifest: dict, prompts: np.ndarray) -> dict:
+def run_hf(args, bundle: Path, manifest: dict, prompts: np.ndarray, results: dict) -> dict:
     import torch
 
     with tempfile.TemporaryDirectory(prefix="tandem-bench-hf-") as tmp:
@@ -394,7 +399,7 @@ def run_hf(args, bundle: Path, manifest: dict, prompts: np.ndarray) -> dict:
         r["tokens"] = new.tolist()
         return r
 
-    return measure("hf", args.concurrency, args.repeats, once)
+    return measure("hf", args.concurrency, args.repeats, once, results)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,7 +489,7 @@ async def _one_stream(client, url: str, model: str, prompt: list[int], new_token
     if first is None:
         raise BenchError("the gateway streamed no token")
     return {"first": first, "last": last, "end": time.perf_counter(),
-            "tokens": usage_tokens if usage_tokens is not None else counted,
+            "tokens": usage_tokens if usage_tokens is not None else counted, "seen": counted,
             "tokens_source": "usage" if usage_tokens is not None else "chunks",
             "finish_reason": finish, "text": "".join(text)}
 
@@ -501,15 +506,18 @@ async def _stack_run(url: str, model: str, prompts: np.ndarray, new_tokens: int)
             streams = await asyncio.gather(
                 *(_one_stream(client, url, model, prompts[i].tolist(), new_tokens) for i in range(c))
             )
-        except httpx.TransportError as e:
+        except httpx.ConnectError as e:
             raise _stack_unreachable(url, e) from e
+        except httpx.TransportError as e:
+            raise BenchError(f"the connection to the gateway at {url} failed during the run "
+                             f"({type(e).__name__}: {e!r}) with {c} concurrent streams") from e
         t_end = max(s["end"] for s in streams)
     short = [s["tokens"] for s in streams if s["tokens"] != new_tokens]
     if short:
         log(f"[stack] WARNING: {len(short)} of {c} streams returned {sorted(set(short))} tokens, "
             f"not {new_tokens} (is ignore_eos honoured?)")
     r = timing(t0, [s["first"] for s in streams], [s["last"] for s in streams], t_end,
-               [s["tokens"] for s in streams])
+               [s["tokens"] for s in streams], [s["seen"] for s in streams])
     # Chunk times tell the decode rate only if each chunk carries one token; usage counts the tokens.
     r["tokens_source"] = streams[0]["tokens_source"]
     r["texts"] = [s["text"] for s in streams]
@@ -519,12 +527,19 @@ async def _stack_run(url: str, model: str, prompts: np.ndarray, new_tokens: int)
 class StackProcess:
     """`python -m gateway.stack up --bundle DIR --no-export` as a child process."""
 
-    def __init__(self, bundle: Path, port: int):
-        self.bundle = bundle
+    def __init__(self, bundle: Path, port: int, command: list[str] | None = None):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.command = command or self.default_command(bundle, port)
         self.proc: subprocess.Popen | None = None
         self.log_file = None
+
+    @staticmethod
+    def default_command(bundle: Path, port: int) -> list[str]:
+        args = [sys.executable, "-m", "gateway.stack", "up", "--bundle", str(bundle.resolve()), "--no-export"]
+        if port != 8000:
+            args += ["--gateway-port", str(port)]
+        return args
 
     def tail(self, lines: int = 40) -> str:
         if self.log_file is None:
@@ -542,10 +557,7 @@ class StackProcess:
                              f"--stack-url {self.url} to benchmark the stack that runs there")
         except httpx.TransportError:
             pass
-        args = [sys.executable, "-m", "gateway.stack", "up", "--bundle", str(self.bundle.resolve()),
-                "--no-export"]
-        if self.port != 8000:
-            args += ["--gateway-port", str(self.port)]
+        args = self.command
         self.log_file = tempfile.NamedTemporaryFile(prefix="tandem-bench-stack-", suffix=".log", delete=False)
         log(f"[stack] starting: {' '.join(args[1:])} (output in {self.log_file.name})")
         self.proc = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=self.log_file,
@@ -591,7 +603,7 @@ class StackProcess:
                 os.unlink(self.log_file.name)
 
 
-def run_stack(args, bundle: Path, prompts: np.ndarray) -> dict:
+def run_stack(args, bundle: Path, prompts: np.ndarray, results: dict) -> dict:
     launcher = None
     try:
         if args.stack_url:
@@ -600,13 +612,10 @@ def run_stack(args, bundle: Path, prompts: np.ndarray) -> dict:
             launcher = StackProcess(bundle, args.stack_port)
             url = launcher.start()
         model = stack_model_id(url)
+        args.stack_used = {"url": url, "model": model, "started_by_bench": launcher is not None}
         log(f"[stack] gateway {url}, model {model!r}")
-        res = measure("stack", args.concurrency, args.repeats,
-                      lambda c: asyncio.run(_stack_run(url, model, prompts[:c], args.new_tokens)))
-        for v in res.values():
-            v["url"] = url
-            v["model"] = model
-        return res
+        return measure("stack", args.concurrency, args.repeats,
+                       lambda c: asyncio.run(_stack_run(url, model, prompts[:c], args.new_tokens)), results)
     finally:
         if launcher is not None:
             launcher.stop()
@@ -632,7 +641,7 @@ def run_checks(results: dict, bundle: Path) -> dict:
     if mono is None:
         return checks
     if "hf" in results:
-        for c in mono:
+        for c in mono.keys() & results["hf"].keys():
             diff = compare_tokens(mono[c]["tokens"], results["hf"][c]["tokens"])
             checks[f"monolith_vs_hf_tokens_C{c}"] = "equal" if not diff else "differ: " + "; ".join(diff)
     if "stack" in results:
@@ -645,7 +654,7 @@ def run_checks(results: dict, bundle: Path) -> dict:
             tok = None
         if tok is not None:
             for c, r in mono.items():
-                texts = results["stack"][c].get("texts")
+                texts = results["stack"].get(c, {}).get("texts")
                 if texts is None:
                     continue
                 bad = []
@@ -734,6 +743,11 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
               f"Python {machine['python']}, {machine['platform']}"]
     if machine.get("torch"):
         lines[-1] += f", torch {machine['torch']}, transformers {machine.get('transformers')}"
+    start_load = machine.get("load_avg_1m_at_start")
+    if start_load is not None:
+        lines.append(f"Load average (1 min): {start_load:.2f} at the start, "
+                     f"{machine['load_avg_1m_at_end']:.2f} at the end (this run included)"
+                     + ("; other work was running at the start, so the figures are skewed" if start_load > 0.5 else ""))
     if checks:
         lines += ["", "Checks:"]
         for k, v in checks.items():
@@ -760,11 +774,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     errors: dict = {}
     for v in args.variants:
+        results[v] = {}
         try:
             if v == "monolith":
-                results[v] = run_monolith(args, bundle, prompts)
+                run_monolith(args, bundle, prompts, results[v])
             elif v == "hf":
-                results[v] = run_hf(args, bundle, manifest, prompts)
+                run_hf(args, bundle, manifest, prompts, results[v])
                 import torch
                 import transformers
 
@@ -772,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
                 machine["transformers"] = transformers.__version__
                 machine["torch_threads"] = torch.get_num_threads()
             else:
-                results[v] = run_stack(args, bundle, prompts)
+                run_stack(args, bundle, prompts, results[v])
         except BenchError as e:
             errors[v] = str(e)
             log(f"[{v}] FAILED: {e}")
@@ -781,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         gc.collect()  # the previous variant's model leaves memory before the next one loads
 
+    results = {v: per for v, per in results.items() if per}
+    machine["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     checks = run_checks(results, bundle)
     print(report(args, machine, results, checks, errors))
     for k, val in checks.items():
@@ -792,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": {"bundle": str(bundle), "model": manifest.get("model"),
                        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                        "concurrency": args.concurrency, "repeats": args.repeats, "seed": args.seed,
-                       "variants": args.variants},
+                       "variants": args.variants, "stack": getattr(args, "stack_used", None)},
             "machine": machine,
             "results": _jsonable(results),
             "ratios": ratios(results, args.concurrency),

@@ -1,0 +1,68 @@
+"""A whole tandem stack as real processes on 127.0.0.1: tokenizer, stage replicas, gateway."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.helpers.procs import ProcessHandle, free_port, start_process, stop_process
+
+
+@dataclass
+class Stack:
+    bundle: Path
+    config_path: Path
+    gateway_url: str = ""
+    tokenizer_url: str = ""
+    stage_urls: dict[str, list[str]] = field(default_factory=dict)  # "stage-2" -> replica URLs
+    procs: dict[str, ProcessHandle] = field(default_factory=dict)  # service id -> process
+
+    def start_stage(self, node_id: str, stage: int, port: int) -> None:
+        self.procs[node_id] = start_process(
+            [sys.executable, "-m", "functions.stage", "--bundle", str(self.bundle), "--stage", str(stage),
+             "--port", str(port), "--threads", "1"],
+            f"http://127.0.0.1:{port}/v2/health/ready", timeout=60)
+
+    def held(self) -> dict[str, dict[str, int]]:
+        """Sequences held by every stage replica (url -> {sequence id: length})."""
+        out = {}
+        for name, urls in self.stage_urls.items():
+            for url in urls:
+                out[url] = httpx.get(f"{url}/v2/models/{name}/sequences", timeout=5).json()["sequences"]
+        return out
+
+    def stop(self) -> None:
+        for h in reversed(list(self.procs.values())):
+            stop_process(h)
+
+
+def start_stack(bundle: Path, workdir: Path, *, replicas: tuple[int, ...] = (1, 1, 1),
+                gateway_env: dict[str, str] | None = None) -> Stack:
+    cfg_path = workdir / "config.json"
+    stack = Stack(bundle, cfg_path)
+    tok_port = free_port()
+    stack.tokenizer_url = f"http://127.0.0.1:{tok_port}"
+    stack.procs["tokenizer"] = start_process(
+        [sys.executable, "-m", "functions.tokenizer", "--bundle", str(bundle), "--port", str(tok_port)],
+        f"{stack.tokenizer_url}/v2/health/ready", timeout=60)
+    nodes = []
+    for k, n in enumerate(replicas):
+        name = f"stage-{k + 1}"
+        for r in range(n):
+            port = free_port()
+            node_id = f"{name}-r{r + 1}"
+            nodes.append({"id": node_id, "address": f"127.0.0.1:{port}", "model_part": k})
+            stack.stage_urls.setdefault(name, []).append(f"http://127.0.0.1:{port}")
+            stack.start_stage(node_id, k + 1, port)
+    cfg_path.write_text(json.dumps({"model_name": "gpt2", "tokenizer": {"address": f"127.0.0.1:{tok_port}"},
+                                    "nodes": nodes, "health_interval": 0.2}))
+    gw_port = free_port()
+    stack.gateway_url = f"http://127.0.0.1:{gw_port}"
+    stack.procs["gateway"] = start_process(
+        [sys.executable, "-m", "gateway", "--config", str(cfg_path), "--port", str(gw_port)],
+        f"{stack.gateway_url}/readyz", timeout=60, env=gateway_env)
+    return stack
