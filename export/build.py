@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ def _name_axes(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) 
     model = onnx.load(str(path), load_external_data=False)
     by_name = {t.name: t.shape for t in inputs + outputs}
     for v in list(model.graph.input) + list(model.graph.output):
-        for dim, want in zip(v.type.tensor_type.shape.dim, by_name[v.name]):
+        for dim, want in zip(v.type.tensor_type.shape.dim, by_name[v.name], strict=False):
             if isinstance(want, str):
                 dim.dim_param = want
     onnx.save(model, str(path))
@@ -219,7 +219,7 @@ def build(args) -> Manifest:
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             model={"id": f"random-init:{args.random_init}" if args.random_init else args.model,
-                   "revision": revision or ("seed-%d" % args.seed if args.random_init else "main"),
+                   "revision": revision or (f"seed-{args.seed}" if args.random_init else "main"),
                    "architecture": "GPT2LMHeadModel", "source": tok_how or "hub or local directory"},
             config={k: getattr(cfg, k) for k in ("n_layer", "n_embd", "n_head", "n_positions",
                                                    "vocab_size", "layer_norm_epsilon",
@@ -234,7 +234,7 @@ def build(args) -> Manifest:
             parity=parity,
             export_args=args.export_args,
             reference=reference,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         (work / MANIFEST).write_text(manifest.to_json())
         _publish(work, out)

@@ -34,7 +34,7 @@ def _corpus(lines: int = 4000, seed: int = 0) -> list[str]:
     return out
 
 
-def train_tokenizer(vocab_size: int) -> "object":
+def train_tokenizer(vocab_size: int) -> object:
     """A byte-level BPE trained on the spot (used when no tokenizer is given offline)."""
     from tokenizers import ByteLevelBPETokenizer
 

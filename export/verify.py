@@ -45,12 +45,12 @@ class _OrtChain:
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
         x = ids
-        for k, (sess, stage) in enumerate(zip(self.sessions, self.stages)):
+        for k, (sess, stage) in enumerate(zip(self.sessions, self.stages, strict=False)):
             feed = {stage.inputs[0].name: x, "attention_mask": mask, "position_ids": pos, **self.past[k]}
             outs = sess.run(None, feed)
             x = outs[0]
             self.past[k] = {
-                p: o for p, o in zip(stage.past_names(), outs[1:])
+                p: o for p, o in zip(stage.past_names(), outs[1:], strict=False)
             }  # present of this step = past of the next
         return x  # (B, V) logits of the last position
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from export.manifest import Manifest, StageEntry
 from functions.errors import BadRequestError, ConflictError
-from functions.kvcache import KVCache
+from functions.kvcache import Group, KVCache
 from functions.sampling import sample
 
 SAMPLING = {"temperature": (np.float32, 0.0), "top_k": (np.int64, 0), "top_p": (np.float32, 1.0),
@@ -103,7 +103,7 @@ class StageEngine:
             raise BadRequestError("empty batch: sequence_ids has no rows")
         if past.shape[0] != B:
             raise BadRequestError(f"past_lengths has {past.shape[0]} rows, sequence_ids {B}")
-        if len(np.unique(ids)) != B:
+        if B > 1 and len(np.unique(ids)) != B:
             raise BadRequestError("sequence_ids has duplicates: one row per sequence")
         if (past < 0).any():
             raise BadRequestError("past_lengths must be >= 0")
@@ -123,14 +123,15 @@ class StageEngine:
         mask = inputs.get("attention_mask")
         if mask is None:
             mask = np.ones((B, S), dtype=np.int64)
+            n_new = np.full(B, S, dtype=np.int64)  # (B,)
         elif mask.dtype != np.int64 or mask.shape != (B, S):
             raise BadRequestError(f"attention_mask must be INT64 [{B}, {S}] over the new positions; got "
                                   f"{mask.dtype} {list(mask.shape)}")
-        n_new = mask.sum(axis=1)  # (B,)
-        # left padding only: each row is zeros then ones, with at least one real position
-        if not np.isin(mask, (0, 1)).all() or (n_new == 0).any() or \
-                (np.diff(mask, axis=1) < 0).any():
-            raise BadRequestError("attention_mask rows must be 0s (left padding) then at least one 1")
+        else:
+            n_new = mask.sum(axis=1)  # (B,)
+            # left padding only: each row is zeros then ones, with at least one real position
+            if ((mask != 0) & (mask != 1)).any() or (n_new == 0).any() or (np.diff(mask, axis=1) < 0).any():
+                raise BadRequestError("attention_mask rows must be 0s (left padding) then at least one 1")
         too_long = past + n_new > self.manifest.n_positions
         if too_long.any():
             b = int(np.argmax(too_long))
@@ -179,46 +180,38 @@ class StageEngine:
                        "past_lengths": past[bad].tolist()})
         B, S = x.shape[0], x.shape[1]
         P = int(past.max())
-        H, D = self.manifest.n_head, self.manifest.head_dim
-        entries = [self.cache.get(int(s)) if p > 0 else None for s, p in zip(ids, past)]
-        if B == 1 and entries[0] is not None:
-            feeds = dict(zip(self.past_names, entries[0].kv))  # the cached arrays as they are
+        entries = [self.cache.get(int(s)) if p > 0 else None for s, p in zip(ids, past, strict=True)]
+        g = entries[0].group if entries[0] is not None else None
+        same_batch = (g is not None and g.ids == tuple(int(s) for s in ids) and bool((n_new == S).all())
+                      and all(e is not None and e.group is g for e in entries))
+        if same_batch:
+            # the rows, order and padding of the previous step: feed its presents back as they are
+            feeds = dict(zip(self.past_names, g.arrays, strict=True))
+            P = g.width
+            full_mask = np.ones((B, P + S), dtype=np.int64)  # (B, P + S)
+            full_mask[:, :P][np.arange(P)[None, :] < g.start[:, None]] = 0  # (B, P) padding of each row
         else:
+            H, D = self.manifest.n_head, self.manifest.head_dim
             feeds = {}
             for i, name in enumerate(self.past_names):
                 buf = np.zeros((B, H, P, D), dtype=np.float32)  # (B, H, P, D), rows right-aligned
                 for b, e in enumerate(entries):
                     if e is not None:
-                        buf[b, :, P - e.length :] = e.kv[i][0]
+                        buf[b, :, P - e.length :] = e.past(i)
                 feeds[name] = buf
-        full_mask = np.zeros((B, P + S), dtype=np.int64)  # (B, P + S)
-        full_mask[:, P:] = mask
+            full_mask = np.zeros((B, P + S), dtype=np.int64)  # (B, P + S)
+            full_mask[:, P:] = mask
+            for b in range(B):
+                full_mask[b, P - past[b] : P] = 1
         pos = np.zeros((B, S), dtype=np.int64)  # (B, S)
         for b in range(B):
-            full_mask[b, P - past[b] : P] = 1
             pos[b, S - n_new[b] :] = np.arange(past[b], past[b] + n_new[b])
         feeds.update({self.x_name: x, "attention_mask": full_mask, "position_ids": pos})
         t0 = time.perf_counter()
         outs = self.session.run(None, feeds)
         seconds = time.perf_counter() - t0
         self.inferences += 1
-
-        released = []
-        keep = [int(s) for s in ids]
-        for b, seq in enumerate(keep):
-            if end is not None and end[b]:
-                self.cache.release(seq)
-                released.append(seq)
-                continue
-            p, n = int(past[b]), int(n_new[b])
-            kv = []
-            for present in outs[1:]:  # (B, H, P + S, D)
-                if p == P and n == S:
-                    kv.append(present[b : b + 1])  # contiguous view of the whole row: no copy
-                else:
-                    kv.append(np.concatenate([present[b : b + 1, :, P - p : P], present[b : b + 1, :, P + S - n :]],
-                                             axis=2))
-            self.cache.put(seq, kv, p + n, keep)
+        released = self._store(ids, past, n_new, end, P, S, outs[1:])
         result = {}
         if self.last:
             logits = outs[0]  # (B, V)
@@ -233,6 +226,26 @@ class StageEngine:
             result[self.y_name] = outs[0]  # (B, S, C)
         phase = "prefill" if int(n_new.max()) > 1 else "decode"
         return StageResult(result, phase, B, seconds, released)
+
+    def _store(self, ids, past, n_new, end, P: int, S: int, presents: list[np.ndarray]) -> list[int]:
+        """Keep each row's new KV as a view into this batch's presents (B, H, P + S, D). A row with
+        a past and padded new positions has a gap in the middle: that one is compacted."""
+        start = np.where(past == 0, P + S - n_new, P - past)  # (B,) first valid position
+        group = Group(presents, start, tuple(int(s) for s in ids))
+        keep = list(group.ids)
+        released = []
+        for b, seq in enumerate(group.ids):
+            if end is not None and end[b]:
+                self.cache.release(seq)
+                released.append(seq)
+            elif past[b] == 0 or n_new[b] == S:
+                self.cache.put(seq, group, b, keep)
+            else:
+                p, n = int(past[b]), int(n_new[b])
+                compact = [np.concatenate([a[b : b + 1, :, P - p : P], a[b : b + 1, :, P + S - n :]], axis=2)
+                           for a in presents]  # (1, H, p + n, D)
+                self.cache.put(seq, Group(compact, np.zeros(1, dtype=np.int64), (seq,)), 0, keep)
+        return released
 
     def release(self, seq_id: int) -> bool:
         with self.lock:

@@ -13,12 +13,32 @@ from dataclasses import dataclass
 import numpy as np
 
 
+@dataclass(eq=False)
+class Group:
+    """The present keys/values of one batch exactly as ONNX Runtime returned them. Rows keep
+    pointing into it, so a batch that comes back with the same rows feeds it straight back in
+    (no copy); row b's valid positions are [start[b], T), earlier ones are padding."""
+
+    arrays: list[np.ndarray]  # one (B, H, T, D) array per past tensor of this stage, manifest order
+    start: np.ndarray  # (B,) first valid position of each row
+    ids: tuple[int, ...]  # the sequence id of each row
+
+    @property
+    def width(self) -> int:
+        return int(self.arrays[0].shape[2])  # T
+
+
 @dataclass
 class Entry:
-    kv: list[np.ndarray]  # one (1, H, T, D) array per past tensor of this stage, in manifest order
-    length: int  # T: positions held
-    nbytes: int
+    group: Group
+    row: int
+    length: int  # positions held: group.width - group.start[row]
+    nbytes: int  # bytes of the valid positions (padding in the group is not counted)
     last_used: float
+
+    def past(self, i: int) -> np.ndarray:
+        """Past tensor i of this sequence: (H, length, D), a view."""
+        return self.group.arrays[i][self.row, :, self.group.width - self.length :]
 
 
 class KVCache:
@@ -51,12 +71,13 @@ class KVCache:
             self._entries.move_to_end(seq_id)
         return e
 
-    def put(self, seq_id: int, kv: list[np.ndarray], length: int, keep: Iterable[int] = ()) -> None:
+    def put(self, seq_id: int, group: Group, row: int, keep: Iterable[int] = ()) -> None:
         """Store (replacing any old entry), then evict least recently used sequences, never the
         ones in `keep` (the rest of the current batch), until the budget holds."""
         self.release(seq_id)
-        nbytes = sum(a.nbytes for a in kv)
-        self._entries[seq_id] = Entry(kv, length, nbytes, self.clock())
+        length = group.width - int(group.start[row])
+        nbytes = sum(a[row].nbytes for a in group.arrays) * length // max(group.width, 1)
+        self._entries[seq_id] = Entry(group, row, length, nbytes, self.clock())
         self.bytes += nbytes
         if self.bytes > self.max_bytes:
             protected = set(keep) | {seq_id}

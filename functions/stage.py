@@ -35,6 +35,7 @@ from functions.telemetry import get_tracer
 
 logger = logging.getLogger("tandem.stage")
 DEFAULT_PORT_BASE = 8100  # stage K listens on 8100 + K by default
+INLINE_POSITIONS = 64  # batches up to this many new positions run on the event loop itself
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,12 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
             if not want <= known:
                 raise BadRequestError(f"unknown output(s) {sorted(want - known)}; {name} returns {sorted(known)}")
         with tracer.start_as_current_span(f"{name} infer") as span:
-            result = await anyio.to_thread.run_sync(engine.infer, req.inputs, want)
+            x = req.inputs.get(engine.x_name)
+            if x is not None and x.ndim >= 2 and x.shape[0] * x.shape[1] <= INLINE_POSITIONS:
+                # a decode-sized batch takes a few ms: a thread hop would cost more than it saves
+                result = engine.infer(req.inputs, want)
+            else:  # a prefill can take seconds: keep the event loop (health, metrics) answering
+                result = await anyio.to_thread.run_sync(engine.infer, req.inputs, want)
             span.set_attribute("tandem.batch_size", result.batch_size)
             span.set_attribute("tandem.phase", result.phase)
         infer_seconds.labels(name, result.phase).observe(result.seconds)

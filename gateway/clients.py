@@ -1,14 +1,21 @@
-"""HTTP clients for the stage and tokenizer functions: one keep-alive pool, binary Open Inference
+"""HTTP clients for the stage and tokenizer functions: keep-alive pools, binary Open Inference
 Protocol v2, explicit timeouts, bounded retries with backoff on transport errors only (never on
-4xx). This is the one place where httpx errors become gateway errors.
+4xx). This is the one place where client errors become gateway errors.
+
+The per-token infer calls go through aiohttp: measured on the 2-core machine against a stage-2
+function, one decode call took ~1 ms less than with httpx's async client (4.2-4.7 ms against
+5.3-5.5 ms, of which ~3.5 ms is ONNX Runtime), three times per token. httpx serves the rest
+(tokenizer, health, releases), where a millisecond does not matter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -37,9 +44,41 @@ class Clients:
         timeout = httpx.Timeout(cfg.call_timeout, connect=cfg.connect_timeout)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         self.http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+        self._fast: aiohttp.ClientSession | None = None  # created inside the running loop
+
+    @property
+    def fast(self) -> aiohttp.ClientSession:
+        if self._fast is None:
+            self._fast = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.cfg.call_timeout, sock_connect=self.cfg.connect_timeout),
+                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+                skip_auto_headers=["User-Agent"])
+        return self._fast
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        if self._fast is not None:
+            await self._fast.close()
+
+    async def _post_binary(self, node_desc: str, url: str, body: bytes, headers: dict[str, str]):
+        """POST with bounded retries on connection failures; returns (status, headers, body)."""
+        delay = self.cfg.backoff
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                async with self.fast.post(url, data=body, headers=headers) as r:
+                    return r.status, r.headers, await r.read()
+            except TimeoutError as e:
+                # A timed-out call may have run: no blind retry, the caller replays if needed.
+                raise StageTimeoutError(f"{node_desc} did not answer POST {url} within {self.cfg.call_timeout} s") from e
+            except aiohttp.ClientError as e:
+                if attempt == self.cfg.retries:
+                    raise StageUnavailableError(
+                        f"{node_desc} at {url} refused or dropped the connection ({type(e).__name__}); "
+                        "is it running? GET /v2/health/ready"
+                    ) from e
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
 
     async def _request(self, node_desc: str, method: str, url: str, **kw: Any) -> httpx.Response:
         """Bounded retries with exponential backoff for transport failures."""
@@ -65,22 +104,26 @@ class Clients:
         body, hlen = protocol.encode_request(inputs, outputs=outputs, binary_outputs=True)
         url = f"{node.url}/v2/models/{stage}/infer"
         h = {protocol.HEADER: str(hlen), "Content-Type": "application/octet-stream", **(headers or {})}
-        r = await self._request(f"{stage} replica {node.id!r}", "POST", url, content=body, headers=h)
-        if r.status_code == 200:
-            raw = r.headers.get(protocol.HEADER)
+        status, rh, content = await self._post_binary(f"{stage} replica {node.id!r}", url, body, h)
+        if status == 200:
+            raw = rh.get(protocol.HEADER)
             try:
-                return protocol.decode_response(r.content, int(raw) if raw is not None else None).outputs
+                return protocol.decode_response(content, int(raw) if raw is not None else None).outputs
             except (protocol.ProtocolError, ValueError) as e:
                 raise StageError(f"{stage} replica {node.id!r} sent an unreadable answer: {e}") from e
-        detail = _detail(r)
-        if r.status_code == 409:
-            body_json = r.json()
-            raise StageConflict(dict(zip(body_json["sequence_ids"], body_json["held_lengths"], strict=True)))
-        if r.status_code == 503:
+        detail = _detail_of(content)
+        if status == 409:
+            try:
+                problem = json.loads(content)
+                held = dict(zip(problem["sequence_ids"], problem["held_lengths"], strict=True))
+            except (ValueError, KeyError, TypeError) as e:
+                raise StageError(f"{stage} replica {node.id!r} sent an unreadable 409: {detail}") from e
+            raise StageConflict(held)
+        if status == 503:
             raise StageUnavailableError(f"{stage} replica {node.id!r} is not ready: {detail}")
-        if 400 <= r.status_code < 500:
-            raise StageRejected(f"{stage} replica {node.id!r} rejected the batch ({r.status_code}): {detail}")
-        raise StageError(f"{stage} replica {node.id!r} failed ({r.status_code}): {detail}")
+        if 400 <= status < 500:
+            raise StageRejected(f"{stage} replica {node.id!r} rejected the batch ({status}): {detail}")
+        raise StageError(f"{stage} replica {node.id!r} failed ({status}): {detail}")
 
     async def release(self, node: Node, stage: str, seq_ids: list[int]) -> None:
         """Best effort: a lost release only delays freeing until the stage's idle timeout."""
@@ -112,8 +155,12 @@ class Clients:
 
 
 def _detail(r: httpx.Response) -> str:
+    return _detail_of(r.content)
+
+
+def _detail_of(content: bytes) -> str:
     try:
-        body = r.json()
+        body = json.loads(content)
         return str(body.get("detail") or body.get("error") or body)
-    except ValueError:
-        return r.text[:200]
+    except (ValueError, AttributeError):
+        return content[:200].decode(errors="replace")

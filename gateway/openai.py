@@ -20,8 +20,8 @@ from opentelemetry import trace
 
 from functions.errors import validation_detail
 from gateway.errors import GatewayError, InvalidRequestError, NotFoundError
-from gateway.service import Gateway, disconnected, sampling_from
 from gateway.scheduler import Sequence
+from gateway.service import Gateway, disconnected, sampling_from
 
 logger = logging.getLogger("tandem.gateway")
 

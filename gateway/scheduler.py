@@ -218,7 +218,7 @@ class Scheduler:
             x = out
         for s in alive:
             token, logprob = x[s.id]
-            self._accept(s, int(token), float(logprob), last_step[s.id])
+            self._accept(s, int(token), None if logprob is None else float(logprob), last_step[s.id])
 
     async def _call_stage(self, k: int, rows: list[Sequence], x: dict[int, np.ndarray], n_new: dict[int, int],
                           last_step: dict[int, bool]) -> dict[int, np.ndarray]:
@@ -229,7 +229,7 @@ class Scheduler:
         start = {s.id: s.held[k] for s in rows}  # past length to send; lowered by 409s
         pending = list(rows)
         results: dict[int, np.ndarray] = {}
-        for attempt in range(MAX_REPLAYS + 1):
+        for _attempt in range(MAX_REPLAYS + 1):
             groups: dict[str, tuple[Replica, list[Sequence]]] = {}
             for s in pending:
                 rep = s.replica[k]
@@ -307,7 +307,10 @@ class Scheduler:
                        "top_k": np.array([q.top_k for q in p], dtype=np.int64),
                        "top_p": np.array([q.top_p for q in p], dtype=np.float32),
                        "seed": np.array([s.seed for s in grp], dtype=np.int64)}
-        outputs = ["token_ids", "logprobs"] if last else [self._out_name[k]]
+        if last:  # log-softmax over the vocabulary costs ~1 ms per row: only when someone wants it
+            outputs = ["token_ids", "logprobs"] if any(s.params.logprobs for s in grp) else ["token_ids"]
+        else:
+            outputs = [self._out_name[k]]
         headers: dict[str, str] = {}
         t0 = time.perf_counter()
         ctx = trace.set_span_in_context(grp[0].parent) if grp[0].parent is not None else None
@@ -328,13 +331,13 @@ class Scheduler:
                 s.sent[k].append(x[s.id])
             s.held[k] = start[s.id] + len(rows[b])
             if last:
-                result[s.id] = (out["token_ids"][b], out["logprobs"][b])
+                result[s.id] = (out["token_ids"][b], out["logprobs"][b] if "logprobs" in out else None)
             else:
                 result[s.id] = out[self._out_name[k]][b, S - n_new[s.id] :]  # (n_new, C)
         return result
 
     # ---- per-token bookkeeping ----
-    def _accept(self, s: Sequence, token: int, logprob: float, ended_in_stages: bool) -> None:
+    def _accept(self, s: Sequence, token: int, logprob: float | None, ended_in_stages: bool) -> None:
         now = time.perf_counter()
         if s.t_first is None:
             s.t_first = now
