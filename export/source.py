@@ -56,7 +56,7 @@ def load_tokenizer_path(path: Path):
         return Tokenizer.from_file(str(path / "tokenizer.json"))
     for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
         if (path / vocab).is_file() and (path / merges).is_file():
-            tok = ByteLevelBPETokenizer(str(path / vocab), str(path / merges))
+            tok = ByteLevelBPETokenizer.from_file(str(path / vocab), str(path / merges))
             if tok.token_to_id(EOS) is None:
                 tok.add_special_tokens([EOS])
             return tok

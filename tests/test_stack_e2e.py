@@ -1,0 +1,71 @@
+"""The one-command local stack, for real: `python -m gateway.stack up` starts every service as
+its own process, serves, and stops them all on SIGTERM; without the hub it stops with the
+offline hint instead of falling back to random weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.procs import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _launcher(args: list[str], state: Path, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "gateway.stack", *args], cwd=REPO_ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TANDEM_STATE_DIR": str(state), **env})
+
+
+def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> None:
+    gw, tok, base = free_port(), free_port(), free_port()
+    while any(p in (gw, tok) for p in range(base, base + 3)):
+        base = free_port()
+    p = _launcher(["up", "--bundle", str(tiny_bundle), "--no-export", "--gateway-port", str(gw),
+                   "--tokenizer-port", str(tok), "--stage-port-base", str(base), "--threads", "1"], tmp_path)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 90
+        assert p.stdout is not None
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "/docs" in line:  # the URL block is printed once everything is ready
+                break
+        out = "".join(lines)
+        assert f"http://127.0.0.1:{gw}" in out, out
+        assert httpx.get(f"http://127.0.0.1:{gw}/readyz").status_code == 200
+        r = httpx.post(f"http://127.0.0.1:{gw}/v1/completions", json={"prompt": "hello", "max_tokens": 3},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+        status = subprocess.run([sys.executable, "-m", "gateway.stack", "status"], cwd=REPO_ROOT, text=True,
+                                capture_output=True, env={**os.environ, "TANDEM_STATE_DIR": str(tmp_path)})
+        assert status.returncode == 0, status.stdout + status.stderr
+    finally:
+        p.send_signal(signal.SIGTERM)
+        rest, _ = p.communicate(timeout=30)
+    assert p.returncode == 0, "".join(lines) + rest
+    assert "stopped" in rest
+    for port in (gw, tok, base, base + 1, base + 2):  # every service is gone
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+    assert not (tmp_path / "pids.json").exists()
+
+
+def test_hub_unreachable_names_the_offline_option(tmp_path: Path) -> None:
+    p = _launcher(["up", "--bundle", str(tmp_path / "gpt2")], tmp_path / "state", HF_HUB_OFFLINE="1")
+    out, _ = p.communicate(timeout=180)
+    assert p.returncode != 0
+    assert "RANDOM_INIT=gpt2" in out and "--random-init" in out, out
+    assert "Traceback" not in out
+    assert not (tmp_path / "gpt2").exists()  # nothing exported, no silent fallback

@@ -1,0 +1,223 @@
+"""OpenTelemetry across the whole stack as real processes: one trace per request, W3C trace context
+through every hop (gateway -> tokenizer, gateway -> each stage), `gen_ai.*` attributes on the
+request's span, and the trace id handed back to the client. Spans go to an in-test OTLP/HTTP
+receiver; tracing is configured only by the standard OTEL_* variables.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.otlp import OtlpReceiver, SpanRecord
+from tests.helpers.stack import Stack, start_stack
+
+pytestmark = pytest.mark.slow
+
+SERVICES = {"gateway", "tokenizer", "stage-1", "stage-2", "stage-3"}  # functions/telemetry.py's service.name
+STAGES = ("stage-1", "stage-2", "stage-3")
+HEX32 = re.compile(r"[0-9a-f]{32}")
+# Variables that would change where spans go or what the services call themselves.
+OTEL_VARS = ("OTEL_SERVICE_NAME", "OTEL_SDK_DISABLED", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+             "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_TRACES_EXPORTER",
+             "OTEL_TRACES_SAMPLER", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_PROPAGATORS")
+
+
+@pytest.fixture(scope="module")
+def otlp() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="module")
+def traced_stack(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory,
+                 otlp: OtlpReceiver) -> Iterator[Stack]:
+    """A stack exporting to `otlp`. The tokenizer and stages inherit this process's environment
+    (start_stack gives `gateway_env` to the gateway only), so the variables are set here for as
+    long as the stack starts, and restored afterwards."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    with pytest.MonkeyPatch.context() as mp:
+        for name in OTEL_VARS:
+            mp.delenv(name, raising=False)  # each service names itself
+        for name, value in env.items():
+            mp.setenv(name, value)
+        stack = start_stack(tiny_bundle, tmp_path_factory.mktemp("traced"), gateway_env=env)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def server_spans(spans: list[SpanRecord], service: str) -> list[SpanRecord]:
+    return [s for s in spans if s.service == service and s.kind == "SERVER"]
+
+
+def complete(spans: list[SpanRecord]) -> bool:
+    """Every service has sent its spans of the request: the gateway's server span (ended last,
+    after the response) and each stage's infer server span."""
+    have = {s.service for s in spans}
+    gateway_done = any(s.kind == "SERVER" and s.parent_span_id is None for s in server_spans(spans, "gateway"))
+    stages_done = all(any(s.name.endswith("/infer") for s in server_spans(spans, st)) for st in STAGES)
+    return SERVICES <= have and gateway_done and stages_done
+
+
+def tree(spans: list[SpanRecord]) -> str:
+    """An indented span tree (service: name [kind] attributes) for failure messages and reports."""
+    by_parent: dict[str | None, list[SpanRecord]] = {}
+    ids = {s.span_id for s in spans}
+    for s in sorted(spans, key=lambda s: s.start_ns):
+        by_parent.setdefault(s.parent_span_id if s.parent_span_id in ids else None, []).append(s)
+    lines: list[str] = []
+
+    def walk(parent: str | None, depth: int) -> None:
+        for s in by_parent.get(parent, []):
+            orphan = " (parent not received)" if depth == 0 and s.parent_span_id else ""
+            attrs = {k: v for k, v in s.attributes.items() if k.startswith(("gen_ai.", "tandem."))}
+            lines.append(f"{'  ' * depth}{s.service}: {s.name} [{s.kind}]{orphan} {attrs or ''}".rstrip())
+            walk(s.span_id, depth + 1)
+
+    walk(None, 0)
+    return "\n".join(lines)
+
+
+def request_trace(otlp: OtlpReceiver, trace_id: str) -> list[SpanRecord]:
+    spans = otlp.wait_for(complete, trace_id=trace_id, timeout=10)
+    assert complete(spans), f"incomplete trace {trace_id} after 10 s:\n{tree(spans)}\nerrors: {otlp.errors}"
+    return spans
+
+
+def check_request_trace(spans: list[SpanRecord], route: str) -> SpanRecord:
+    """The structure every generation's trace has; returns the gateway's request span."""
+    by_id = {s.span_id: s for s in spans}
+    assert {s.service for s in spans} == SERVICES, tree(spans)
+    # one root: the gateway's server span for the request, carrying the gen_ai attributes
+    roots = [s for s in spans if s.parent_span_id is None]
+    assert len(roots) == 1, tree(spans)
+    root = roots[0]
+    assert (root.service, root.kind) == ("gateway", "SERVER"), tree(spans)
+    assert root.name == f"POST {route}", tree(spans)
+    assert root.attributes.get("gen_ai.request.model") == "gpt2"
+    assert isinstance(root.attributes.get("gen_ai.usage.input_tokens"), int)
+    assert root.attributes["gen_ai.usage.input_tokens"] > 0
+    assert isinstance(root.attributes.get("gen_ai.usage.output_tokens"), int)
+    # every other span hangs, directly or not, under that root: nothing orphaned
+    for s in spans:
+        assert s.parent_span_id is None or s.parent_span_id in by_id, f"{s.service}: {s.name} orphaned\n{tree(spans)}"
+
+    # the tokenizer: gateway span -> tokenizer server span -> tokenizer.encode
+    [tok_call] = [s for s in spans if s.service == "gateway" and s.name == "tokenizer encode"]
+    assert tok_call.parent_span_id == root.span_id
+    tok_server = [s for s in server_spans(spans, "tokenizer") if s.name == "POST /v1/encode"]
+    assert [s.parent_span_id for s in tok_server] == [tok_call.span_id], tree(spans)
+    [encode] = [s for s in spans if s.service == "tokenizer" and s.name == "tokenizer.encode"]
+    assert encode.parent_span_id == tok_server[0].span_id
+    assert encode.attributes.get("tandem.tokens") == root.attributes["gen_ai.usage.input_tokens"]
+
+    # every stage: each gateway call span is the request's child and the parent of exactly one
+    # infer server span in that stage (context crossed the aiohttp hop); each infer span has
+    # the stage's own "<stage> infer" span below it
+    for stage in STAGES:
+        calls = [s for s in spans if s.service == "gateway" and s.name == f"{stage} call"]
+        assert calls, f"no '{stage} call' span\n{tree(spans)}"
+        infers = [s for s in server_spans(spans, stage) if s.name == f"POST /v2/models/{stage}/infer"]
+        assert len(infers) == len(calls), tree(spans)
+        for call in calls:
+            assert call.parent_span_id == root.span_id
+            assert call.attributes.get("tandem.batch_size") == 1
+            children = [s for s in infers if s.parent_span_id == call.span_id]
+            assert len(children) == 1, f"{stage}: call {call.span_id} has {len(children)} infer spans\n{tree(spans)}"
+            inner = [s for s in spans if s.parent_span_id == children[0].span_id and s.name == f"{stage} infer"]
+            assert len(inner) == 1, tree(spans)
+    return root
+
+
+def test_process_request_is_one_trace_across_every_service(traced_stack: Stack, otlp: OtlpReceiver) -> None:
+    r = httpx.post(f"{traced_stack.gateway_url}/api/model/process",
+                   json={"text": "Hello the model", "max_tokens": 4, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    tid = body["trace_id"]
+    assert isinstance(tid, str) and HEX32.fullmatch(tid), tid
+    spans = request_trace(otlp, tid)
+    root = check_request_trace(spans, "/api/model/process")
+    assert root.attributes["gen_ai.usage.input_tokens"] == body["prompt_tokens"]
+    assert root.attributes["gen_ai.usage.output_tokens"] == body["completion_tokens"] == 4
+    # one prefill plus three decode steps (the 4th token comes from the 3rd decode's logits):
+    # every stage is called once per step
+    for stage in STAGES:
+        calls = [s for s in spans if s.service == "gateway" and s.name == f"{stage} call"]
+        assert len(calls) == 4, tree(spans)
+    assert otlp.errors == []
+    print(f"\ntrace {tid}:\n{tree(spans)}")  # shown with -s: the tree the report describes
+
+
+def test_each_request_gets_its_own_trace(traced_stack: Stack, otlp: OtlpReceiver) -> None:
+    ids = []
+    for _ in range(2):
+        r = httpx.post(f"{traced_stack.gateway_url}/api/model/process",
+                       json={"text": "Hello the model", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+        ids.append(r.json()["trace_id"])
+    assert all(isinstance(t, str) and HEX32.fullmatch(t) for t in ids), ids
+    assert ids[0] != ids[1]
+    for tid in ids:
+        spans = request_trace(otlp, tid)
+        check_request_trace(spans, "/api/model/process")
+    # no span of one request leaked into the other's trace
+    first, second = ({s.span_id for s in otlp.spans(t)} for t in ids)
+    assert not first & second
+
+
+def test_completions_return_the_trace_id_header(traced_stack: Stack, otlp: OtlpReceiver) -> None:
+    r = httpx.post(f"{traced_stack.gateway_url}/v1/completions",
+                   json={"model": "gpt2", "prompt": "Hello the model", "max_tokens": 3, "temperature": 0,
+                         "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    tid = r.headers.get("X-Trace-Id")
+    assert tid is not None and HEX32.fullmatch(tid), dict(r.headers)
+    spans = request_trace(otlp, tid)
+    root = check_request_trace(spans, "/v1/completions")
+    assert root.attributes["gen_ai.usage.input_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert root.attributes["gen_ai.usage.output_tokens"] == r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_streamed_completions_return_the_trace_id_header(traced_stack: Stack, otlp: OtlpReceiver) -> None:
+    with httpx.stream("POST", f"{traced_stack.gateway_url}/v1/completions",
+                      json={"prompt": "Hello the model", "max_tokens": 3, "stream": True, "ignore_eos": True},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        tid = r.headers.get("X-Trace-Id")
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert tid is not None and HEX32.fullmatch(tid), dict(r.headers)
+    spans = otlp.wait_for(complete, trace_id=tid, timeout=10)
+    assert complete(spans), tree(spans)
+    assert {s.service for s in spans} == SERVICES
+
+
+@pytest.fixture(scope="module")
+def untraced_stack(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack with no OTEL_* variable at all: tracing must stay off."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in OTEL_VARS:
+            mp.delenv(name, raising=False)
+        stack = start_stack(tiny_bundle, tmp_path_factory.mktemp("untraced"))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def test_without_otel_variables_there_is_no_trace_id(untraced_stack: Stack) -> None:
+    r = httpx.post(f"{untraced_stack.gateway_url}/api/model/process",
+                   json={"text": "Hello the model", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["trace_id"] is None
+    r = httpx.post(f"{untraced_stack.gateway_url}/v1/completions",
+                   json={"prompt": "Hello the model", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "X-Trace-Id" not in r.headers
