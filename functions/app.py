@@ -122,7 +122,8 @@ def create_function_app(
         return Response(generate_latest(registry), media_type=METRICS_MEDIA_TYPE)
 
     otel = OpenTelemetryConfig(
-        exclude=["^/metrics$", "^/v2/health/", "^/healthz$", "^/readyz$"],
+        # control-plane calls (releases, discovery) would each open a trace of their own
+        exclude=["^/metrics$", "^/v2/health/", "^/healthz$", "^/readyz$", "/sequences", "^/v1/tokenizer$"],
         exclude_spans=["receive", "send"],
     )
     return Litestar(

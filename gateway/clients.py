@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import httpx
@@ -24,6 +25,7 @@ from gateway.config import GatewayConfig, Node
 from gateway.errors import StageError, StageTimeoutError, StageUnavailableError
 
 logger = logging.getLogger("tandem.gateway")
+T = TypeVar("T")
 
 
 class StageConflict(Exception):
@@ -60,44 +62,36 @@ class Clients:
         if self._fast is not None:
             await self._fast.close()
 
-    async def _post_binary(self, node_desc: str, url: str, body: bytes, headers: dict[str, str]):
-        """POST with bounded retries on connection failures; returns (status, headers, body)."""
+    async def _retrying(self, node_desc: str, what: str, send: Callable[[], Awaitable[T]]) -> T:
+        """`send()` with bounded retries and exponential backoff on connection failures only;
+        the one place where either client's errors become gateway errors."""
         delay = self.cfg.backoff
         for attempt in range(self.cfg.retries + 1):
             try:
-                async with self.fast.post(url, data=body, headers=headers) as r:
-                    return r.status, r.headers, await r.read()
-            except TimeoutError as e:
+                return await send()
+            except (TimeoutError, httpx.TimeoutException) as e:
                 # A timed-out call may have run: no blind retry, the caller replays if needed.
-                raise StageTimeoutError(f"{node_desc} did not answer POST {url} within {self.cfg.call_timeout} s") from e
-            except aiohttp.ClientError as e:
+                raise StageTimeoutError(f"{node_desc} did not answer {what} within its timeout") from e
+            except (aiohttp.ClientError, httpx.TransportError) as e:
                 if attempt == self.cfg.retries:
                     raise StageUnavailableError(
-                        f"{node_desc} at {url} refused or dropped the connection ({type(e).__name__}); "
+                        f"{node_desc} ({what}) refused or dropped the connection ({type(e).__name__}); "
                         "is it running? GET /v2/health/ready"
                     ) from e
                 await asyncio.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
 
+    async def _post_binary(self, node_desc: str, url: str, body: bytes,
+                           headers: dict[str, str]) -> tuple[int, Any, bytes]:
+        async def send() -> tuple[int, Any, bytes]:
+            async with self.fast.post(url, data=body, headers=headers) as r:
+                return r.status, r.headers, await r.read()
+
+        return await self._retrying(node_desc, f"POST {url}", send)
+
     async def _request(self, node_desc: str, method: str, url: str, **kw: Any) -> httpx.Response:
-        """Bounded retries with exponential backoff for transport failures."""
-        delay = self.cfg.backoff
-        for attempt in range(self.cfg.retries + 1):
-            try:
-                return await self.http.request(method, url, **kw)
-            except httpx.TimeoutException as e:
-                # A timed-out call may have run: no blind retry, the caller replays if needed.
-                raise StageTimeoutError(f"{node_desc} did not answer {method} {url} within its timeout") from e
-            except httpx.TransportError as e:
-                if attempt == self.cfg.retries:
-                    raise StageUnavailableError(
-                        f"{node_desc} at {url} refused or dropped the connection ({type(e).__name__}); "
-                        "is it running? GET /v2/health/ready"
-                    ) from e
-                await asyncio.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+        return await self._retrying(node_desc, f"{method} {url}", lambda: self.http.request(method, url, **kw))
 
     async def infer(self, node: Node, stage: str, inputs: dict[str, np.ndarray], outputs: list[str],
                     headers: dict[str, str] | None = None) -> dict[str, np.ndarray]:

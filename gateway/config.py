@@ -6,6 +6,7 @@ a `TANDEM_*` environment variable. Unknown keys are rejected, naming the key.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -57,14 +58,24 @@ _TUNABLE = {f.name: f.type for f in fields(GatewayConfig)
             if f.name not in ("model_name", "tokenizer", "nodes", "stages")}
 
 
+_POSITIVE = {"max_running", "max_prefill_batch", "default_max_tokens", "connect_timeout", "call_timeout",
+             "health_interval"}  # zero would make no sense; the rest may be zero
+
+
 def _number(key: str, value: Any, kind: str) -> int | float:
-    try:
-        v = int(value) if kind == "int" else float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    if v < 0 or (key in ("max_running", "max_prefill_batch") and v < 1):
-        raise ConfigError(f"{key} must be positive, got {value!r}")
-    return v
+    """A finite number of the right kind (a bool is not a number here, nor 2.5 an integer)."""
+    if isinstance(value, str):
+        try:
+            value = int(value) if kind == "int" else float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number{' (an integer)' if kind == 'int' else ''}, "
+                              f"got {value!r}") from None
+    ok = isinstance(value, int) if kind == "int" else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a number ({'an integer' if kind == 'int' else 'finite'}), got {value!r}")
+    if value < 0 or (key in _POSITIVE and value == 0):
+        raise ConfigError(f"{key} must be {'positive' if key in _POSITIVE else '>= 0'}, got {value!r}")
+    return value if kind == "int" else float(value)
 
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -96,9 +107,11 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         extra = sorted(set(n) - {"id", "address", "model_part"})
         if extra:
             raise ConfigError(f"unknown key(s) {extra} in nodes[{i}]; allowed: id, address, model_part")
-        if not isinstance(n.get("id"), str) or not isinstance(n.get("address"), str):
-            raise ConfigError(f"nodes[{i}] needs string id and address")
-        if not isinstance(n.get("model_part"), int) or n["model_part"] < 0:
+        if not isinstance(n.get("id"), str) or not isinstance(n.get("address"), str) or not n["id"] \
+                or not n["address"]:
+            raise ConfigError(f"nodes[{i}] needs a non-empty string id and address")
+        part = n.get("model_part")
+        if not isinstance(part, int) or isinstance(part, bool) or part < 0:
             raise ConfigError(f"nodes[{i}].model_part must be an integer >= 0")
         nodes.append(Node(n["id"], n["address"], n["model_part"]))
     if len({n.id for n in nodes}) != len(nodes):
@@ -112,6 +125,8 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         if raw is not None:
             tuned[key] = _number(key, raw, "int" if kind in (int, "int") else "float")
     model = env.get("TANDEM_MODEL_NAME", data["model_name"])
+    if not model:
+        raise ConfigError("model_name (TANDEM_MODEL_NAME) must not be empty")
     return GatewayConfig(model, tok, tuple(nodes), stages=len(parts), **tuned)
 
 

@@ -166,6 +166,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
         return Response({**base, "choices": choices, "usage": usage}, headers=headers)
 
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
+    span = trace.get_current_span()  # the request's span: still open while the stream is sent
 
     async def events() -> AsyncIterator[bytes]:
         sched = gw.require_scheduler()
@@ -214,6 +215,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
                 sched.cancel(s)
             for p in pumps:
                 p.cancel()
+            span.set_attribute("gen_ai.usage.output_tokens", sum(counts))
             gw.metrics.requests.labels("/v1/completions", status).inc()
             gw.metrics.request_seconds.labels("/v1/completions").observe(time.perf_counter() - t0)
 

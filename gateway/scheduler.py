@@ -139,7 +139,7 @@ class Scheduler:
 
     # ---- public API ----
     def submit(self, prompt: list[int], params: SamplingParams, parent: trace.Span | None = None) -> Sequence:
-        if len(self.waiting) >= self.cfg.max_waiting:
+        if len(self.running) + len(self.waiting) >= self.cfg.max_running + self.cfg.max_waiting:
             raise OverloadedError(f"{len(self.running)} sequences running and {len(self.waiting)} waiting; "
                                   "retry shortly", headers={"Retry-After": "1"})
         seq = Sequence(secrets.randbits(62), prompt, params,
@@ -260,9 +260,7 @@ class Scheduler:
                     for s in grp:
                         self._fail(s, outcome)
                 elif isinstance(outcome, StageError):
-                    pool.mark(rep, False, str(outcome))
-                    for s in grp:
-                        s.replica[k] = None
+                    pool.mark(rep, False, str(outcome))  # its rows move (and count a failover)
                     pending += grp
                 elif isinstance(outcome, BaseException):
                     raise outcome
@@ -313,14 +311,20 @@ class Scheduler:
             outputs = [self._out_name[k]]
         headers: dict[str, str] = {}
         t0 = time.perf_counter()
-        ctx = trace.set_span_in_context(grp[0].parent) if grp[0].parent is not None else None
-        with tracer.start_as_current_span(f"{pool.name} call", context=ctx,
-                                          links=[trace.Link(s.parent.get_span_context()) for s in grp[1:]
-                                                 if s.parent is not None][:32]) as span:
+        # One span per request in the batch, each in its own request's trace (one trace per
+        # request); the stage's server span hangs under the first, the others link to it.
+        spans = [tracer.start_span(f"{pool.name} call", context=trace.set_span_in_context(s.parent))
+                 for s in grp if s.parent is not None and s.parent.is_recording()]
+        for span in spans:
             span.set_attribute("tandem.batch_size", B)
             span.set_attribute("tandem.replica", rep.node.id)
-            inject(headers)
+        if spans:
+            inject(headers, context=trace.set_span_in_context(spans[0]))
+        try:
             out = await self.clients.infer(rep.node, pool.name, inputs, outputs, headers)
+        finally:
+            for span in spans:
+                span.end()
         dt = time.perf_counter() - t0
         self.metrics.stage_call.labels(pool.name, rep.node.id).observe(dt)
         result = {}

@@ -6,6 +6,7 @@ receiver; tracing is configured only by the standard OTEL_* variables.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +21,20 @@ pytestmark = pytest.mark.slow
 
 SERVICES = {"gateway", "tokenizer", "stage-1", "stage-2", "stage-3"}  # functions/telemetry.py's service.name
 STAGES = ("stage-1", "stage-2", "stage-3")
+PROMPTS = ["Hello the model", "quick brown fox jumps over the lazy dog today and", "café 東京 🙂"]
 HEX32 = re.compile(r"[0-9a-f]{32}")
 # Variables that would change where spans go or what the services call themselves.
-OTEL_VARS = ("OTEL_SERVICE_NAME", "OTEL_SDK_DISABLED", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-             "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_TRACES_EXPORTER",
-             "OTEL_TRACES_SAMPLER", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_PROPAGATORS")
+OTEL_VARS = (
+    "OTEL_SERVICE_NAME",
+    "OTEL_SDK_DISABLED",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_PROPAGATORS",
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +44,9 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="module")
-def traced_stack(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory,
-                 otlp: OtlpReceiver) -> Iterator[Stack]:
+def traced_stack(
+    tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver
+) -> Iterator[Stack]:
     """A stack exporting to `otlp`. The tokenizer and stages inherit this process's environment
     (start_stack gives `gateway_env` to the gateway only), so the variables are set here for as
     long as the stack starts, and restored afterwards."""
@@ -58,11 +69,24 @@ def server_spans(spans: list[SpanRecord], service: str) -> list[SpanRecord]:
 
 def complete(spans: list[SpanRecord]) -> bool:
     """Every service has sent its spans of the request: the gateway's server span (ended last,
-    after the response) and each stage's infer server span."""
-    have = {s.service for s in spans}
-    gateway_done = any(s.kind == "SERVER" and s.parent_span_id is None for s in server_spans(spans, "gateway"))
-    stages_done = all(any(s.name.endswith("/infer") for s in server_spans(spans, st)) for st in STAGES)
-    return SERVICES <= have and gateway_done and stages_done
+    after the response, so every call span was exported with or before it), the tokenizer's,
+    and one infer server span per gateway call span in each stage. (Each process exports on
+    its own schedule: any one span having arrived says nothing about the others.)"""
+    gateway_done = any(s.parent_span_id is None for s in server_spans(spans, "gateway"))
+    tokenizer_done = any(s.name == "tokenizer.encode" for s in spans if s.service == "tokenizer")
+    return gateway_done and tokenizer_done and stages_complete(spans)
+
+
+def stages_complete(spans: list[SpanRecord]) -> bool:
+    """Each stage has sent one infer server span per batched step. A step shows up as one gateway
+    call span per row (each in its own request's trace), so over the traces of every request
+    involved, the steps of a stage number the sum of 1 / batch_size over its call spans."""
+    for st in STAGES:
+        calls = [s for s in spans if s.service == "gateway" and s.name == f"{st} call"]
+        steps = round(sum(1 / c.attributes["tandem.batch_size"] for c in calls))
+        if sum(1 for s in server_spans(spans, st) if s.name.endswith("/infer")) < steps:
+            return False
+    return True
 
 
 def tree(spans: list[SpanRecord]) -> str:
@@ -84,16 +108,31 @@ def tree(spans: list[SpanRecord]) -> str:
     return "\n".join(lines)
 
 
-def request_trace(otlp: OtlpReceiver, trace_id: str) -> list[SpanRecord]:
+def request_trace(otlp: OtlpReceiver, trace_id: str, *, batched: bool = False) -> list[SpanRecord]:
+    """A request's spans once every service has sent them; `batched` waits only for the gateway
+    and the tokenizer (the stage spans of a batch sit in the trace of its first row)."""
+    if batched:
+        def done(spans: list[SpanRecord]) -> bool:
+            roots = any(s.parent_span_id is None for s in server_spans(spans, "gateway"))
+            return roots and any(s.name == "tokenizer.encode" for s in spans)
+
+        spans = otlp.wait_for(done, trace_id=trace_id, timeout=10)
+        assert done(spans), f"incomplete trace {trace_id} after 10 s:\n{tree(spans)}"
+        return spans
     spans = otlp.wait_for(complete, trace_id=trace_id, timeout=10)
     assert complete(spans), f"incomplete trace {trace_id} after 10 s:\n{tree(spans)}\nerrors: {otlp.errors}"
     return spans
 
 
-def check_request_trace(spans: list[SpanRecord], route: str) -> SpanRecord:
-    """The structure every generation's trace has; returns the gateway's request span."""
+def check_request_trace(spans: list[SpanRecord], route: str, *, batched: bool = False) -> SpanRecord:
+    """The structure every generation's trace has; returns the gateway's request span. With
+    `batched`, the stage's server spans may sit in another request's trace (the batch's first row)."""
     by_id = {s.span_id: s for s in spans}
-    assert {s.service for s in spans} == SERVICES, tree(spans)
+    services = {s.service for s in spans}
+    if batched:  # a request never first in a stage's batch has no stage server span of its own
+        assert {"gateway", "tokenizer"} <= services <= SERVICES, tree(spans)
+    else:
+        assert services == SERVICES, tree(spans)
     # one root: the gateway's server span for the request, carrying the gen_ai attributes
     roots = [s for s in spans if s.parent_span_id is None]
     assert len(roots) == 1, tree(spans)
@@ -103,10 +142,11 @@ def check_request_trace(spans: list[SpanRecord], route: str) -> SpanRecord:
     assert root.attributes.get("gen_ai.request.model") == "gpt2"
     assert isinstance(root.attributes.get("gen_ai.usage.input_tokens"), int)
     assert root.attributes["gen_ai.usage.input_tokens"] > 0
-    assert isinstance(root.attributes.get("gen_ai.usage.output_tokens"), int)
     # every other span hangs, directly or not, under that root: nothing orphaned
     for s in spans:
-        assert s.parent_span_id is None or s.parent_span_id in by_id, f"{s.service}: {s.name} orphaned\n{tree(spans)}"
+        assert s.parent_span_id is None or s.parent_span_id in by_id, (
+            f"{s.service}: {s.name} orphaned\n{tree(spans)}"
+        )
 
     # the tokenizer: gateway span -> tokenizer server span -> tokenizer.encode
     [tok_call] = [s for s in spans if s.service == "gateway" and s.name == "tokenizer encode"]
@@ -122,22 +162,34 @@ def check_request_trace(spans: list[SpanRecord], route: str) -> SpanRecord:
     # the stage's own "<stage> infer" span below it
     for stage in STAGES:
         calls = [s for s in spans if s.service == "gateway" and s.name == f"{stage} call"]
-        assert calls, f"no '{stage} call' span\n{tree(spans)}"
+        assert calls or batched, f"no '{stage} call' span\n{tree(spans)}"
         infers = [s for s in server_spans(spans, stage) if s.name == f"POST /v2/models/{stage}/infer"]
-        assert len(infers) == len(calls), tree(spans)
+        if batched:  # only the calls made for a batch's first row have the stage's spans below
+            assert len(infers) <= len(calls), tree(spans)
+        else:
+            assert len(infers) == len(calls), tree(spans)
         for call in calls:
             assert call.parent_span_id == root.span_id
-            assert call.attributes.get("tandem.batch_size") == 1
+            assert batched or call.attributes.get("tandem.batch_size") == 1
             children = [s for s in infers if s.parent_span_id == call.span_id]
-            assert len(children) == 1, f"{stage}: call {call.span_id} has {len(children)} infer spans\n{tree(spans)}"
-            inner = [s for s in spans if s.parent_span_id == children[0].span_id and s.name == f"{stage} infer"]
+            if batched and not children:
+                continue  # a call for a row that was not first in its batch
+            assert len(children) == 1, (
+                f"{stage}: call {call.span_id} has {len(children)} infer spans\n{tree(spans)}"
+            )
+            inner = [
+                s for s in spans if s.parent_span_id == children[0].span_id and s.name == f"{stage} infer"
+            ]
             assert len(inner) == 1, tree(spans)
     return root
 
 
 def test_process_request_is_one_trace_across_every_service(traced_stack: Stack, otlp: OtlpReceiver) -> None:
-    r = httpx.post(f"{traced_stack.gateway_url}/api/model/process",
-                   json={"text": "Hello the model", "max_tokens": 4, "ignore_eos": True}, timeout=60)
+    r = httpx.post(
+        f"{traced_stack.gateway_url}/api/model/process",
+        json={"text": "Hello the model", "max_tokens": 4, "ignore_eos": True},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     tid = body["trace_id"]
@@ -158,8 +210,11 @@ def test_process_request_is_one_trace_across_every_service(traced_stack: Stack, 
 def test_each_request_gets_its_own_trace(traced_stack: Stack, otlp: OtlpReceiver) -> None:
     ids = []
     for _ in range(2):
-        r = httpx.post(f"{traced_stack.gateway_url}/api/model/process",
-                       json={"text": "Hello the model", "max_tokens": 2}, timeout=60)
+        r = httpx.post(
+            f"{traced_stack.gateway_url}/api/model/process",
+            json={"text": "Hello the model", "max_tokens": 2},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         ids.append(r.json()["trace_id"])
     assert all(isinstance(t, str) and HEX32.fullmatch(t) for t in ids), ids
@@ -173,9 +228,17 @@ def test_each_request_gets_its_own_trace(traced_stack: Stack, otlp: OtlpReceiver
 
 
 def test_completions_return_the_trace_id_header(traced_stack: Stack, otlp: OtlpReceiver) -> None:
-    r = httpx.post(f"{traced_stack.gateway_url}/v1/completions",
-                   json={"model": "gpt2", "prompt": "Hello the model", "max_tokens": 3, "temperature": 0,
-                         "ignore_eos": True}, timeout=60)
+    r = httpx.post(
+        f"{traced_stack.gateway_url}/v1/completions",
+        json={
+            "model": "gpt2",
+            "prompt": "Hello the model",
+            "max_tokens": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     tid = r.headers.get("X-Trace-Id")
     assert tid is not None and HEX32.fullmatch(tid), dict(r.headers)
@@ -186,17 +249,81 @@ def test_completions_return_the_trace_id_header(traced_stack: Stack, otlp: OtlpR
 
 
 def test_streamed_completions_return_the_trace_id_header(traced_stack: Stack, otlp: OtlpReceiver) -> None:
-    with httpx.stream("POST", f"{traced_stack.gateway_url}/v1/completions",
-                      json={"prompt": "Hello the model", "max_tokens": 3, "stream": True, "ignore_eos": True},
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        f"{traced_stack.gateway_url}/v1/completions",
+        json={"prompt": "Hello the model", "max_tokens": 3, "stream": True, "ignore_eos": True},
+        timeout=60,
+    ) as r:
         assert r.status_code == 200
         tid = r.headers.get("X-Trace-Id")
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     assert tid is not None and HEX32.fullmatch(tid), dict(r.headers)
-    spans = otlp.wait_for(complete, trace_id=tid, timeout=10)
-    assert complete(spans), tree(spans)
-    assert {s.service for s in spans} == SERVICES
+    spans = request_trace(otlp, tid)
+    root = check_request_trace(spans, "/v1/completions")
+    assert root.attributes["gen_ai.usage.input_tokens"] == 3  # "Hello the model"
+
+
+def test_streamed_completions_record_output_tokens(traced_stack: Stack, otlp: OtlpReceiver) -> None:
+    with httpx.stream(
+        "POST",
+        f"{traced_stack.gateway_url}/v1/completions",
+        json={"prompt": "Hello the model", "max_tokens": 3, "stream": True, "ignore_eos": True},
+        timeout=60,
+    ) as r:
+        assert r.status_code == 200
+        tid = r.headers["X-Trace-Id"]
+        r.read()
+    root = check_request_trace(request_trace(otlp, tid), "/v1/completions")
+    assert root.attributes.get("gen_ai.usage.output_tokens") == 3, root.attributes
+
+
+def test_batched_requests_keep_their_own_traces(traced_stack: Stack, otlp: OtlpReceiver) -> None:
+    """Concurrent requests share stage calls, yet every request's own trace holds one call span per
+    stage and generated token, parented by its request span; the stage's server span hangs under
+    the call span of the batch's first row."""
+    n_tokens = 6
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(
+                *(
+                    c.post(
+                        f"{traced_stack.gateway_url}/api/model/process",
+                        json={"text": text, "max_tokens": n_tokens, "ignore_eos": True},
+                    )
+                    for text in PROMPTS
+                )
+            )
+
+    responses = asyncio.run(main())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    ids = [r.json()["trace_id"] for r in responses]
+    assert len(set(ids)) == len(PROMPTS)
+    roots = {}
+    for tid, r in zip(ids, responses, strict=True):
+        spans = request_trace(otlp, tid, batched=True)
+        roots[tid] = check_request_trace(spans, "/api/model/process", batched=True)
+        assert roots[tid].attributes["gen_ai.usage.output_tokens"] == n_tokens
+        assert roots[tid].attributes["gen_ai.usage.input_tokens"] == r.json()["prompt_tokens"]
+    union = otlp.wait_for(lambda spans: stages_complete([s for s in spans if s.trace_id in roots]), timeout=10)
+    union = [s for s in union if s.trace_id in roots]
+    assert stages_complete(union), tree(union)
+    calls = [s for s in union if s.service == "gateway" and s.name.endswith(" call")]
+    batch_sizes = [c.attributes["tandem.batch_size"] for c in calls]
+    assert max(batch_sizes) > 1, "the requests were never batched: nothing here tests batching"
+    for tid, root in roots.items():
+        for stage in STAGES:
+            mine = [
+                c
+                for c in calls
+                if c.name == f"{stage} call"
+                and c.parent_span_id == root.span_id
+            ]
+            assert len(mine) == n_tokens, f"{stage}: {len(mine)} calls for {tid}\n{tree(otlp.spans(tid))}"
+    # one call span per row of every step
+    assert len(calls) == len(PROMPTS) * n_tokens * len(STAGES)
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +340,17 @@ def untraced_stack(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def test_without_otel_variables_there_is_no_trace_id(untraced_stack: Stack) -> None:
-    r = httpx.post(f"{untraced_stack.gateway_url}/api/model/process",
-                   json={"text": "Hello the model", "max_tokens": 2}, timeout=60)
+    r = httpx.post(
+        f"{untraced_stack.gateway_url}/api/model/process",
+        json={"text": "Hello the model", "max_tokens": 2},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["trace_id"] is None
-    r = httpx.post(f"{untraced_stack.gateway_url}/v1/completions",
-                   json={"prompt": "Hello the model", "max_tokens": 2}, timeout=60)
+    r = httpx.post(
+        f"{untraced_stack.gateway_url}/v1/completions",
+        json={"prompt": "Hello the model", "max_tokens": 2},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert "X-Trace-Id" not in r.headers

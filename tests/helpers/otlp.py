@@ -37,6 +37,7 @@ class SpanRecord:
     parent_span_id: str | None  # 16 hex digits, None for a root span
     kind: str  # "SERVER", "CLIENT", "INTERNAL", ... (SPAN_KIND_ prefix dropped)
     attributes: dict[str, Any] = field(default_factory=dict)
+    links: tuple[tuple[str, str], ...] = ()  # (trace id, span id) of each linked span
     start_ns: int = 0
     end_ns: int = 0
 
@@ -62,17 +63,20 @@ def decode_spans(body: bytes) -> list[SpanRecord]:
         service = str(resource.get("service.name", ""))
         for ss in rs.scope_spans:
             for sp in ss.spans:
-                out.append(SpanRecord(
-                    service=service,
-                    name=sp.name,
-                    trace_id=sp.trace_id.hex(),
-                    span_id=sp.span_id.hex(),
-                    parent_span_id=sp.parent_span_id.hex() or None,
-                    kind=Span.SpanKind.Name(sp.kind).removeprefix("SPAN_KIND_"),
-                    attributes={kv.key: _value(kv.value) for kv in sp.attributes},
-                    start_ns=sp.start_time_unix_nano,
-                    end_ns=sp.end_time_unix_nano,
-                ))
+                out.append(
+                    SpanRecord(
+                        service=service,
+                        name=sp.name,
+                        trace_id=sp.trace_id.hex(),
+                        span_id=sp.span_id.hex(),
+                        parent_span_id=sp.parent_span_id.hex() or None,
+                        kind=Span.SpanKind.Name(sp.kind).removeprefix("SPAN_KIND_"),
+                        attributes={kv.key: _value(kv.value) for kv in sp.attributes},
+                        links=tuple((ln.trace_id.hex(), ln.span_id.hex()) for ln in sp.links),
+                        start_ns=sp.start_time_unix_nano,
+                        end_ns=sp.end_time_unix_nano,
+                    )
+                )
     return out
 
 
@@ -145,8 +149,9 @@ class OtlpReceiver:
         server = _Server(("127.0.0.1", 0), _Handler)
         server.receiver = self
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="otlp-receiver", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="otlp-receiver", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -175,8 +180,9 @@ class OtlpReceiver:
         with self._lock:
             return [s for s in self._spans if trace_id is None or s.trace_id == trace_id]
 
-    def wait_for(self, done: Callable[[list[SpanRecord]], bool], trace_id: str | None = None,
-                 timeout: float = 10.0) -> list[SpanRecord]:
+    def wait_for(
+        self, done: Callable[[list[SpanRecord]], bool], trace_id: str | None = None, timeout: float = 10.0
+    ) -> list[SpanRecord]:
         """The spans (of `trace_id`) once `done(spans)` holds; after `timeout`, whatever arrived."""
         deadline = time.monotonic() + timeout
         with self._lock:

@@ -35,6 +35,22 @@ class Stack:
                 out[url] = httpx.get(f"{url}/v2/models/{name}/sequences", timeout=5).json()["sequences"]
         return out
 
+    def config(self) -> dict:
+        """The gateway configuration start_stack wrote (a fresh copy to edit)."""
+        return json.loads(self.config_path.read_text())
+
+    def start_gateway(self, name: str, config: dict, *, env: dict[str, str] | None = None,
+                      ready_path: str = "/readyz") -> str:
+        """Another gateway over (some of) these functions, with its own config file next to the
+        stack's; stopped with the stack. Waits until `ready_path` answers 200; returns its URL."""
+        path = self.config_path.with_name(f"{name}.json")
+        path.write_text(json.dumps(config))
+        url = f"http://127.0.0.1:{free_port()}"
+        self.procs[name] = start_process(
+            [sys.executable, "-m", "gateway", "--config", str(path), "--port", url.rsplit(":", 1)[1]],
+            f"{url}{ready_path}", timeout=60, env=env)
+        return url
+
     def stop(self) -> None:
         for h in reversed(list(self.procs.values())):
             stop_process(h)
