@@ -63,13 +63,22 @@ def split_layers(n_layer: int, stages: int | None, layers: str | None) -> list[t
 
 def _tensor_specs(spec, cfg) -> tuple[list[TensorSpec], list[TensorSpec]]:
     h, d = cfg.n_head, cfg.n_embd // cfg.n_head
-    x = (TensorSpec("input_ids", "INT64", ["batch", "sequence"]) if spec.first
-         else TensorSpec(spec.input_name, "FP32", ["batch", "sequence", cfg.n_embd]))
-    inputs = [x, TensorSpec("attention_mask", "INT64", ["batch", "total_sequence"]),
-              TensorSpec("position_ids", "INT64", ["batch", "sequence"])]
+    x = (
+        TensorSpec("input_ids", "INT64", ["batch", "sequence"])
+        if spec.first
+        else TensorSpec(spec.input_name, "FP32", ["batch", "sequence", cfg.n_embd])
+    )
+    inputs = [
+        x,
+        TensorSpec("attention_mask", "INT64", ["batch", "total_sequence"]),
+        TensorSpec("position_ids", "INT64", ["batch", "sequence"]),
+    ]
     inputs += [TensorSpec(n, "FP32", ["batch", h, "past_sequence", d]) for n in spec.past_names()]
-    y = (TensorSpec("logits", "FP32", ["batch", cfg.vocab_size]) if spec.last
-         else TensorSpec(spec.output_name, "FP32", ["batch", "sequence", cfg.n_embd]))
+    y = (
+        TensorSpec("logits", "FP32", ["batch", cfg.vocab_size])
+        if spec.last
+        else TensorSpec(spec.output_name, "FP32", ["batch", "sequence", cfg.n_embd])
+    )
     outputs = [y] + [TensorSpec(n, "FP32", ["batch", h, "total_sequence", d]) for n in spec.present_names()]
     return inputs, outputs
 
@@ -91,7 +100,16 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "optimum", "optimum-onnx", "tokenizers"):
+    for pkg in (
+        "torch",
+        "transformers",
+        "onnx",
+        "onnxruntime",
+        "onnxscript",
+        "optimum",
+        "optimum-onnx",
+        "tokenizers",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -160,10 +178,15 @@ def build(args) -> Manifest:
         model = source.load_model(model_ref, revision)
         cfg = model.config
         ranges = split_layers(cfg.n_layer, args.stages, args.layers)
-        log(f"loaded: {cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size} "
-            f"({time.perf_counter() - t:.1f} s)")
-        tok = (source.load_tokenizer_path(Path(args.tokenizer)) if args.tokenizer and not args.random_init
-               else source.load_model_tokenizer(model_ref, revision))
+        log(
+            f"loaded: {cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size} "
+            f"({time.perf_counter() - t:.1f} s)"
+        )
+        tok = (
+            source.load_tokenizer_path(Path(args.tokenizer))
+            if args.tokenizer and not args.random_init
+            else source.load_model_tokenizer(model_ref, revision)
+        )
         tok.save(str(work / "tokenizer.json"))
         eos = tok.token_to_id(source.EOS)
         eos = cfg.eos_token_id if eos is None else eos
@@ -182,11 +205,16 @@ def build(args) -> Manifest:
             if args.quantize:
                 to_onnx.quantize_int8(raw, target)
                 raw.unlink()
-            files = {p.name: sha256_file(p) for p in sorted(work.iterdir())
-                     if p.name == spec.file or p.name.startswith(spec.file + ".")}
+            files = {
+                p.name: sha256_file(p)
+                for p in sorted(work.iterdir())
+                if p.name == spec.file or p.name.startswith(spec.file + ".")
+            }
             stages.append(StageEntry(k, spec.name, spec.file, [a, b], inputs, outputs, files))
             size = sum((work / f).stat().st_size for f in files) / 1e6
-            log(f"{spec.name}: layers {a}-{b - 1} -> {spec.file} ({size:.1f} MB, {time.perf_counter() - t:.1f} s)")
+            log(
+                f"{spec.name}: layers {a}-{b - 1} -> {spec.file} ({size:.1f} MB, {time.perf_counter() - t:.1f} s)"
+            )
 
         parity: dict[str, Any] = {"skipped": True}
         if not args.skip_verify:
@@ -196,9 +224,13 @@ def build(args) -> Manifest:
             log(f"verifying parity against PyTorch ({'int8' if args.quantize else 'fp32'}) ...")
             parity = verify(model, work, stages, cfg.to_dict())
             parity["seconds"] = round(time.perf_counter() - t, 2)
-            log(f"parity: max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
-                f"top-1 agreement {parity['top1_agreement']:.1%} ({parity['seconds']} s)")
-            if not args.quantize and (parity["max_abs_logit_diff"] > FP32_MAX_DIFF or parity["top1_agreement"] < 1.0):
+            log(
+                f"parity: max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
+                f"top-1 agreement {parity['top1_agreement']:.1%} ({parity['seconds']} s)"
+            )
+            if not args.quantize and (
+                parity["max_abs_logit_diff"] > FP32_MAX_DIFF or parity["top1_agreement"] < 1.0
+            ):
                 raise ExportError(
                     f"parity check failed: max |logit diff| {parity['max_abs_logit_diff']:.3g} "
                     f"(limit {FP32_MAX_DIFF}), top-1 agreement {parity['top1_agreement']:.1%} "
@@ -218,18 +250,35 @@ def build(args) -> Manifest:
             shutil.rmtree(work / "_hf")
         manifest = Manifest(
             format_version=FORMAT_VERSION,
-            model={"id": f"random-init:{args.random_init}" if args.random_init else args.model,
-                   "revision": revision or (f"seed-{args.seed}" if args.random_init else "main"),
-                   "architecture": "GPT2LMHeadModel", "source": tok_how or "hub or local directory"},
-            config={k: getattr(cfg, k) for k in ("n_layer", "n_embd", "n_head", "n_positions",
-                                                   "vocab_size", "layer_norm_epsilon",
-                                                   "activation_function", "eos_token_id")},
+            model={
+                "id": f"random-init:{args.random_init}" if args.random_init else args.model,
+                "revision": revision or (f"seed-{args.seed}" if args.random_init else "main"),
+                "architecture": "GPT2LMHeadModel",
+                "source": tok_how or "hub or local directory",
+            },
+            config={
+                k: getattr(cfg, k)
+                for k in (
+                    "n_layer",
+                    "n_embd",
+                    "n_head",
+                    "n_positions",
+                    "vocab_size",
+                    "layer_norm_epsilon",
+                    "activation_function",
+                    "eos_token_id",
+                )
+            },
             dtype="float32",
             quantization=args.quantize,
             opset=args.opset or _onnx_opset(work / stages[0].file),
             stages=stages,
-            tokenizer={"file": "tokenizer.json", "sha256": sha256_file(work / "tokenizer.json"),
-                       "eos_token_id": eos, "vocab_size": tok.get_vocab_size()},
+            tokenizer={
+                "file": "tokenizer.json",
+                "sha256": sha256_file(work / "tokenizer.json"),
+                "eos_token_id": eos,
+                "vocab_size": tok.get_vocab_size(),
+            },
             versions=_versions(),
             parity=parity,
             export_args=args.export_args,
@@ -244,8 +293,10 @@ def build(args) -> Manifest:
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     log(f"done in {time.perf_counter() - t0:.1f} s: {out} ({total:.1f} MB)")
     for s in manifest.stages:
-        log(f"  {s.file}: layers {s.layers[0]}-{s.layers[1] - 1}, inputs "
-            f"{', '.join(t.name for t in s.inputs[:3])}, ... -> {s.outputs[0].name}")
+        log(
+            f"  {s.file}: layers {s.layers[0]}-{s.layers[1] - 1}, inputs "
+            f"{', '.join(t.name for t in s.inputs[:3])}, ... -> {s.outputs[0].name}"
+        )
     return manifest
 
 
@@ -254,4 +305,3 @@ def _onnx_opset(path: Path) -> int:
 
     m = onnx.load(str(path), load_external_data=False)
     return max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-

@@ -14,8 +14,16 @@ def export_reference(model_ref: str, revision: str | None, bundle: Path) -> dict
     out = bundle / "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        main_export(model_ref, output=out, task="text-generation-with-past", revision=revision or "main",
-                    no_post_process=False)
+        main_export(
+            model_ref,
+            output=out,
+            task="text-generation-with-past",
+            revision=revision or "main",
+            no_post_process=False,
+        )
     files = {str(p.relative_to(bundle)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
-    return {"exporter": "optimum main_export, task text-generation-with-past", "file": "reference/model.onnx",
-            "files": files}
+    return {
+        "exporter": "optimum main_export, task text-generation-with-past",
+        "file": "reference/model.onnx",
+        "files": files,
+    }

@@ -22,7 +22,9 @@ def _sessions(bundle: Path, stages: list[StageEntry]):
 
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return [ort.InferenceSession(str(bundle / s.file), opts, providers=["CPUExecutionProvider"]) for s in stages]
+    return [
+        ort.InferenceSession(str(bundle / s.file), opts, providers=["CPUExecutionProvider"]) for s in stages
+    ]
 
 
 def _left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +72,11 @@ def _run_set(model, sessions, stages, manifest_cfg, prompt_lens, steps, seed) ->
     for _ in range(steps + 1):
         with torch.no_grad():
             out = model(
-                input_ids=t_ids, attention_mask=t_mask, position_ids=t_pos, past_key_values=past, use_cache=True
+                input_ids=t_ids,
+                attention_mask=t_mask,
+                position_ids=t_pos,
+                past_key_values=past,
+                use_cache=True,
             )
         ref = out.logits[:, -1, :].float().numpy()  # (B, V)
         past = out.past_key_values
@@ -85,14 +91,22 @@ def _run_set(model, sessions, stages, manifest_cfg, prompt_lens, steps, seed) ->
         t_ids = torch.from_numpy(nxt[:, None].astype(np.int64))  # (B, 1)
         t_mask = torch.cat([t_mask, torch.ones_like(t_ids)], dim=1)  # (B, T + 1)
         t_pos = t_pos[:, -1:] + 1  # (B, 1)
-    return {"prompt_lengths": prompt_lens, "steps": steps, "max_abs_logit_diff": max_diff,
-            "top1_agreement": agree / total}
+    return {
+        "prompt_lengths": prompt_lens,
+        "steps": steps,
+        "max_abs_logit_diff": max_diff,
+        "top1_agreement": agree / total,
+    }
 
 
-def verify(model, bundle: Path, stages: list[StageEntry], config: dict, steps: int = 20, seed: int = 0) -> dict:
+def verify(
+    model, bundle: Path, stages: list[StageEntry], config: dict, steps: int = 20, seed: int = 0
+) -> dict:
     sessions = _sessions(bundle, stages)
-    results = {name: _run_set(model, sessions, stages, config, lens, steps, seed + i)
-               for i, (name, lens) in enumerate(PROMPT_SETS.items())}
+    results = {
+        name: _run_set(model, sessions, stages, config, lens, steps, seed + i)
+        for i, (name, lens) in enumerate(PROMPT_SETS.items())
+    }
     return {
         "reference": "transformers PyTorch, fp32",
         "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in results.values()),

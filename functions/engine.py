@@ -24,8 +24,12 @@ from functions.errors import BadRequestError, ConflictError
 from functions.kvcache import Group, KVCache
 from functions.sampling import sample
 
-SAMPLING = {"temperature": (np.float32, 0.0), "top_k": (np.int64, 0), "top_p": (np.float32, 1.0),
-            "seed": (np.int64, -1)}
+SAMPLING = {
+    "temperature": (np.float32, 0.0),
+    "top_k": (np.int64, 0),
+    "top_p": (np.float32, 1.0),
+    "seed": (np.int64, -1),
+}
 
 
 @dataclass
@@ -51,8 +55,17 @@ def session_options(threads: int | None):
 
 
 class StageEngine:
-    def __init__(self, bundle: Path, manifest: Manifest, stage: StageEntry, *, provider: str = "cpu",
-                 threads: int | None = None, cache_bytes: int = 2 << 30, idle_seconds: float = 600.0):
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: Manifest,
+        stage: StageEntry,
+        *,
+        provider: str = "cpu",
+        threads: int | None = None,
+        cache_bytes: int = 2 << 30,
+        idle_seconds: float = 600.0,
+    ):
         import onnxruntime as ort
 
         self.manifest, self.stage = manifest, stage
@@ -61,9 +74,14 @@ class StageEngine:
         self.x_name = stage.inputs[0].name
         self.y_name = stage.outputs[0].name
         self.past_names = stage.past_names()
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(Path(bundle) / stage.file), session_options(threads),
-                                            providers=providers)
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if provider == "cuda"
+            else ["CPUExecutionProvider"]
+        )
+        self.session = ort.InferenceSession(
+            str(Path(bundle) / stage.file), session_options(threads), providers=providers
+        )
         self.providers = self.session.get_providers()
         self.cache = KVCache(cache_bytes, idle_seconds)
         self.lock = threading.Lock()  # one batch at a time: the 409 check and the update are atomic
@@ -72,32 +90,45 @@ class StageEngine:
     # ---- wire description (the stage's Open Inference Protocol model metadata) ----
     def wire_inputs(self) -> list[dict]:
         x = ([-1, -1], "INT64") if self.first else ([-1, -1, int(self.manifest.config["n_embd"])], "FP32")
-        spec = [("sequence_ids", "INT64", [-1]), ("past_lengths", "INT64", [-1]), (self.x_name, x[1], x[0]),
-                ("attention_mask", "INT64", [-1, -1]), ("sequence_end", "BOOL", [-1])]
+        spec = [
+            ("sequence_ids", "INT64", [-1]),
+            ("past_lengths", "INT64", [-1]),
+            (self.x_name, x[1], x[0]),
+            ("attention_mask", "INT64", [-1, -1]),
+            ("sequence_end", "BOOL", [-1]),
+        ]
         if self.last:
             spec += [(n, "FP32" if t == np.float32 else "INT64", [-1]) for n, (t, _) in SAMPLING.items()]
         return [{"name": n, "datatype": d, "shape": s} for n, d, s in spec]
 
     def wire_outputs(self) -> list[dict]:
         if self.last:
-            return [{"name": "token_ids", "datatype": "INT64", "shape": [-1]},
-                    {"name": "logprobs", "datatype": "FP32", "shape": [-1]},
-                    {"name": "logits", "datatype": "FP32", "shape": [-1, self.manifest.vocab_size]}]
-        return [{"name": self.y_name, "datatype": "FP32", "shape": [-1, -1, int(self.manifest.config["n_embd"])]}]
+            return [
+                {"name": "token_ids", "datatype": "INT64", "shape": [-1]},
+                {"name": "logprobs", "datatype": "FP32", "shape": [-1]},
+                {"name": "logits", "datatype": "FP32", "shape": [-1, self.manifest.vocab_size]},
+            ]
+        return [
+            {"name": self.y_name, "datatype": "FP32", "shape": [-1, -1, int(self.manifest.config["n_embd"])]}
+        ]
 
     # ---- validation ----
     def _check(self, inputs: dict[str, np.ndarray]) -> tuple:
         allowed = {t["name"] for t in self.wire_inputs()}
         unknown = sorted(set(inputs) - allowed)
         if unknown:
-            raise BadRequestError(f"unknown input tensor(s) {unknown}; {self.stage.name} takes {sorted(allowed)}")
+            raise BadRequestError(
+                f"unknown input tensor(s) {unknown}; {self.stage.name} takes {sorted(allowed)}"
+            )
         for req in ("sequence_ids", "past_lengths", self.x_name):
             if req not in inputs:
                 raise BadRequestError(f"missing input tensor {req!r}")
         ids, past, x = inputs["sequence_ids"], inputs["past_lengths"], inputs[self.x_name]
         for name, a in (("sequence_ids", ids), ("past_lengths", past)):
             if a.dtype != np.int64 or a.ndim != 1:
-                raise BadRequestError(f"{name} must be INT64 with shape [batch]; got {a.dtype} {list(a.shape)}")
+                raise BadRequestError(
+                    f"{name} must be INT64 with shape [batch]; got {a.dtype} {list(a.shape)}"
+                )
         B = ids.shape[0]
         if B == 0:
             raise BadRequestError("empty batch: sequence_ids has no rows")
@@ -109,14 +140,20 @@ class StageEngine:
             raise BadRequestError("past_lengths must be >= 0")
         want_dtype, want_ndim = (np.int64, 2) if self.first else (np.float32, 3)
         if x.dtype != want_dtype or x.ndim != want_ndim or x.shape[0] != B or x.shape[1] == 0:
-            shape = "[batch, sequence]" if self.first else f"[batch, sequence, {self.manifest.config['n_embd']}]"
-            raise BadRequestError(f"{self.x_name} must be {'INT64' if self.first else 'FP32'} {shape} with "
-                                  f"batch {B} and sequence >= 1; got {x.dtype} {list(x.shape)}")
+            shape = (
+                "[batch, sequence]" if self.first else f"[batch, sequence, {self.manifest.config['n_embd']}]"
+            )
+            raise BadRequestError(
+                f"{self.x_name} must be {'INT64' if self.first else 'FP32'} {shape} with "
+                f"batch {B} and sequence >= 1; got {x.dtype} {list(x.shape)}"
+            )
         if self.first and ((x < 0).any() or (x >= self.manifest.vocab_size).any()):
             raise BadRequestError(f"input_ids must be in [0, {self.manifest.vocab_size})")
         if not self.first:
             if x.shape[2] != int(self.manifest.config["n_embd"]):
-                raise BadRequestError(f"{self.x_name} last dimension must be {self.manifest.config['n_embd']}")
+                raise BadRequestError(
+                    f"{self.x_name} last dimension must be {self.manifest.config['n_embd']}"
+                )
             if not np.isfinite(x).all():
                 raise BadRequestError(f"{self.x_name} contains NaN or infinite values")
         S = x.shape[1]
@@ -125,8 +162,10 @@ class StageEngine:
             mask = np.ones((B, S), dtype=np.int64)
             n_new = np.full(B, S, dtype=np.int64)  # (B,)
         elif mask.dtype != np.int64 or mask.shape != (B, S):
-            raise BadRequestError(f"attention_mask must be INT64 [{B}, {S}] over the new positions; got "
-                                  f"{mask.dtype} {list(mask.shape)}")
+            raise BadRequestError(
+                f"attention_mask must be INT64 [{B}, {S}] over the new positions; got "
+                f"{mask.dtype} {list(mask.shape)}"
+            )
         else:
             n_new = mask.sum(axis=1)  # (B,)
             # left padding only: each row is zeros then ones, with at least one real position
@@ -135,8 +174,10 @@ class StageEngine:
         too_long = past + n_new > self.manifest.n_positions
         if too_long.any():
             b = int(np.argmax(too_long))
-            raise BadRequestError(f"sequence {int(ids[b])} would reach position {int(past[b] + n_new[b])}, "
-                                  f"beyond the context window of {self.manifest.n_positions}")
+            raise BadRequestError(
+                f"sequence {int(ids[b])} would reach position {int(past[b] + n_new[b])}, "
+                f"beyond the context window of {self.manifest.n_positions}"
+            )
         end = inputs.get("sequence_end")
         if end is not None and (end.dtype != np.bool_ or end.shape != (B,)):
             raise BadRequestError(f"sequence_end must be BOOL [{B}]")
@@ -176,14 +217,22 @@ class StageEngine:
             raise ConflictError(
                 f"{int(bad.sum())} row(s) expect a cached past this stage does not hold; replay them "
                 "from the held lengths",
-                extra={"sequence_ids": ids[bad].tolist(), "held_lengths": held[bad].tolist(),
-                       "past_lengths": past[bad].tolist()})
+                extra={
+                    "sequence_ids": ids[bad].tolist(),
+                    "held_lengths": held[bad].tolist(),
+                    "past_lengths": past[bad].tolist(),
+                },
+            )
         B, S = x.shape[0], x.shape[1]
         P = int(past.max())
         entries = [self.cache.get(int(s)) if p > 0 else None for s, p in zip(ids, past, strict=True)]
         g = entries[0].group if entries[0] is not None else None
-        same_batch = (g is not None and g.ids == tuple(int(s) for s in ids) and bool((n_new == S).all())
-                      and all(e is not None and e.group is g for e in entries))
+        same_batch = (
+            g is not None
+            and g.ids == tuple(int(s) for s in ids)
+            and bool((n_new == S).all())
+            and all(e is not None and e.group is g for e in entries)
+        )
         if same_batch:
             # the rows, order and padding of the previous step: feed its presents back as they are
             feeds = dict(zip(self.past_names, g.arrays, strict=True))
@@ -215,8 +264,15 @@ class StageEngine:
         result = {}
         if self.last:
             logits = outs[0]  # (B, V)
-            token_ids, logprobs = sample(logits, params["temperature"], params["top_k"], params["top_p"],
-                                         params["seed"], past + n_new, want is None or "logprobs" in want)
+            token_ids, logprobs = sample(
+                logits,
+                params["temperature"],
+                params["top_k"],
+                params["top_p"],
+                params["seed"],
+                past + n_new,
+                want is None or "logprobs" in want,
+            )
             result["token_ids"] = token_ids
             if logprobs is not None:
                 result["logprobs"] = logprobs
@@ -242,8 +298,10 @@ class StageEngine:
                 self.cache.put(seq, group, b, keep)
             else:
                 p, n = int(past[b]), int(n_new[b])
-                compact = [np.concatenate([a[b : b + 1, :, P - p : P], a[b : b + 1, :, P + S - n :]], axis=2)
-                           for a in presents]  # (1, H, p + n, D)
+                compact = [
+                    np.concatenate([a[b : b + 1, :, P - p : P], a[b : b + 1, :, P + S - n :]], axis=2)
+                    for a in presents
+                ]  # (1, H, p + n, D)
                 self.cache.put(seq, Group(compact, np.zeros(1, dtype=np.int64), (seq,)), 0, keep)
         return released
 
@@ -253,9 +311,18 @@ class StageEngine:
 
     def warm_up(self) -> None:
         """One prefill and one decode on a throwaway sequence, so the first real call is not slow."""
-        x = (np.zeros((1, 4), dtype=np.int64) if self.first
-             else np.zeros((1, 4, int(self.manifest.config["n_embd"])), dtype=np.float32))
+        x = (
+            np.zeros((1, 4), dtype=np.int64)
+            if self.first
+            else np.zeros((1, 4, int(self.manifest.config["n_embd"])), dtype=np.float32)
+        )
         seq = np.array([-(2**62)], dtype=np.int64)
         self.infer({"sequence_ids": seq, "past_lengths": np.array([0]), self.x_name: x})
-        self.infer({"sequence_ids": seq, "past_lengths": np.array([4]), self.x_name: x[:, :1],
-                    "sequence_end": np.array([True])})
+        self.infer(
+            {
+                "sequence_ids": seq,
+                "past_lengths": np.array([4]),
+                self.x_name: x[:, :1],
+                "sequence_end": np.array([True]),
+            }
+        )

@@ -86,8 +86,15 @@ class _Loader:
                 problems = verify_files(s.bundle, m, only=list(entry.files))
                 if problems:
                     raise BundleError("; ".join(problems))
-            engine = StageEngine(s.bundle, m, entry, provider=s.provider, threads=s.threads,
-                                 cache_bytes=s.cache_bytes, idle_seconds=s.idle_seconds)
+            engine = StageEngine(
+                s.bundle,
+                m,
+                entry,
+                provider=s.provider,
+                threads=s.threads,
+                cache_bytes=s.cache_bytes,
+                idle_seconds=s.idle_seconds,
+            )
             if s.provider == "cuda" and "CUDAExecutionProvider" not in engine.providers:
                 raise BundleError(f"CUDA was asked for but ONNX Runtime uses {engine.providers}")
             self.status = "running the warm-up inference"
@@ -115,14 +122,36 @@ class _CacheCollector:
         c = e.cache if e else None
         label = [self.stage]
         for name, doc, value, family in (
-            ("tandem_kv_cache_sequences", "Sequences held in the KV cache.", len(c) if c is not None else 0, GaugeMetricFamily),
-            ("tandem_kv_cache_bytes", "Bytes of keys/values held.", c.bytes if c is not None else 0, GaugeMetricFamily),
-            ("tandem_kv_cache_evictions", "Sequences evicted for the byte budget.", c.evictions if c is not None else 0,
-             CounterMetricFamily),
-            ("tandem_kv_cache_expirations", "Sequences dropped for idleness.", c.expirations if c is not None else 0,
-             CounterMetricFamily),
-            ("tandem_kv_cache_misses", "Rows refused (409) for a past length the stage does not hold.",
-             c.misses if c is not None else 0, CounterMetricFamily),
+            (
+                "tandem_kv_cache_sequences",
+                "Sequences held in the KV cache.",
+                len(c) if c is not None else 0,
+                GaugeMetricFamily,
+            ),
+            (
+                "tandem_kv_cache_bytes",
+                "Bytes of keys/values held.",
+                c.bytes if c is not None else 0,
+                GaugeMetricFamily,
+            ),
+            (
+                "tandem_kv_cache_evictions",
+                "Sequences evicted for the byte budget.",
+                c.evictions if c is not None else 0,
+                CounterMetricFamily,
+            ),
+            (
+                "tandem_kv_cache_expirations",
+                "Sequences dropped for idleness.",
+                c.expirations if c is not None else 0,
+                CounterMetricFamily,
+            ),
+            (
+                "tandem_kv_cache_misses",
+                "Rows refused (409) for a past length the stage does not hold.",
+                c.misses if c is not None else 0,
+                CounterMetricFamily,
+            ),
         ):
             m = family(name, doc, labels=["stage"])
             m.add_metric(label, value)
@@ -139,10 +168,20 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
     name = entry.name
     loader = _Loader(settings, manifest)
     registry = CollectorRegistry()
-    infer_seconds = Histogram("tandem_stage_infer_seconds", "Time in the ONNX session per batch.",
-                              ["stage", "phase"], registry=registry, buckets=LATENCY_BUCKETS)
-    batch_size = Histogram("tandem_stage_batch_size", "Rows per inference batch.", ["stage"],
-                           registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    infer_seconds = Histogram(
+        "tandem_stage_infer_seconds",
+        "Time in the ONNX session per batch.",
+        ["stage", "phase"],
+        registry=registry,
+        buckets=LATENCY_BUCKETS,
+    )
+    batch_size = Histogram(
+        "tandem_stage_batch_size",
+        "Rows per inference batch.",
+        ["stage"],
+        registry=registry,
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    )
     registry.register(_CacheCollector(loader, name))
     tracer = get_tracer("tandem.stage")
 
@@ -164,12 +203,21 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
         if model != name:
             raise NotFoundError(f"model {model!r} is not served here; this function serves {name!r}")
         e = loader.engine
-        return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
-                "inputs": e.wire_inputs() if e else [], "outputs": e.wire_outputs() if e else [],
-                "parameters": {"layers": entry.layers, "model_id": manifest.model["id"],
-                               "n_embd": manifest.config["n_embd"], "n_positions": manifest.n_positions,
-                               "vocab_size": manifest.vocab_size,
-                               "providers": e.providers if e else []}}
+        return {
+            "name": name,
+            "versions": ["1"],
+            "platform": "onnxruntime_onnx",
+            "inputs": e.wire_inputs() if e else [],
+            "outputs": e.wire_outputs() if e else [],
+            "parameters": {
+                "layers": entry.layers,
+                "model_id": manifest.model["id"],
+                "n_embd": manifest.config["n_embd"],
+                "n_positions": manifest.n_positions,
+                "vocab_size": manifest.vocab_size,
+                "providers": e.providers if e else [],
+            },
+        }
 
     @get("/v2/models/{model:str}/ready", sync_to_thread=False, tags=["model"])
     def model_ready(model: FromPath[str]) -> dict[str, Any]:
@@ -191,7 +239,9 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
         if want is not None:  # refuse before inferring: a refused request changes nothing
             known = {o["name"] for o in engine.wire_outputs()}
             if not want <= known:
-                raise BadRequestError(f"unknown output(s) {sorted(want - known)}; {name} returns {sorted(known)}")
+                raise BadRequestError(
+                    f"unknown output(s) {sorted(want - known)}; {name} returns {sorted(known)}"
+                )
         with tracer.start_as_current_span(f"{name} infer") as span:
             x = req.inputs.get(engine.x_name)
             if x is not None and x.ndim >= 2 and x.shape[0] * x.shape[1] <= INLINE_POSITIONS:
@@ -219,14 +269,19 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
             held = {str(s): engine.cache.length(s) for s in list(engine.cache._entries)}
         return {"sequences": held, "bytes": engine.cache.bytes}
 
-    @delete("/v2/models/{model:str}/sequences/{seq_id:int}", status_code=200, sync_to_thread=False,
-            tags=["sequences"])
+    @delete(
+        "/v2/models/{model:str}/sequences/{seq_id:int}",
+        status_code=200,
+        sync_to_thread=False,
+        tags=["sequences"],
+    )
     def release(model: FromPath[str], seq_id: FromPath[int]) -> dict[str, Any]:
         """Free one sequence's KV cache now (idempotent: released is false when none was held)."""
         return {"released": engine_for(model).release(seq_id)}
 
-    @post("/v2/models/{model:str}/sequences/release", status_code=200, sync_to_thread=False,
-          tags=["sequences"])
+    @post(
+        "/v2/models/{model:str}/sequences/release", status_code=200, sync_to_thread=False, tags=["sequences"]
+    )
     def release_many(model: FromPath[str], data: JSONBody[ReleaseRequest]) -> dict[str, Any]:
         """Free several sequences at once (the gateway's cancellation path)."""
         engine = engine_for(model)
@@ -238,10 +293,22 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
         yield
 
     return create_function_app(
-        service_name=name, route_handlers=[server_metadata, model_metadata, model_ready, infer, sequences,
-                                           release, release_many],
-        settings=fn_settings, lifespan=[load_in_background], is_ready=loader.ready, registry=registry,
-        openapi_title=f"tandem {name}", state={"loader": loader},
+        service_name=name,
+        route_handlers=[
+            server_metadata,
+            model_metadata,
+            model_ready,
+            infer,
+            sequences,
+            release,
+            release_many,
+        ],
+        settings=fn_settings,
+        lifespan=[load_in_background],
+        is_ready=loader.ready,
+        registry=registry,
+        openapi_title=f"tandem {name}",
+        state={"loader": loader},
     )
 
 
@@ -255,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
     args = p.parse_args(argv)
     try:
-        settings = StageSettings.from_env(bundle=args.bundle, stage=args.stage, provider=args.provider,
-                                          threads=args.threads)
+        settings = StageSettings.from_env(
+            bundle=args.bundle, stage=args.stage, provider=args.provider, threads=args.threads
+        )
         manifest = load_manifest(settings.bundle)
         index = manifest.stage(settings.stage).index
         fn = FunctionSettings.from_env(DEFAULT_PORT_BASE + index + 1, port=args.port, host=args.host)

@@ -25,8 +25,9 @@ def gateway_problem(request: Request, exc: GatewayError) -> Response:
     return problem_response(exc.status_code, exc.message, instance=request.url.path, headers=exc.headers)
 
 
-def create_gateway_app(cfg: GatewayConfig, settings: FunctionSettings,
-                       transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
+def create_gateway_app(
+    cfg: GatewayConfig, settings: FunctionSettings, transport: httpx.AsyncBaseTransport | None = None
+) -> Litestar:
     registry = CollectorRegistry()
     gw = Gateway(cfg, registry, transport)
 
@@ -41,7 +42,12 @@ def create_gateway_app(cfg: GatewayConfig, settings: FunctionSettings,
     process_handler = process
     process_handler.exception_handlers = {GatewayError: gateway_problem}
     return create_function_app(
-        service_name="gateway", route_handlers=[openai_router, process_handler], settings=settings,
-        lifespan=[lifespan], is_ready=gw.readiness, registry=registry, openapi_title="tandem gateway",
+        service_name="gateway",
+        route_handlers=[openai_router, process_handler],
+        settings=settings,
+        lifespan=[lifespan],
+        is_ready=gw.readiness,
+        registry=registry,
+        openapi_title="tandem gateway",
         state={"gateway": gw},
     )

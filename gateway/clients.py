@@ -52,9 +52,12 @@ class Clients:
     def fast(self) -> aiohttp.ClientSession:
         if self._fast is None:
             self._fast = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.cfg.call_timeout, sock_connect=self.cfg.connect_timeout),
+                timeout=aiohttp.ClientTimeout(
+                    total=self.cfg.call_timeout, sock_connect=self.cfg.connect_timeout
+                ),
                 connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
-                skip_auto_headers=["User-Agent"])
+                skip_auto_headers=["User-Agent"],
+            )
         return self._fast
 
     async def aclose(self) -> None:
@@ -82,8 +85,9 @@ class Clients:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def _post_binary(self, node_desc: str, url: str, body: bytes,
-                           headers: dict[str, str]) -> tuple[int, Any, bytes]:
+    async def _post_binary(
+        self, node_desc: str, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, Any, bytes]:
         async def send() -> tuple[int, Any, bytes]:
             async with self.fast.post(url, data=body, headers=headers) as r:
                 return r.status, r.headers, await r.read()
@@ -91,10 +95,18 @@ class Clients:
         return await self._retrying(node_desc, f"POST {url}", send)
 
     async def _request(self, node_desc: str, method: str, url: str, **kw: Any) -> httpx.Response:
-        return await self._retrying(node_desc, f"{method} {url}", lambda: self.http.request(method, url, **kw))
+        return await self._retrying(
+            node_desc, f"{method} {url}", lambda: self.http.request(method, url, **kw)
+        )
 
-    async def infer(self, node: Node, stage: str, inputs: dict[str, np.ndarray], outputs: list[str],
-                    headers: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    async def infer(
+        self,
+        node: Node,
+        stage: str,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, np.ndarray]:
         body, hlen = protocol.encode_request(inputs, outputs=outputs, binary_outputs=True)
         url = f"{node.url}/v2/models/{stage}/infer"
         h = {protocol.HEADER: str(hlen), "Content-Type": "application/octet-stream", **(headers or {})}
@@ -122,8 +134,9 @@ class Clients:
     async def release(self, node: Node, stage: str, seq_ids: list[int]) -> None:
         """Best effort: a lost release only delays freeing until the stage's idle timeout."""
         try:
-            await self.http.post(f"{node.url}/v2/models/{stage}/sequences/release",
-                                 json={"sequence_ids": seq_ids}, timeout=5.0)
+            await self.http.post(
+                f"{node.url}/v2/models/{stage}/sequences/release", json={"sequence_ids": seq_ids}, timeout=5.0
+            )
         except httpx.HTTPError as e:
             logger.warning("release of %d sequence(s) on %s failed: %s", len(seq_ids), node.id, e)
 
@@ -141,8 +154,13 @@ class Clients:
         return r.content, int(eos) if eos not in (None, "") else None
 
     async def encode(self, texts: list[str], headers: dict[str, str] | None = None) -> list[list[int]]:
-        r = await self._request("tokenizer", "POST", f"{self.cfg.tokenizer_url}/v1/encode",
-                                json={"text": texts}, headers=headers or {})
+        r = await self._request(
+            "tokenizer",
+            "POST",
+            f"{self.cfg.tokenizer_url}/v1/encode",
+            json={"text": texts},
+            headers=headers or {},
+        )
         if r.status_code != 200:
             raise StageError(f"tokenizer failed to encode ({r.status_code}): {_detail(r)}")
         return r.json()["ids"]

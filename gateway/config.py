@@ -54,12 +54,21 @@ class GatewayConfig:
         return [n for n in self.nodes if n.model_part == part]
 
 
-_TUNABLE = {f.name: f.type for f in fields(GatewayConfig)
-            if f.name not in ("model_name", "tokenizer", "nodes", "stages")}
+_TUNABLE = {
+    f.name: f.type
+    for f in fields(GatewayConfig)
+    if f.name not in ("model_name", "tokenizer", "nodes", "stages")
+}
 
 
-_POSITIVE = {"max_running", "max_prefill_batch", "default_max_tokens", "connect_timeout", "call_timeout",
-             "health_interval"}  # zero would make no sense; the rest may be zero
+_POSITIVE = {
+    "max_running",
+    "max_prefill_batch",
+    "default_max_tokens",
+    "connect_timeout",
+    "call_timeout",
+    "health_interval",
+}  # zero would make no sense; the rest may be zero
 
 
 def _number(key: str, value: Any, kind: str) -> int | float:
@@ -68,11 +77,14 @@ def _number(key: str, value: Any, kind: str) -> int | float:
         try:
             value = int(value) if kind == "int" else float(value)
         except ValueError:
-            raise ConfigError(f"{key} must be a number{' (an integer)' if kind == 'int' else ''}, "
-                              f"got {value!r}") from None
+            raise ConfigError(
+                f"{key} must be a number{' (an integer)' if kind == 'int' else ''}, got {value!r}"
+            ) from None
     ok = isinstance(value, int) if kind == "int" else isinstance(value, int | float)
     if isinstance(value, bool) or not ok or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a number ({'an integer' if kind == 'int' else 'finite'}), got {value!r}")
+        raise ConfigError(
+            f"{key} must be a number ({'an integer' if kind == 'int' else 'finite'}), got {value!r}"
+        )
     if value < 0 or (key in _POSITIVE and value == 0):
         raise ConfigError(f"{key} must be {'positive' if key in _POSITIVE else '>= 0'}, got {value!r}")
     return value if kind == "int" else float(value)
@@ -107,8 +119,12 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         extra = sorted(set(n) - {"id", "address", "model_part"})
         if extra:
             raise ConfigError(f"unknown key(s) {extra} in nodes[{i}]; allowed: id, address, model_part")
-        if not isinstance(n.get("id"), str) or not isinstance(n.get("address"), str) or not n["id"] \
-                or not n["address"]:
+        if (
+            not isinstance(n.get("id"), str)
+            or not isinstance(n.get("address"), str)
+            or not n["id"]
+            or not n["address"]
+        ):
             raise ConfigError(f"nodes[{i}] needs a non-empty string id and address")
         part = n.get("model_part")
         if not isinstance(part, int) or isinstance(part, bool) or part < 0:

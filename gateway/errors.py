@@ -20,8 +20,14 @@ class GatewayError(Exception):
     status_code: ClassVar[int] = 500
     openai_type: ClassVar[str] = "server_error"
 
-    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message, self.param = message, param
         self.headers = headers or {}

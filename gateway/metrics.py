@@ -15,26 +15,52 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry):
         r = registry
         self.requests = Counter("tandem_requests", "Finished API requests.", ["route", "status"], registry=r)
-        self.request_seconds = Histogram("tandem_request_duration_seconds", "End-to-end request latency.",
-                                         ["route"], registry=r, buckets=REQUEST_BUCKETS)
-        self.ttft = Histogram("tandem_time_to_first_token_seconds", "Arrival to first generated token.",
-                              registry=r, buckets=TOKEN_BUCKETS)
-        self.itl = Histogram("tandem_inter_token_latency_seconds", "Time between generated tokens.",
-                             registry=r, buckets=TOKEN_BUCKETS)
+        self.request_seconds = Histogram(
+            "tandem_request_duration_seconds",
+            "End-to-end request latency.",
+            ["route"],
+            registry=r,
+            buckets=REQUEST_BUCKETS,
+        )
+        self.ttft = Histogram(
+            "tandem_time_to_first_token_seconds",
+            "Arrival to first generated token.",
+            registry=r,
+            buckets=TOKEN_BUCKETS,
+        )
+        self.itl = Histogram(
+            "tandem_inter_token_latency_seconds",
+            "Time between generated tokens.",
+            registry=r,
+            buckets=TOKEN_BUCKETS,
+        )
         self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("tandem_generation_tokens", "Tokens generated.", registry=r)
         self.running = Gauge("tandem_sequences_running", "Sequences in the running batch.", registry=r)
         self.waiting = Gauge("tandem_sequences_waiting", "Sequences queued for admission.", registry=r)
-        self.stage_call = Histogram("tandem_stage_call_seconds", "Gateway-side latency of one stage call.",
-                                    ["stage", "replica"], registry=r, buckets=LATENCY_BUCKETS)
-        self.replays = Counter("tandem_replays", "Rows replayed to rebuild a stage's KV cache.", ["stage"],
-                               registry=r)
-        self.failovers = Counter("tandem_failovers", "Rows moved to another replica after a failure.",
-                                 ["stage"], registry=r)
-        self.step_batch = Histogram("tandem_step_batch_size", "Rows per scheduler step.", ["phase"],
-                                    registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-        self.cancelled = Counter("tandem_sequences_cancelled", "Sequences cancelled (client went away).",
-                                 registry=r)
+        self.stage_call = Histogram(
+            "tandem_stage_call_seconds",
+            "Gateway-side latency of one stage call.",
+            ["stage", "replica"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.replays = Counter(
+            "tandem_replays", "Rows replayed to rebuild a stage's KV cache.", ["stage"], registry=r
+        )
+        self.failovers = Counter(
+            "tandem_failovers", "Rows moved to another replica after a failure.", ["stage"], registry=r
+        )
+        self.step_batch = Histogram(
+            "tandem_step_batch_size",
+            "Rows per scheduler step.",
+            ["phase"],
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self.cancelled = Counter(
+            "tandem_sequences_cancelled", "Sequences cancelled (client went away).", registry=r
+        )
 
 
 class StageUpCollector:
@@ -44,7 +70,9 @@ class StageUpCollector:
         self.replicas = replicas
 
     def collect(self):
-        m = GaugeMetricFamily("tandem_stage_up", "Replica readiness (1 ready, 0 not).", labels=["stage", "replica"])
+        m = GaugeMetricFamily(
+            "tandem_stage_up", "Replica readiness (1 ready, 0 not).", labels=["stage", "replica"]
+        )
         for pool in self.replicas.pools:
             for rep in pool.replicas:
                 m.add_metric([pool.name, rep.node.id], 1.0 if rep.up else 0.0)

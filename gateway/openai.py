@@ -63,7 +63,13 @@ class EventStream(Stream):
 
 def openai_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, GatewayError):
-        status, msg, typ, param, headers = exc.status_code, exc.message, exc.openai_type, exc.param, exc.headers
+        status, msg, typ, param, headers = (
+            exc.status_code,
+            exc.message,
+            exc.openai_type,
+            exc.param,
+            exc.headers,
+        )
     elif isinstance(exc, ValidationException):
         status, typ, param, headers = 400, "invalid_request_error", None, {}
         msg = validation_detail(exc)
@@ -71,11 +77,20 @@ def openai_error(request: Request, exc: Exception) -> Response:
         status, msg, typ, param, headers = exc.status_code, exc.detail, "invalid_request_error", None, {}
     else:
         logger.error("unexpected error on %s", request.url.path, exc_info=exc)
-        status, msg, typ, param, headers = 500, "internal error; see the gateway log", "server_error", None, {}
+        status, msg, typ, param, headers = (
+            500,
+            "internal error; see the gateway log",
+            "server_error",
+            None,
+            {},
+        )
     gw: Gateway = request.app.state.gateway
     gw.metrics.requests.labels(request.url.path, str(status)).inc()
-    return Response({"error": {"message": msg, "type": typ, "param": param, "code": status}},
-                    status_code=status, headers=headers)
+    return Response(
+        {"error": {"message": msg, "type": typ, "param": param, "code": status}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 def trace_id() -> str | None:
@@ -95,27 +110,44 @@ def _prompts(data: CompletionRequest) -> tuple[list[str] | None, list[list[int]]
         return None, [list(p)]  # type: ignore[list-item]
     if all(isinstance(x, list) for x in p):
         return None, [list(x) for x in p]  # type: ignore[union-attr]
-    raise InvalidRequestError("prompt must be a string, a list of strings, a list of token ids, or a list of "
-                              "token-id lists, not a mix", param="prompt")
+    raise InvalidRequestError(
+        "prompt must be a string, a list of strings, a list of token ids, or a list of "
+        "token-id lists, not a mix",
+        param="prompt",
+    )
 
 
 async def _start(gw: Gateway, data: CompletionRequest) -> tuple[list[Sequence], Any]:
     sched = gw.require_scheduler()
     if data.model is not None and data.model != gw.cfg.model_name:
-        raise NotFoundError(f"model {data.model!r} is not served here; GET /v1/models lists {gw.cfg.model_name!r}",
-                            param="model")
+        raise NotFoundError(
+            f"model {data.model!r} is not served here; GET /v1/models lists {gw.cfg.model_name!r}",
+            param="model",
+        )
     if data.n != 1:
         raise InvalidRequestError("only n = 1 is supported", param="n")
     if data.echo:
         raise InvalidRequestError("echo is not supported", param="echo")
     if data.presence_penalty or data.frequency_penalty:
-        raise InvalidRequestError("presence_penalty and frequency_penalty are not supported", param="presence_penalty")
+        raise InvalidRequestError(
+            "presence_penalty and frequency_penalty are not supported", param="presence_penalty"
+        )
     if data.logprobs not in (None, 0):
-        raise InvalidRequestError("logprobs: only 0 (the chosen tokens' logprobs) is supported", param="logprobs")
+        raise InvalidRequestError(
+            "logprobs: only 0 (the chosen tokens' logprobs) is supported", param="logprobs"
+        )
     max_tokens = gw.cfg.default_max_tokens if data.max_tokens is None else data.max_tokens
     stop = [data.stop] if isinstance(data.stop, str) else list(data.stop or [])
-    params = sampling_from(max_tokens, data.temperature, data.top_p, data.top_k, data.seed, stop, data.ignore_eos,
-                           data.logprobs is not None)
+    params = sampling_from(
+        max_tokens,
+        data.temperature,
+        data.top_p,
+        data.top_k,
+        data.seed,
+        stop,
+        data.ignore_eos,
+        data.logprobs is not None,
+    )
     texts, ids = _prompts(data)
     if texts is not None:
         if any(t == "" for t in texts):
@@ -156,9 +188,17 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
             for s in seqs:
                 gw.require_scheduler().cancel(s)
             raise
-        choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason,
-                    "logprobs": _logprobs_obj([gw.tokenizer.decode([t]) for t in o.token_ids], o.logprobs)
-                    if params.logprobs else None} for i, o in enumerate(outs)]
+        choices = [
+            {
+                "index": i,
+                "text": o.text,
+                "finish_reason": o.finish_reason,
+                "logprobs": _logprobs_obj([gw.tokenizer.decode([t]) for t in o.token_ids], o.logprobs)
+                if params.logprobs
+                else None,
+            }
+            for i, o in enumerate(outs)
+        ]
         usage = _usage(sum(o.prompt_tokens for o in outs), sum(len(o.token_ids) for o in outs))
         trace.get_current_span().set_attribute("gen_ai.usage.output_tokens", usage["completion_tokens"])
         gw.metrics.requests.labels("/v1/completions", "200").inc()
@@ -189,11 +229,22 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
                     continue
                 if ev.kind == "error":
                     status = str(ev.error.status_code)
-                    err = {"error": {"message": ev.error.message, "type": ev.error.openai_type, "param": None,
-                                     "code": ev.error.status_code}}
+                    err = {
+                        "error": {
+                            "message": ev.error.message,
+                            "type": ev.error.openai_type,
+                            "param": None,
+                            "code": ev.error.status_code,
+                        }
+                    }
                     yield b"data: " + msgspec.json.encode(err) + b"\n\n"
                     break
-                choice: dict[str, Any] = {"index": i, "text": ev.text, "logprobs": None, "finish_reason": None}
+                choice: dict[str, Any] = {
+                    "index": i,
+                    "text": ev.text,
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
                 if ev.kind == "token":
                     counts[i] += 1
                     if params.logprobs:
@@ -219,8 +270,11 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
             gw.metrics.requests.labels("/v1/completions", status).inc()
             gw.metrics.request_seconds.labels("/v1/completions").observe(time.perf_counter() - t0)
 
-    return EventStream(events(), media_type="text/event-stream",
-                  headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(
+        events(),
+        media_type="text/event-stream",
+        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @get("/v1/models", tags=["openai"], sync_to_thread=False)
@@ -228,9 +282,12 @@ def models(request: Request) -> dict[str, Any]:
     """The served model (OpenAI shape)."""
     gw: Gateway = request.app.state.gateway
     meta = {"max_model_len": gw.layout.n_positions, "root": gw.layout.model_id} if gw.layout else {}
-    return {"object": "list", "data": [{"id": gw.cfg.model_name, "object": "model", "created": 0,
-                                        "owned_by": "tandem", **meta}]}
+    return {
+        "object": "list",
+        "data": [{"id": gw.cfg.model_name, "object": "model", "created": 0, "owned_by": "tandem", **meta}],
+    }
 
 
-openai_router = Router(path="/", route_handlers=[completions, models],
-                       exception_handlers={Exception: openai_error})
+openai_router = Router(
+    path="/", route_handlers=[completions, models], exception_handlers={Exception: openai_error}
+)

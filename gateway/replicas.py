@@ -38,12 +38,15 @@ class StagePool:
         live = self.up()
         if not live:
             return None
-        return max(live, key=lambda r: hashlib.blake2b(f"{seq_id}/{r.node.id}".encode(), digest_size=8).digest())
+        return max(
+            live, key=lambda r: hashlib.blake2b(f"{seq_id}/{r.node.id}".encode(), digest_size=8).digest()
+        )
 
     def mark(self, replica: Replica, up: bool, reason: str) -> None:
         if replica.up != up:
-            logger.warning("%s replica %s is now %s (%s)", self.name, replica.node.id, "up" if up else "DOWN",
-                           reason)
+            logger.warning(
+                "%s replica %s is now %s (%s)", self.name, replica.node.id, "up" if up else "DOWN", reason
+            )
             self.changed.set()
         replica.up, replica.reason = up, reason
 
@@ -51,8 +54,9 @@ class StagePool:
 class Replicas:
     def __init__(self, cfg: GatewayConfig, clients: Clients):
         self.cfg, self.clients = cfg, clients
-        self.pools = [StagePool(k, f"stage-{k + 1}", [Replica(n) for n in cfg.replicas(k)])
-                      for k in range(cfg.stages)]
+        self.pools = [
+            StagePool(k, f"stage-{k + 1}", [Replica(n) for n in cfg.replicas(k)]) for k in range(cfg.stages)
+        ]
         self.tokenizer_up, self.tokenizer_reason = False, "not checked yet"
 
     async def check_all(self) -> None:
@@ -73,8 +77,11 @@ class Replicas:
             await asyncio.sleep(self.cfg.health_interval)
 
     def readiness(self) -> tuple[bool, str]:
-        missing = [f"{p.name} has no ready replica ({'; '.join(f'{r.node.id}: {r.reason}' for r in p.replicas)})"
-                   for p in self.pools if not p.up()]
+        missing = [
+            f"{p.name} has no ready replica ({'; '.join(f'{r.node.id}: {r.reason}' for r in p.replicas)})"
+            for p in self.pools
+            if not p.up()
+        ]
         if not self.tokenizer_up:
             missing.append(f"tokenizer is not ready ({self.tokenizer_reason})")
         return (not missing, "; ".join(missing) or "ready")

@@ -16,8 +16,15 @@ from gateway.errors import GatewayError
 from gateway.openai import trace_id
 from gateway.service import Gateway, disconnected, sampling_from
 
-PARAMS = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int, "seed": int,
-          "stop": (str, list), "ignore_eos": bool}
+PARAMS = {
+    "max_tokens": int,
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "top_k": int,
+    "seed": int,
+    "stop": (str, list),
+    "ignore_eos": bool,
+}
 
 
 class ProcessRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -44,10 +51,16 @@ def _params(data: ProcessRequest, default_max: int) -> dict[str, Any]:
         if top is not None:
             merged[key] = top
     stop = merged.get("stop") or []
-    return {"max_tokens": merged.get("max_tokens", default_max), "temperature": float(merged.get("temperature", 0.0)),
-            "top_p": float(merged.get("top_p", 1.0)), "top_k": merged.get("top_k", 0), "seed": merged.get("seed"),
-            "stop": [stop] if isinstance(stop, str) else list(stop), "ignore_eos": merged.get("ignore_eos", False),
-            "logprobs": False}
+    return {
+        "max_tokens": merged.get("max_tokens", default_max),
+        "temperature": float(merged.get("temperature", 0.0)),
+        "top_p": float(merged.get("top_p", 1.0)),
+        "top_k": merged.get("top_k", 0),
+        "seed": merged.get("seed"),
+        "stop": [stop] if isinstance(stop, str) else list(stop),
+        "ignore_eos": merged.get("ignore_eos", False),
+        "logprobs": False,
+    }
 
 
 @post("/api/model/process", status_code=200, tags=["tandem"])
@@ -84,12 +97,18 @@ async def process(request: Request, data: JSONBody[ProcessRequest]) -> dict[str,
     n = len(out.token_ids)
     decode_s = out.seconds - (out.ttft or 0.0)
     return {
-        "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-        "model": gw.cfg.model_name, "prompt_tokens": len(ids), "completion_tokens": n,
-        "metrics": {"time_to_first_token_ms": round((out.ttft or 0.0) * 1000, 2),
-                    "total_ms": round(out.seconds * 1000, 2),
-                    "tokens_per_second": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None,
-                    "stage_ms": {k: round(v * 1000, 2) for k, v in out.stage_seconds.items()},
-                    "metadata": data.metadata},
+        "text": out.text,
+        "token_ids": out.token_ids,
+        "finish_reason": out.finish_reason,
+        "model": gw.cfg.model_name,
+        "prompt_tokens": len(ids),
+        "completion_tokens": n,
+        "metrics": {
+            "time_to_first_token_ms": round((out.ttft or 0.0) * 1000, 2),
+            "total_ms": round(out.seconds * 1000, 2),
+            "tokens_per_second": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None,
+            "stage_ms": {k: round(v * 1000, 2) for k, v in out.stage_seconds.items()},
+            "metadata": data.metadata,
+        },
         "trace_id": trace_id(),
     }

@@ -125,8 +125,15 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, cfg: GatewayConfig, clients: Clients, replicas: Replicas, metrics: GatewayMetrics,
-                 tokenizer: TokenizerCore, layout: StageLayout):
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        clients: Clients,
+        replicas: Replicas,
+        metrics: GatewayMetrics,
+        tokenizer: TokenizerCore,
+        layout: StageLayout,
+    ):
         self.cfg, self.clients, self.replicas, self.metrics = cfg, clients, replicas, metrics
         self.tokenizer, self.layout = tokenizer, layout
         self.n_embd, self.n_positions, self.eos = layout.n_embd, layout.n_positions, tokenizer.eos_token_id
@@ -140,11 +147,19 @@ class Scheduler:
     # ---- public API ----
     def submit(self, prompt: list[int], params: SamplingParams, parent: trace.Span | None = None) -> Sequence:
         if len(self.running) + len(self.waiting) >= self.cfg.max_running + self.cfg.max_waiting:
-            raise OverloadedError(f"{len(self.running)} sequences running and {len(self.waiting)} waiting; "
-                                  "retry shortly", headers={"Retry-After": "1"})
-        seq = Sequence(secrets.randbits(62), prompt, params,
-                       IncrementalDecoder(self.tokenizer, skip_special_tokens=True), self.cfg.stages,
-                       self.n_embd, parent)
+            raise OverloadedError(
+                f"{len(self.running)} sequences running and {len(self.waiting)} waiting; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        seq = Sequence(
+            secrets.randbits(62),
+            prompt,
+            params,
+            IncrementalDecoder(self.tokenizer, skip_special_tokens=True),
+            self.cfg.stages,
+            self.n_embd,
+            parent,
+        )
         self.waiting.append(seq)
         self.metrics.prompt_tokens.inc(len(prompt))
         self._gauges()
@@ -220,8 +235,14 @@ class Scheduler:
             token, logprob = x[s.id]
             self._accept(s, int(token), None if logprob is None else float(logprob), last_step[s.id])
 
-    async def _call_stage(self, k: int, rows: list[Sequence], x: dict[int, np.ndarray], n_new: dict[int, int],
-                          last_step: dict[int, bool]) -> dict[int, np.ndarray]:
+    async def _call_stage(
+        self,
+        k: int,
+        rows: list[Sequence],
+        x: dict[int, np.ndarray],
+        n_new: dict[int, int],
+        last_step: dict[int, bool],
+    ) -> dict[int, np.ndarray]:
         """Run rows through stage k (grouped by replica), replaying after 409s and failing over
         after replica failures. Returns per surviving row: the new positions' hidden states, or
         (token, logprob) for the last stage."""
@@ -236,15 +257,21 @@ class Scheduler:
                 if rep is None or not rep.up:
                     new_rep = await self.replicas.wait_for(pool, s.id, self.cfg.stage_wait)
                     if new_rep is None:
-                        self._fail(s, StageUnavailableError(
-                            f"{pool.name} has no ready replica (waited {self.cfg.stage_wait:.0f} s): "
-                            + self.replicas.readiness()[1]))
+                        self._fail(
+                            s,
+                            StageUnavailableError(
+                                f"{pool.name} has no ready replica (waited {self.cfg.stage_wait:.0f} s): "
+                                + self.replicas.readiness()[1]
+                            ),
+                        )
                         continue
                     if rep is not None and new_rep is not rep:
                         self.metrics.failovers.labels(pool.name).inc()
                     s.replica[k] = new_rep
                 groups.setdefault(s.replica[k].node.id, (s.replica[k], []))[1].append(s)
-            calls = [self._call_replica(k, rep, grp, x, start, n_new, last_step) for rep, grp in groups.values()]
+            calls = [
+                self._call_replica(k, rep, grp, x, start, n_new, last_step) for rep, grp in groups.values()
+            ]
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             pending = []
             for (rep, grp), outcome in zip(groups.values(), outcomes, strict=True):
@@ -280,8 +307,16 @@ class Scheduler:
             return x[s.id]  # (n, C)
         return np.concatenate([sent.view(start, s.held[k]), x[s.id]])  # (held - start + n, C)
 
-    async def _call_replica(self, k: int, rep: Replica, grp: list[Sequence], x: dict[int, np.ndarray],
-                            start: dict[int, int], n_new: dict[int, int], last_step: dict[int, bool]):
+    async def _call_replica(
+        self,
+        k: int,
+        rep: Replica,
+        grp: list[Sequence],
+        x: dict[int, np.ndarray],
+        start: dict[int, int],
+        n_new: dict[int, int],
+        last_step: dict[int, bool],
+    ):
         pool = self.replicas.pools[k]
         last = k == self.cfg.stages - 1
         rows = [self._row_input(k, s, x, start[s.id]) for s in grp]
@@ -295,16 +330,21 @@ class Scheduler:
             xin[b, S - len(r) :] = r
             mask[b, S - len(r) :] = 1
         name = self._in_name[k]
-        inputs = {"sequence_ids": np.array([s.id for s in grp], dtype=np.int64),
-                  "past_lengths": np.array([start[s.id] for s in grp], dtype=np.int64),
-                  name: xin, "attention_mask": mask,
-                  "sequence_end": np.array([last_step[s.id] for s in grp], dtype=np.bool_)}
+        inputs = {
+            "sequence_ids": np.array([s.id for s in grp], dtype=np.int64),
+            "past_lengths": np.array([start[s.id] for s in grp], dtype=np.int64),
+            name: xin,
+            "attention_mask": mask,
+            "sequence_end": np.array([last_step[s.id] for s in grp], dtype=np.bool_),
+        }
         if last:
             p = [s.params for s in grp]
-            inputs |= {"temperature": np.array([q.temperature for q in p], dtype=np.float32),
-                       "top_k": np.array([q.top_k for q in p], dtype=np.int64),
-                       "top_p": np.array([q.top_p for q in p], dtype=np.float32),
-                       "seed": np.array([s.seed for s in grp], dtype=np.int64)}
+            inputs |= {
+                "temperature": np.array([q.temperature for q in p], dtype=np.float32),
+                "top_k": np.array([q.top_k for q in p], dtype=np.int64),
+                "top_p": np.array([q.top_p for q in p], dtype=np.float32),
+                "seed": np.array([s.seed for s in grp], dtype=np.int64),
+            }
         if last:  # log-softmax over the vocabulary costs ~1 ms per row: only when someone wants it
             outputs = ["token_ids", "logprobs"] if any(s.params.logprobs for s in grp) else ["token_ids"]
         else:
@@ -313,8 +353,11 @@ class Scheduler:
         t0 = time.perf_counter()
         # One span per request in the batch, each in its own request's trace (one trace per
         # request); the stage's server span hangs under the first, the others link to it.
-        spans = [tracer.start_span(f"{pool.name} call", context=trace.set_span_in_context(s.parent))
-                 for s in grp if s.parent is not None and s.parent.is_recording()]
+        spans = [
+            tracer.start_span(f"{pool.name} call", context=trace.set_span_in_context(s.parent))
+            for s in grp
+            if s.parent is not None and s.parent.is_recording()
+        ]
         for span in spans:
             span.set_attribute("tandem.batch_size", B)
             span.set_attribute("tandem.replica", rep.node.id)
@@ -372,7 +415,9 @@ class Scheduler:
             self._finish(s, "length", ended_in_stages)
 
     def _stop_hit(self, s: Sequence) -> int | None:
-        hits = [i for i in (s.text.find(stop, max(0, s.emitted - len(stop))) for stop in s.params.stop) if i >= 0]
+        hits = [
+            i for i in (s.text.find(stop, max(0, s.emitted - len(stop))) for stop in s.params.stop) if i >= 0
+        ]
         return min(hits) if hits else None
 
     def _drain_text(self, s: Sequence, final: bool) -> str:
@@ -412,11 +457,12 @@ class Scheduler:
         """Free the sequence's KV cache in every stage that may hold it (in the background)."""
         for k, rep in enumerate(s.replica):
             if rep is not None and s.held[k] > 0:
-                task = asyncio.create_task(self.clients.release(rep.node, self.replicas.pools[k].name, [s.id]))
+                task = asyncio.create_task(
+                    self.clients.release(rep.node, self.replicas.pools[k].name, [s.id])
+                )
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
     def _gauges(self) -> None:
         self.metrics.running.set(len(self.running))
         self.metrics.waiting.set(len(self.waiting))
-

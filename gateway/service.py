@@ -43,8 +43,12 @@ class Outcome:
 
 
 class Gateway:
-    def __init__(self, cfg: GatewayConfig, registry: CollectorRegistry,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        registry: CollectorRegistry,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         self.cfg = cfg
         self.clients = Clients(cfg, transport)
         self.replicas = Replicas(cfg, self.clients)
@@ -86,10 +90,15 @@ class Gateway:
         self.layout = StageLayout(
             input_names=[m["inputs"][2]["name"] for m in metas],
             output_names=[m["outputs"][0]["name"] for m in metas if m["outputs"]],
-            n_embd=int(p0["n_embd"]), n_positions=int(p0["n_positions"]), vocab_size=int(p0["vocab_size"]),
-            model_id=str(p0["model_id"]))
+            n_embd=int(p0["n_embd"]),
+            n_positions=int(p0["n_positions"]),
+            vocab_size=int(p0["vocab_size"]),
+            model_id=str(p0["model_id"]),
+        )
         if self.layout.output_names[-1] != "token_ids":
-            raise RuntimeError(f"the last configured stage is not the model's last ({self.layout.output_names})")
+            raise RuntimeError(
+                f"the last configured stage is not the model's last ({self.layout.output_names})"
+            )
         self.tokenizer = tok
         self.scheduler = Scheduler(self.cfg, self.clients, self.replicas, self.metrics, tok, self.layout)
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
@@ -132,19 +141,22 @@ class Gateway:
         self.require_scheduler()
         assert self.layout is not None  # set together with the scheduler
         if top_k > self.layout.vocab_size:
-            raise InvalidRequestError(f"top_k must be at most the vocabulary size {self.layout.vocab_size}",
-                                      param="top_k")
+            raise InvalidRequestError(
+                f"top_k must be at most the vocabulary size {self.layout.vocab_size}", param="top_k"
+            )
         if not ids:
             raise InvalidRequestError("the prompt is empty: it must contain at least one token", param=param)
         bad = [t for t in ids if not 0 <= t < self.layout.vocab_size]
         if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.layout.vocab_size})",
-                                      param=param)
+            raise InvalidRequestError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.layout.vocab_size})", param=param
+            )
         if len(ids) + max_tokens > self.layout.n_positions:
             raise InvalidRequestError(
                 f"this model's context window is {self.layout.n_positions} tokens; the prompt has {len(ids)} "
                 f"and max_tokens asks for {max_tokens} more ({len(ids) + max_tokens}); shorten one",
-                param="max_tokens")
+                param="max_tokens",
+            )
 
     async def collect(self, seq: Sequence, wait_disconnect) -> Outcome:
         """Run a sequence to the end, cancelling it if the client goes away first."""
@@ -186,13 +198,23 @@ class Gateway:
             out.finish_reason = ev.finish_reason
 
 
-def sampling_from(max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-                  stop: list[str], ignore_eos: bool, logprobs: bool) -> SamplingParams:
+def sampling_from(
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: list[str],
+    ignore_eos: bool,
+    logprobs: bool,
+) -> SamplingParams:
     """Validated sampling parameters (the stage re-checks them; here they get a friendly 400)."""
     if max_tokens < 1:
         raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     if not 0 <= temperature <= 100:
-        raise InvalidRequestError(f"temperature must be between 0 and 100, got {temperature}", param="temperature")
+        raise InvalidRequestError(
+            f"temperature must be between 0 and 100, got {temperature}", param="temperature"
+        )
     if not 0 < top_p <= 1:
         raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
     if top_k < -1:
@@ -201,8 +223,16 @@ def sampling_from(max_tokens: int, temperature: float, top_p: float, top_k: int,
         raise InvalidRequestError("stop takes up to 4 non-empty strings", param="stop")
     if seed is not None and not 0 <= seed < 2**62:
         raise InvalidRequestError("seed must be in [0, 2**62)", param="seed")
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
-                          seed=seed, stop=tuple(stop), ignore_eos=ignore_eos, logprobs=logprobs)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=max(top_k, 0),
+        seed=seed,
+        stop=tuple(stop),
+        ignore_eos=ignore_eos,
+        logprobs=logprobs,
+    )
 
 
 def disconnected(request):

@@ -20,17 +20,37 @@ pytestmark = pytest.mark.slow
 
 
 def _launcher(args: list[str], state: Path, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "gateway.stack", *args], cwd=REPO_ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "TANDEM_STATE_DIR": str(state), **env})
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway.stack", *args],
+        cwd=REPO_ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TANDEM_STATE_DIR": str(state), **env},
+    )
 
 
 def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> None:
     gw, tok, base = free_port(), free_port(), free_port()
     while any(p in (gw, tok) for p in range(base, base + 3)):
         base = free_port()
-    p = _launcher(["up", "--bundle", str(tiny_bundle), "--no-export", "--gateway-port", str(gw),
-                   "--tokenizer-port", str(tok), "--stage-port-base", str(base), "--threads", "1"], tmp_path)
+    p = _launcher(
+        [
+            "up",
+            "--bundle",
+            str(tiny_bundle),
+            "--no-export",
+            "--gateway-port",
+            str(gw),
+            "--tokenizer-port",
+            str(tok),
+            "--stage-port-base",
+            str(base),
+            "--threads",
+            "1",
+        ],
+        tmp_path,
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 90
@@ -45,11 +65,17 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
         out = "".join(lines)
         assert f"http://127.0.0.1:{gw}" in out, out
         assert httpx.get(f"http://127.0.0.1:{gw}/readyz").status_code == 200
-        r = httpx.post(f"http://127.0.0.1:{gw}/v1/completions", json={"prompt": "hello", "max_tokens": 3},
-                       timeout=30)
+        r = httpx.post(
+            f"http://127.0.0.1:{gw}/v1/completions", json={"prompt": "hello", "max_tokens": 3}, timeout=30
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
-        status = subprocess.run([sys.executable, "-m", "gateway.stack", "status"], cwd=REPO_ROOT, text=True,
-                                capture_output=True, env={**os.environ, "TANDEM_STATE_DIR": str(tmp_path)})
+        status = subprocess.run(
+            [sys.executable, "-m", "gateway.stack", "status"],
+            cwd=REPO_ROOT,
+            text=True,
+            capture_output=True,
+            env={**os.environ, "TANDEM_STATE_DIR": str(tmp_path)},
+        )
         assert status.returncode == 0, status.stdout + status.stderr
     finally:
         p.send_signal(signal.SIGTERM)

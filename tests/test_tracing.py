@@ -112,6 +112,7 @@ def request_trace(otlp: OtlpReceiver, trace_id: str, *, batched: bool = False) -
     """A request's spans once every service has sent them; `batched` waits only for the gateway
     and the tokenizer (the stage spans of a batch sit in the trace of its first row)."""
     if batched:
+
         def done(spans: list[SpanRecord]) -> bool:
             roots = any(s.parent_span_id is None for s in server_spans(spans, "gateway"))
             return roots and any(s.name == "tokenizer.encode" for s in spans)
@@ -307,7 +308,9 @@ def test_batched_requests_keep_their_own_traces(traced_stack: Stack, otlp: OtlpR
         roots[tid] = check_request_trace(spans, "/api/model/process", batched=True)
         assert roots[tid].attributes["gen_ai.usage.output_tokens"] == n_tokens
         assert roots[tid].attributes["gen_ai.usage.input_tokens"] == r.json()["prompt_tokens"]
-    union = otlp.wait_for(lambda spans: stages_complete([s for s in spans if s.trace_id in roots]), timeout=10)
+    union = otlp.wait_for(
+        lambda spans: stages_complete([s for s in spans if s.trace_id in roots]), timeout=10
+    )
     union = [s for s in union if s.trace_id in roots]
     assert stages_complete(union), tree(union)
     calls = [s for s in union if s.service == "gateway" and s.name.endswith(" call")]
@@ -315,12 +318,7 @@ def test_batched_requests_keep_their_own_traces(traced_stack: Stack, otlp: OtlpR
     assert max(batch_sizes) > 1, "the requests were never batched: nothing here tests batching"
     for tid, root in roots.items():
         for stage in STAGES:
-            mine = [
-                c
-                for c in calls
-                if c.name == f"{stage} call"
-                and c.parent_span_id == root.span_id
-            ]
+            mine = [c for c in calls if c.name == f"{stage} call" and c.parent_span_id == root.span_id]
             assert len(mine) == n_tokens, f"{stage}: {len(mine)} calls for {tid}\n{tree(otlp.spans(tid))}"
     # one call span per row of every step
     assert len(calls) == len(PROMPTS) * n_tokens * len(STAGES)

@@ -75,19 +75,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m tests.benchmarks.bench",
         description="Measure the tandem stack against the monolithic ONNX model and HF transformers.",
     )
-    p.add_argument("--bundle", default=DEFAULT_BUNDLE,
-                   help=f"model bundle made with --with-reference (default {DEFAULT_BUNDLE})")
+    p.add_argument(
+        "--bundle",
+        default=DEFAULT_BUNDLE,
+        help=f"model bundle made with --with-reference (default {DEFAULT_BUNDLE})",
+    )
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,16", help="comma-separated sequence counts (default 1,16)")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per point, after one warm-up")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated subset of monolith,hf,stack (default all three)")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of monolith,hf,stack (default all three)",
+    )
     p.add_argument("--skip-hf", action="store_true", help="leave out the hf variant")
-    p.add_argument("--stack-url", default=None,
-                   help="gateway of a running stack; without it the benchmark starts one itself")
-    p.add_argument("--stack-port", type=int, default=8000,
-                   help="gateway port of the stack the benchmark starts itself (default 8000)")
+    p.add_argument(
+        "--stack-url",
+        default=None,
+        help="gateway of a running stack; without it the benchmark starts one itself",
+    )
+    p.add_argument(
+        "--stack-port",
+        type=int,
+        default=8000,
+        help="gateway port of the stack the benchmark starts itself (default 8000)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids (default 0)")
     p.add_argument("--out", default=None, help="write every figure to this JSON file")
     args = p.parse_args(argv)
@@ -186,8 +199,9 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def measure(name: str, levels: list[int], repeats: int, run_once: Callable[[int], dict],
-            results: dict[int, dict]) -> dict:
+def measure(
+    name: str, levels: list[int], repeats: int, run_once: Callable[[int], dict], results: dict[int, dict]
+) -> dict:
     """Warm-up + `repeats` runs of `run_once(C)` for each level, into `results` as {C: summary}
     (filled level by level, so the levels measured before a failure are kept)."""
     for c in levels:
@@ -199,8 +213,10 @@ def measure(name: str, levels: list[int], repeats: int, run_once: Callable[[int]
             tokens = r.pop("tokens", None)
             texts = r.pop("texts", None)
             runs.append(r)
-            log(f"[{name}] C={c} run {i + 1}/{repeats}: first token {r['first_token_ms']:.1f} ms, "
-                f"{r['decode_tok_s_per_stream']:.1f} tok/s/stream, {r['aggregate_tok_s']:.1f} tok/s aggregate")
+            log(
+                f"[{name}] C={c} run {i + 1}/{repeats}: first token {r['first_token_ms']:.1f} ms, "
+                f"{r['decode_tok_s_per_stream']:.1f} tok/s/stream, {r['aggregate_tok_s']:.1f} tok/s aggregate"
+            )
         summary = summarize(runs)
         summary["tokens"] = tokens if tokens is not None else warm.get("tokens")
         if texts is not None:
@@ -209,8 +225,14 @@ def measure(name: str, levels: list[int], repeats: int, run_once: Callable[[int]
     return results
 
 
-def timing(t0: float, first: list[float], last: list[float], end: float, new_tokens: list[int],
-           seen: list[int] | None = None) -> dict:
+def timing(
+    t0: float,
+    first: list[float],
+    last: list[float],
+    end: float,
+    new_tokens: list[int],
+    seen: list[int] | None = None,
+) -> dict:
     """Figures for one run: t0 = start, first/last = per-sequence first/last token times,
     new_tokens = tokens per sequence, seen = tokens observed from `first` to `last` (default
     new_tokens; fewer when some streamed chunks carried no text)."""
@@ -254,7 +276,7 @@ class Monolith:
         self.feedback = {}
         for idx, name in enumerate(self.output_names):
             if name.startswith("present."):
-                past = "past_key_values." + name[len("present."):]
+                past = "past_key_values." + name[len("present.") :]
                 if past not in self.inputs:
                     raise BenchError(f"{model_path}: output {name} has no matching input {past}")
                 self.feedback[past] = idx
@@ -290,8 +312,10 @@ class Monolith:
         t_first = time.perf_counter()
         for step in range(1, new_tokens):
             total = p + step  # positions the model has seen once this token is fed
-            feed = {"input_ids": nxt.reshape(b, 1).astype(np.int64, copy=False),
-                    "attention_mask": np.ones((b, total), dtype=np.int64)}
+            feed = {
+                "input_ids": nxt.reshape(b, 1).astype(np.int64, copy=False),
+                "attention_mask": np.ones((b, total), dtype=np.int64),
+            }
             if self.has_position_ids:
                 feed["position_ids"] = np.full((b, 1), total - 1, dtype=np.int64)
             for n, idx in self.feedback.items():
@@ -310,8 +334,13 @@ def run_monolith(args, bundle: Path, prompts: np.ndarray, results: dict) -> dict
     path = bundle / "reference" / "model.onnx"
     log(f"[monolith] loading {path}")
     model = Monolith(path)
-    return measure("monolith", args.concurrency, args.repeats,
-                   lambda c: model.generate(prompts[:c], args.new_tokens), results)
+    return measure(
+        "monolith",
+        args.concurrency,
+        args.repeats,
+        lambda c: model.generate(prompts[:c], args.new_tokens),
+        results,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,8 +359,9 @@ def load_hf_model(bundle: Path, manifest: dict, tmp: Path):
 
         kind = mid.split(":", 1)[1]
         if kind not in ("gpt2", "tiny") and not Path(kind).is_file():
-            raise BenchError(f"the bundle was made from --random-init {kind}, which is not here any more; "
-                             "use --skip-hf")
+            raise BenchError(
+                f"the bundle was made from --random-init {kind}, which is not here any more; use --skip-hf"
+            )
         m = re.fullmatch(r"seed-(\d+)", revision)
         seed = int(m.group(1)) if m else 0
         tok = bundle / "tokenizer.json"
@@ -377,8 +407,10 @@ def run_hf(args, bundle: Path, manifest: dict, prompts: np.ndarray, results: dic
         model = load_hf_model(bundle, manifest, Path(tmp))
     eos = model.config.eos_token_id
     pad = eos if eos is not None else 0
-    log(f"[hf] torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"attention {model.config._attn_implementation}")
+    log(
+        f"[hf] torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"attention {model.config._attn_implementation}"
+    )
 
     def once(c: int) -> dict:
         ids = torch.from_numpy(np.ascontiguousarray(prompts[:c]))
@@ -387,14 +419,22 @@ def run_hf(args, bundle: Path, manifest: dict, prompts: np.ndarray, results: dic
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t0 = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                 pad_token_id=pad, streamer=timer)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                pad_token_id=pad,
+                streamer=timer,
+            )
             t_end = time.perf_counter()
-        new = out[:, ids.shape[1]:]
+        new = out[:, ids.shape[1] :]
         if new.shape[1] != args.new_tokens or len(timer.times) != args.new_tokens:
-            raise BenchError(f"hf generate returned {new.shape[1]} tokens ({len(timer.times)} steps), "
-                             f"expected {args.new_tokens}")
+            raise BenchError(
+                f"hf generate returned {new.shape[1]} tokens ({len(timer.times)} steps), "
+                f"expected {args.new_tokens}"
+            )
         r = timing(t0, [timer.times[0]] * c, [timer.times[-1]] * c, t_end, [args.new_tokens] * c)
         r["tokens"] = new.tolist()
         return r
@@ -444,8 +484,15 @@ def _chunk_tokens(choice: dict) -> int:
 
 
 async def _one_stream(client, url: str, model: str, prompt: list[int], new_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     first = last = None
     counted = 0
     usage_tokens = None
@@ -488,10 +535,16 @@ async def _one_stream(client, url: str, model: str, prompt: list[int], new_token
         raise BenchError("the gateway closed the stream without `data: [DONE]`")
     if first is None:
         raise BenchError("the gateway streamed no token")
-    return {"first": first, "last": last, "end": time.perf_counter(),
-            "tokens": usage_tokens if usage_tokens is not None else counted, "seen": counted,
-            "tokens_source": "usage" if usage_tokens is not None else "chunks",
-            "finish_reason": finish, "text": "".join(text)}
+    return {
+        "first": first,
+        "last": last,
+        "end": time.perf_counter(),
+        "tokens": usage_tokens if usage_tokens is not None else counted,
+        "seen": counted,
+        "tokens_source": "usage" if usage_tokens is not None else "chunks",
+        "finish_reason": finish,
+        "text": "".join(text),
+    }
 
 
 async def _stack_run(url: str, model: str, prompts: np.ndarray, new_tokens: int) -> dict:
@@ -509,15 +562,25 @@ async def _stack_run(url: str, model: str, prompts: np.ndarray, new_tokens: int)
         except httpx.ConnectError as e:
             raise _stack_unreachable(url, e) from e
         except httpx.TransportError as e:
-            raise BenchError(f"the connection to the gateway at {url} failed during the run "
-                             f"({type(e).__name__}: {e!r}) with {c} concurrent streams") from e
+            raise BenchError(
+                f"the connection to the gateway at {url} failed during the run "
+                f"({type(e).__name__}: {e!r}) with {c} concurrent streams"
+            ) from e
         t_end = max(s["end"] for s in streams)
     short = [s["tokens"] for s in streams if s["tokens"] != new_tokens]
     if short:
-        log(f"[stack] WARNING: {len(short)} of {c} streams returned {sorted(set(short))} tokens, "
-            f"not {new_tokens} (is ignore_eos honoured?)")
-    r = timing(t0, [s["first"] for s in streams], [s["last"] for s in streams], t_end,
-               [s["tokens"] for s in streams], [s["seen"] for s in streams])
+        log(
+            f"[stack] WARNING: {len(short)} of {c} streams returned {sorted(set(short))} tokens, "
+            f"not {new_tokens} (is ignore_eos honoured?)"
+        )
+    r = timing(
+        t0,
+        [s["first"] for s in streams],
+        [s["last"] for s in streams],
+        t_end,
+        [s["tokens"] for s in streams],
+        [s["seen"] for s in streams],
+    )
     # Chunk times tell the decode rate only if each chunk carries one token; usage counts the tokens.
     r["tokens_source"] = streams[0]["tokens_source"]
     r["texts"] = [s["text"] for s in streams]
@@ -553,21 +616,31 @@ class StackProcess:
 
         try:  # something already on the gateway's port would answer instead of our stack
             httpx.get(f"{self.url}/readyz", timeout=1.0)
-            raise BenchError(f"something already listens on {self.url}; stop it, or pass "
-                             f"--stack-url {self.url} to benchmark the stack that runs there")
+            raise BenchError(
+                f"something already listens on {self.url}; stop it, or pass "
+                f"--stack-url {self.url} to benchmark the stack that runs there"
+            )
         except httpx.TransportError:
             pass
         args = self.command
         self.log_file = tempfile.NamedTemporaryFile(prefix="tandem-bench-stack-", suffix=".log", delete=False)
         log(f"[stack] starting: {' '.join(args[1:])} (output in {self.log_file.name})")
-        self.proc = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + STACK_READY_TIMEOUT_S
         last = "no answer yet"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise BenchError(f"the stack exited with {self.proc.returncode} before it was ready; "
-                                 f"output tail:\n{self.tail()}")
+                raise BenchError(
+                    f"the stack exited with {self.proc.returncode} before it was ready; "
+                    f"output tail:\n{self.tail()}"
+                )
             try:
                 r = httpx.get(f"{self.url}/readyz", timeout=2.0)
                 if r.status_code == 200:
@@ -577,8 +650,10 @@ class StackProcess:
             except httpx.TransportError as e:
                 last = repr(e)
             time.sleep(0.5)
-        raise BenchError(f"the stack was not ready at {self.url}/readyz after {STACK_READY_TIMEOUT_S:.0f} s "
-                         f"(last: {last}); output tail:\n{self.tail()}")
+        raise BenchError(
+            f"the stack was not ready at {self.url}/readyz after {STACK_READY_TIMEOUT_S:.0f} s "
+            f"(last: {last}); output tail:\n{self.tail()}"
+        )
 
     def stop(self) -> None:
         if self.proc is None:
@@ -589,7 +664,9 @@ class StackProcess:
             try:
                 self.proc.wait(timeout=STACK_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                log(f"[stack] still running {STACK_STOP_TIMEOUT_S:.0f} s after SIGTERM: killing its process group")
+                log(
+                    f"[stack] still running {STACK_STOP_TIMEOUT_S:.0f} s after SIGTERM: killing its process group"
+                )
                 try:
                     os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: only what we started
                 except ProcessLookupError:
@@ -614,8 +691,13 @@ def run_stack(args, bundle: Path, prompts: np.ndarray, results: dict) -> dict:
         model = stack_model_id(url)
         args.stack_used = {"url": url, "model": model, "started_by_bench": launcher is not None}
         log(f"[stack] gateway {url}, model {model!r}")
-        return measure("stack", args.concurrency, args.repeats,
-                       lambda c: asyncio.run(_stack_run(url, model, prompts[:c], args.new_tokens)), results)
+        return measure(
+            "stack",
+            args.concurrency,
+            args.repeats,
+            lambda c: asyncio.run(_stack_run(url, model, prompts[:c], args.new_tokens)),
+            results,
+        )
     finally:
         if launcher is not None:
             launcher.stop()
@@ -630,7 +712,9 @@ def compare_tokens(a: list[list[int]], b: list[list[int]]) -> list[str]:
     out = []
     for i, (ra, rb) in enumerate(zip(a, b, strict=True)):
         if ra != rb:
-            pos = next((k for k, (x, y) in enumerate(zip(ra, rb, strict=False)) if x != y), min(len(ra), len(rb)))
+            pos = next(
+                (k for k, (x, y) in enumerate(zip(ra, rb, strict=False)) if x != y), min(len(ra), len(rb))
+            )
             out.append(f"row {i} from token {pos}")
     return out
 
@@ -693,12 +777,24 @@ def targets(results: dict) -> list[tuple[str, float, float, bool]]:
     st, mo = results.get("stack", {}), results.get("monolith", {})
     if 1 in st and 1 in mo:
         r = st[1]["aggregate_tok_s"] / mo[1]["aggregate_tok_s"]
-        out.append(("stack single stream vs monolith (aggregate tok/s)", r, TARGET_STACK_VS_MONOLITH_C1,
-                    r >= TARGET_STACK_VS_MONOLITH_C1))
+        out.append(
+            (
+                "stack single stream vs monolith (aggregate tok/s)",
+                r,
+                TARGET_STACK_VS_MONOLITH_C1,
+                r >= TARGET_STACK_VS_MONOLITH_C1,
+            )
+        )
     if 1 in st and 16 in st:
         r = st[16]["aggregate_tok_s"] / st[1]["aggregate_tok_s"]
-        out.append(("stack 16 streams vs stack 1 stream (aggregate tok/s)", r, TARGET_STACK_SCALING,
-                    r >= TARGET_STACK_SCALING))
+        out.append(
+            (
+                "stack 16 streams vs stack 1 stream (aggregate tok/s)",
+                r,
+                TARGET_STACK_SCALING,
+                r >= TARGET_STACK_SCALING,
+            )
+        )
     return out
 
 
@@ -709,9 +805,11 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 
 
 def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> str:
-    labels = {"monolith": "monolith: optimum ONNX + ORT, KV cache, numpy loop (baseline)",
-              "hf": "HF transformers PyTorch `generate`",
-              "stack": "tandem stack over HTTP (gateway `/v1/completions`, SSE)"}
+    labels = {
+        "monolith": "monolith: optimum ONNX + ORT, KV cache, numpy loop (baseline)",
+        "hf": "HF transformers PyTorch `generate`",
+        "stack": "tandem stack over HTTP (gateway `/v1/completions`, SSE)",
+    }
     lines = [
         f"GPT-2 124M, random weights, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
         f"greedy, median of {args.repeats} after 1 warm-up, one run of `python -m tests.benchmarks.bench`",
@@ -728,8 +826,10 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
         for c, r in results.get(v, {}).items():
             base = results.get("monolith", {}).get(c, {}).get("aggregate_tok_s")
             rel = "1.00x" if v == "monolith" else (f"{r['aggregate_tok_s'] / base:.2f}x" if base else "n/a")
-            lines.append(f"| {labels[v]} | {c} | {_fmt(r['first_token_ms'])} | "
-                         f"{_fmt(r['decode_tok_s_per_stream'])} | {_fmt(r['aggregate_tok_s'])} | {rel} |")
+            lines.append(
+                f"| {labels[v]} | {c} | {_fmt(r['first_token_ms'])} | "
+                f"{_fmt(r['decode_tok_s_per_stream'])} | {_fmt(r['aggregate_tok_s'])} | {rel} |"
+            )
     rat = ratios(results, args.concurrency)
     tgt = targets(results)
     if rat or tgt:
@@ -738,16 +838,21 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
         lines.append(f"- {k}: {x:.2f}x")
     for name, x, want, ok in tgt:
         lines.append(f"- target {name}: {x:.2f}x, want >= {want}x: {'met' if ok else 'NOT met'}")
-    lines += ["", f"Machine: {machine['cpu_model']}, {machine['logical_cores']} logical cores "
-              f"({machine['usable_cores']} usable), onnxruntime {machine['onnxruntime']}, "
-              f"Python {machine['python']}, {machine['platform']}"]
+    lines += [
+        "",
+        f"Machine: {machine['cpu_model']}, {machine['logical_cores']} logical cores "
+        f"({machine['usable_cores']} usable), onnxruntime {machine['onnxruntime']}, "
+        f"Python {machine['python']}, {machine['platform']}",
+    ]
     if machine.get("torch"):
         lines[-1] += f", torch {machine['torch']}, transformers {machine.get('transformers')}"
     start_load = machine.get("load_avg_1m_at_start")
     if start_load is not None:
-        lines.append(f"Load average (1 min): {start_load:.2f} at the start, "
-                     f"{machine['load_avg_1m_at_end']:.2f} at the end (this run included)"
-                     + ("; other work was running at the start, so the figures are skewed" if start_load > 0.5 else ""))
+        lines.append(
+            f"Load average (1 min): {start_load:.2f} at the start, "
+            f"{machine['load_avg_1m_at_end']:.2f} at the end (this run included)"
+            + ("; other work was running at the start, so the figures are skewed" if start_load > 0.5 else "")
+        )
     if checks:
         lines += ["", "Checks:"]
         for k, v in checks.items():
@@ -802,18 +907,30 @@ def main(argv: list[str] | None = None) -> int:
     print(report(args, machine, results, checks, errors))
     for k, val in checks.items():
         if val != "equal" and not val.startswith("not checked"):
-            print(f"WARNING: {k}: {val}" + (" (the monolith greedy loop or the weights do not match HF)"
-                                          if "hf" in k else ""), file=sys.stderr)
+            print(
+                f"WARNING: {k}: {val}"
+                + (" (the monolith greedy loop or the weights do not match HF)" if "hf" in k else ""),
+                file=sys.stderr,
+            )
     if args.out:
         doc = {
-            "config": {"bundle": str(bundle), "model": manifest.get("model"),
-                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                       "concurrency": args.concurrency, "repeats": args.repeats, "seed": args.seed,
-                       "variants": args.variants, "stack": getattr(args, "stack_used", None)},
+            "config": {
+                "bundle": str(bundle),
+                "model": manifest.get("model"),
+                "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens,
+                "concurrency": args.concurrency,
+                "repeats": args.repeats,
+                "seed": args.seed,
+                "variants": args.variants,
+                "stack": getattr(args, "stack_used", None),
+            },
             "machine": machine,
             "results": _jsonable(results),
             "ratios": ratios(results, args.concurrency),
-            "targets": [{"name": n, "ratio": x, "want_at_least": w, "met": ok} for n, x, w, ok in targets(results)],
+            "targets": [
+                {"name": n, "ratio": x, "want_at_least": w, "met": ok} for n, x, w, ok in targets(results)
+            ],
             "checks": checks,
             "errors": errors,
             "prompt_ids": prompts.tolist(),

@@ -40,8 +40,12 @@ def test_three_stages_parity_and_manifest(tiny_bundle: Path) -> None:
     assert [t.name for t in s1.inputs[:3]] == ["input_ids", "attention_mask", "position_ids"]
     assert s1.inputs[0].datatype == "INT64" and s1.inputs[0].shape == ["batch", "sequence"]
     assert s1.inputs[1].shape == ["batch", "total_sequence"]
-    assert s1.past_names() == ["past_key_values.0.key", "past_key_values.0.value",
-                               "past_key_values.1.key", "past_key_values.1.value"]
+    assert s1.past_names() == [
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+    ]
     assert s1.inputs[3].shape == ["batch", 4, "past_sequence", 16]
     assert s1.outputs[0].name == "hidden_states_2" and s2.inputs[0].name == "hidden_states_2"
     assert s2.outputs[0].name == "hidden_states_4" and s3.inputs[0].name == "hidden_states_4"
@@ -112,8 +116,9 @@ def test_random_init_int8_and_reference(tmp_path: Path) -> None:
     """The offline path end to end: random weights, a tokenizer trained on the spot, int8
     quantisation (drift reported, not failed) and the optimum monolithic reference."""
     out = tmp_path / "q"
-    r = run_export("--random-init", "tiny", "--out", str(out), "--stages", "2", "--quantize", "int8",
-                   "--with-reference")
+    r = run_export(
+        "--random-init", "tiny", "--out", str(out), "--stages", "2", "--quantize", "int8", "--with-reference"
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "trained on the spot" in r.stdout
     m = load_manifest(out)
@@ -136,8 +141,11 @@ def test_unknown_model_or_unreachable_hub(tmp_path: Path) -> None:
     env_before = dict(os.environ)
     os.environ["HF_HUB_OFFLINE"] = "1"  # what "unreachable" looks like, without waiting for DNS
     try:
-        _bad(["--model", "no-such-org/no-such-model", "--out", str(tmp_path / "x")], "--random-init",
-             "no-such-org/no-such-model")
+        _bad(
+            ["--model", "no-such-org/no-such-model", "--out", str(tmp_path / "x")],
+            "--random-init",
+            "no-such-org/no-such-model",
+        )
     finally:
         os.environ.clear()
         os.environ.update(env_before)
@@ -151,14 +159,17 @@ def test_not_gpt2(tmp_path: Path) -> None:
     _bad(["--model", str(d), "--out", str(tmp_path / "x")], "'bert'", "GPT-2")
 
 
-@pytest.mark.parametrize(("split", "expected"), [
-    (["--stages", "7"], "between 1 and the number of layers (6)"),
-    (["--stages", "0"], "between 1 and the number of layers"),
-    (["--layers", "0:2,3:6"], "must cover layers 0..6 exactly"),
-    (["--layers", "0:2,2:5"], "ends at 5"),
-    (["--layers", "0:4,2:6"], "must cover layers"),
-    (["--layers", "a:b"], "expected ranges like 0:4"),
-])
+@pytest.mark.parametrize(
+    ("split", "expected"),
+    [
+        (["--stages", "7"], "between 1 and the number of layers (6)"),
+        (["--stages", "0"], "between 1 and the number of layers"),
+        (["--layers", "0:2,3:6"], "must cover layers 0..6 exactly"),
+        (["--layers", "0:2,2:5"], "ends at 5"),
+        (["--layers", "0:4,2:6"], "must cover layers"),
+        (["--layers", "a:b"], "expected ranges like 0:4"),
+    ],
+)
 def test_bad_splits(tiny_hf_dir: Path, tmp_path: Path, split: list[str], expected: str) -> None:
     _bad(["--model", str(tiny_hf_dir), "--out", str(tmp_path / "x"), *split], expected)
 
@@ -168,9 +179,22 @@ def test_bad_random_init_and_tokenizer(tmp_path: Path) -> None:
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"model_type": "llama"}))
     _bad(["--random-init", str(cfg), "--out", str(tmp_path / "x")], "model_type must be gpt2")
-    r = subprocess.run([sys.executable, "-m", "export", "--random-init", "tiny", "--tokenizer",
-                        str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
-                       cwd=REPO_ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "--random-init",
+            "tiny",
+            "--tokenizer",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
 
 

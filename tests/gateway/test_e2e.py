@@ -18,8 +18,12 @@ from tests.helpers.stack import Stack, start_stack
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["Hello the model", "quick brown fox jumps over the lazy dog today and", "café 東京 🙂",
-           "a b c d e f g h i j k l m n o p q r s t"]
+PROMPTS = [
+    "Hello the model",
+    "quick brown fox jumps over the lazy dog today and",
+    "café 東京 🙂",
+    "a b c d e f g h i j k l m n o p q r s t",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +59,10 @@ def metric(url: str, name: str, labels: str = "") -> float:
 
 def test_concurrent_greedy_equals_reference(stack: Stack, tok: TokenizerCore, reference: Reference) -> None:
     async def one(client: httpx.AsyncClient, text: str, n: int) -> dict:
-        r = await client.post(f"{stack.gateway_url}/api/model/process",
-                              json={"text": text, "metadata": {"max_tokens": n, "ignore_eos": True}})
+        r = await client.post(
+            f"{stack.gateway_url}/api/model/process",
+            json={"text": text, "metadata": {"max_tokens": n, "ignore_eos": True}},
+        )
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -95,8 +101,12 @@ def test_stream_concatenates_to_non_stream(stack: Stack) -> None:
     body = {"model": "gpt2", "prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0, "ignore_eos": True}
     full = httpx.post(f"{stack.gateway_url}/v1/completions", json=body, timeout=30).json()
     chunks, usage, done = [], None, False
-    with httpx.stream("POST", f"{stack.gateway_url}/v1/completions", timeout=30,
-                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with httpx.stream(
+        "POST",
+        f"{stack.gateway_url}/v1/completions",
+        timeout=30,
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if not line:
@@ -122,20 +132,29 @@ def test_openai_sdk(stack: Stack) -> None:
 
     client = OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["gpt2"]
-    c = client.completions.create(model="gpt2", prompt="Hello the model", max_tokens=8, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    c = client.completions.create(
+        model="gpt2", prompt="Hello the model", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert c.usage.completion_tokens == 8 and c.choices[0].finish_reason == "length"
     parts, usage = [], None
-    for chunk in client.completions.create(model="gpt2", prompt="Hello the model", max_tokens=8, temperature=0,
-                                           stream=True, stream_options={"include_usage": True},
-                                           extra_body={"ignore_eos": True}):
+    for chunk in client.completions.create(
+        model="gpt2",
+        prompt="Hello the model",
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    ):
         if chunk.choices:
             parts.append(chunk.choices[0].text)
         if chunk.usage:
             usage = chunk.usage
     assert "".join(parts) == c.choices[0].text
     assert usage is not None and usage.completion_tokens == 8
-    batch = client.completions.create(model="gpt2", prompt=["Hello", "the model"], max_tokens=3, temperature=0)
+    batch = client.completions.create(
+        model="gpt2", prompt=["Hello", "the model"], max_tokens=3, temperature=0
+    )
     assert [ch.index for ch in batch.choices] == [0, 1]
     from openai import BadRequestError, NotFoundError
 
@@ -147,7 +166,9 @@ def test_openai_sdk(stack: Stack) -> None:
 
 def test_stop_strings(stack: Stack) -> None:
     body = {"prompt": PROMPTS[0], "max_tokens": 30, "temperature": 0, "ignore_eos": True}
-    text = httpx.post(f"{stack.gateway_url}/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+    text = httpx.post(f"{stack.gateway_url}/v1/completions", json=body, timeout=30).json()["choices"][0][
+        "text"
+    ]
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     if not stop.strip():
         pytest.fail(f"generated text has no usable stop string: {text!r}")
@@ -155,8 +176,9 @@ def test_stop_strings(stack: Stack) -> None:
     assert r["choices"][0]["finish_reason"] == "stop"
     assert r["choices"][0]["text"] == text[: text.find(stop)]
     chunks = []
-    with httpx.stream("POST", f"{stack.gateway_url}/v1/completions", json={**body, "stop": stop, "stream": True},
-                      timeout=30) as s:
+    with httpx.stream(
+        "POST", f"{stack.gateway_url}/v1/completions", json={**body, "stop": stop, "stream": True}, timeout=30
+    ) as s:
         for line in s.iter_lines():
             if line.startswith("data: {"):
                 chunks.append(json.loads(line[6:])["choices"][0])
@@ -176,23 +198,32 @@ def test_disconnect_cancels_everywhere(stack: Stack) -> None:
     assert wait_until_released(stack) == {u: {} for u in stack.held()}
     # and a non-streaming request whose client gives up
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{stack.gateway_url}/v1/completions", timeout=httpx.Timeout(30, read=0.5),
-                   json={**body, "stream": False})
+        httpx.post(
+            f"{stack.gateway_url}/v1/completions",
+            timeout=httpx.Timeout(30, read=0.5),
+            json={**body, "stream": False},
+        )
     assert wait_until_released(stack) == {u: {} for u in stack.held()}
     assert metric(stack.gateway_url, "tandem_sequences_cancelled_total") >= before + 2
     for url in (u for urls in stack.stage_urls.values() for u in urls):
         assert metric(url, "tandem_kv_cache_sequences") == 0
 
 
-def test_replay_when_a_stage_loses_the_sequence(stack: Stack, tok: TokenizerCore, reference: Reference) -> None:
+def test_replay_when_a_stage_loses_the_sequence(
+    stack: Stack, tok: TokenizerCore, reference: Reference
+) -> None:
     """A stage that drops a sequence mid-generation (eviction, restart) costs a replay, not the answer."""
     stage2 = stack.stage_urls["stage-2"][0]
     before = metric(stack.gateway_url, "tandem_replays_total", 'stage="stage-2"')
 
     async def main() -> dict:
         async with httpx.AsyncClient(timeout=60) as c:
-            task = asyncio.create_task(c.post(f"{stack.gateway_url}/api/model/process",
-                                              json={"text": PROMPTS[1], "max_tokens": 300, "ignore_eos": True}))
+            task = asyncio.create_task(
+                c.post(
+                    f"{stack.gateway_url}/api/model/process",
+                    json={"text": PROMPTS[1], "max_tokens": 300, "ignore_eos": True},
+                )
+            )
             dropped = False
             while not task.done() and not dropped:
                 held = (await c.get(f"{stage2}/v2/models/stage-2/sequences")).json()["sequences"]
@@ -212,25 +243,28 @@ def test_replay_when_a_stage_loses_the_sequence(stack: Stack, tok: TokenizerCore
     assert metric(stage2, "tandem_kv_cache_misses_total") >= 1
 
 
-@pytest.mark.parametrize(("body", "fragment"), [
-    ({"prompt": "hi", "max_tokens": -1}, "max_tokens must be at least 1"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens must be at least 1"),
-    ({"prompt": "hi", "max_tokens": 1024}, "context window is 1024"),
-    ({"prompt": [7] * 1000, "max_tokens": 30}, "context window"),
-    ({"prompt": "", "max_tokens": 3}, "prompt must not be empty"),
-    ({"prompt": [], "max_tokens": 3}, "prompt must not be empty"),
-    ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
-    ({"prompt": 42}, "prompt"),
-    ({"prompt": "hi", "temperature": -0.5}, "temperature"),
-    ({"prompt": "hi", "top_p": 0}, "top_p"),
-    ({"prompt": "hi", "top_k": -7}, "top_k"),
-    ({"prompt": "hi", "n": 2}, "n = 1"),
-    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"prompt": "hi", "bogus": True}, "bogus"),
-    ({"prompt": [1, "a"]}, "not a mix"),
-    ({"prompt": [10**9]}, "outside the vocabulary"),
-    ({"max_tokens": 3}, "prompt"),
-])
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"prompt": "hi", "max_tokens": -1}, "max_tokens must be at least 1"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens must be at least 1"),
+        ({"prompt": "hi", "max_tokens": 1024}, "context window is 1024"),
+        ({"prompt": [7] * 1000, "max_tokens": 30}, "context window"),
+        ({"prompt": "", "max_tokens": 3}, "prompt must not be empty"),
+        ({"prompt": [], "max_tokens": 3}, "prompt must not be empty"),
+        ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+        ({"prompt": 42}, "prompt"),
+        ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "top_k": -7}, "top_k"),
+        ({"prompt": "hi", "n": 2}, "n = 1"),
+        ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "hi", "bogus": True}, "bogus"),
+        ({"prompt": [1, "a"]}, "not a mix"),
+        ({"prompt": [10**9]}, "outside the vocabulary"),
+        ({"max_tokens": 3}, "prompt"),
+    ],
+)
 def test_bad_completion_parameters(stack: Stack, body: dict, fragment: str) -> None:
     r = httpx.post(f"{stack.gateway_url}/v1/completions", json=body, timeout=10)
     assert r.status_code == 400, r.text
@@ -238,14 +272,17 @@ def test_bad_completion_parameters(stack: Stack, body: dict, fragment: str) -> N
     assert err["type"] == "invalid_request_error" and fragment in err["message"], err
 
 
-@pytest.mark.parametrize(("body", "fragment"), [
-    ({"text": ""}, "text must not be empty"),
-    ({"text": "hi", "metadata": {"max_tokens": -3}}, "max_tokens"),
-    ({"text": "hi", "metadata": {"max_tokens": "many"}}, "metadata.max_tokens"),
-    ({"text": "hi", "max_tokens": 5000}, "context window"),
-    ({"text": 5}, "text"),
-    ({"txt": "hi"}, "txt"),
-])
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"text": ""}, "text must not be empty"),
+        ({"text": "hi", "metadata": {"max_tokens": -3}}, "max_tokens"),
+        ({"text": "hi", "metadata": {"max_tokens": "many"}}, "metadata.max_tokens"),
+        ({"text": "hi", "max_tokens": 5000}, "context window"),
+        ({"text": 5}, "text"),
+        ({"txt": "hi"}, "txt"),
+    ],
+)
 def test_bad_process_parameters(stack: Stack, body: dict, fragment: str) -> None:
     r = httpx.post(f"{stack.gateway_url}/api/model/process", json=body, timeout=10)
     assert r.status_code == 400, r.text
@@ -256,8 +293,12 @@ def test_bad_process_parameters(stack: Stack, body: dict, fragment: str) -> None
 def test_garbage_bodies_do_not_hurt(stack: Stack) -> None:
     for path in ("/v1/completions", "/api/model/process"):
         for content in (b"", b"{", b"\xff\xfe\x00", b"[1,2,3]", b"null", b'{"prompt": "hi"' * 1000):
-            r = httpx.post(f"{stack.gateway_url}{path}", content=content,
-                           headers={"content-type": "application/json"}, timeout=10)
+            r = httpx.post(
+                f"{stack.gateway_url}{path}",
+                content=content,
+                headers={"content-type": "application/json"},
+                timeout=10,
+            )
             assert 400 <= r.status_code < 500, (path, content[:20], r.status_code, r.text)
     ok = httpx.post(f"{stack.gateway_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
     assert ok.status_code == 200
@@ -271,14 +312,27 @@ def test_health_docs_and_metrics(stack: Stack) -> None:
     spec = httpx.get(f"{g}/docs/openapi.json").json()
     assert {"/v1/completions", "/v1/models", "/api/model/process"} <= set(spec["paths"])
     text = httpx.get(f"{g}/metrics").text
-    for name in ("tandem_requests_total", "tandem_request_duration_seconds", "tandem_time_to_first_token_seconds",
-                 "tandem_inter_token_latency_seconds", "tandem_prompt_tokens_total",
-                 "tandem_generation_tokens_total", "tandem_sequences_running", "tandem_sequences_waiting",
-                 "tandem_stage_call_seconds", "tandem_stage_up", "tandem_replays_total",
-                 "process_resident_memory_bytes"):
+    for name in (
+        "tandem_requests_total",
+        "tandem_request_duration_seconds",
+        "tandem_time_to_first_token_seconds",
+        "tandem_inter_token_latency_seconds",
+        "tandem_prompt_tokens_total",
+        "tandem_generation_tokens_total",
+        "tandem_sequences_running",
+        "tandem_sequences_waiting",
+        "tandem_stage_call_seconds",
+        "tandem_stage_up",
+        "tandem_replays_total",
+        "process_resident_memory_bytes",
+    ):
         assert name in text, name
     assert 'tandem_stage_up{replica="stage-3-r1",stage="stage-3"} 1.0' in text
     stage_text = httpx.get(f"{stack.stage_urls['stage-1'][0]}/metrics").text
-    for name in ("tandem_stage_infer_seconds", "tandem_stage_batch_size", "tandem_kv_cache_bytes",
-                 "tandem_kv_cache_evictions_total"):
+    for name in (
+        "tandem_stage_infer_seconds",
+        "tandem_stage_batch_size",
+        "tandem_kv_cache_bytes",
+        "tandem_kv_cache_evictions_total",
+    ):
         assert name in stage_text, name

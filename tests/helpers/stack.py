@@ -23,9 +23,22 @@ class Stack:
 
     def start_stage(self, node_id: str, stage: int, port: int) -> None:
         self.procs[node_id] = start_process(
-            [sys.executable, "-m", "functions.stage", "--bundle", str(self.bundle), "--stage", str(stage),
-             "--port", str(port), "--threads", "1"],
-            f"http://127.0.0.1:{port}/v2/health/ready", timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "functions.stage",
+                "--bundle",
+                str(self.bundle),
+                "--stage",
+                str(stage),
+                "--port",
+                str(port),
+                "--threads",
+                "1",
+            ],
+            f"http://127.0.0.1:{port}/v2/health/ready",
+            timeout=60,
+        )
 
     def held(self) -> dict[str, dict[str, int]]:
         """Sequences held by every stage replica (url -> {sequence id: length})."""
@@ -39,8 +52,9 @@ class Stack:
         """The gateway configuration start_stack wrote (a fresh copy to edit)."""
         return json.loads(self.config_path.read_text())
 
-    def start_gateway(self, name: str, config: dict, *, env: dict[str, str] | None = None,
-                      ready_path: str = "/readyz") -> str:
+    def start_gateway(
+        self, name: str, config: dict, *, env: dict[str, str] | None = None, ready_path: str = "/readyz"
+    ) -> str:
         """Another gateway over (some of) these functions, with its own config file next to the
         stack's; stopped with the stack. Waits until `ready_path` answers 200; returns its URL."""
         path = self.config_path.with_name(f"{name}.json")
@@ -48,7 +62,10 @@ class Stack:
         url = f"http://127.0.0.1:{free_port()}"
         self.procs[name] = start_process(
             [sys.executable, "-m", "gateway", "--config", str(path), "--port", url.rsplit(":", 1)[1]],
-            f"{url}{ready_path}", timeout=60, env=env)
+            f"{url}{ready_path}",
+            timeout=60,
+            env=env,
+        )
         return url
 
     def stop(self) -> None:
@@ -56,15 +73,22 @@ class Stack:
             stop_process(h)
 
 
-def start_stack(bundle: Path, workdir: Path, *, replicas: tuple[int, ...] = (1, 1, 1),
-                gateway_env: dict[str, str] | None = None) -> Stack:
+def start_stack(
+    bundle: Path,
+    workdir: Path,
+    *,
+    replicas: tuple[int, ...] = (1, 1, 1),
+    gateway_env: dict[str, str] | None = None,
+) -> Stack:
     cfg_path = workdir / "config.json"
     stack = Stack(bundle, cfg_path)
     tok_port = free_port()
     stack.tokenizer_url = f"http://127.0.0.1:{tok_port}"
     stack.procs["tokenizer"] = start_process(
         [sys.executable, "-m", "functions.tokenizer", "--bundle", str(bundle), "--port", str(tok_port)],
-        f"{stack.tokenizer_url}/v2/health/ready", timeout=60)
+        f"{stack.tokenizer_url}/v2/health/ready",
+        timeout=60,
+    )
     nodes = []
     for k, n in enumerate(replicas):
         name = f"stage-{k + 1}"
@@ -74,11 +98,22 @@ def start_stack(bundle: Path, workdir: Path, *, replicas: tuple[int, ...] = (1, 
             nodes.append({"id": node_id, "address": f"127.0.0.1:{port}", "model_part": k})
             stack.stage_urls.setdefault(name, []).append(f"http://127.0.0.1:{port}")
             stack.start_stage(node_id, k + 1, port)
-    cfg_path.write_text(json.dumps({"model_name": "gpt2", "tokenizer": {"address": f"127.0.0.1:{tok_port}"},
-                                    "nodes": nodes, "health_interval": 0.2}))
+    cfg_path.write_text(
+        json.dumps(
+            {
+                "model_name": "gpt2",
+                "tokenizer": {"address": f"127.0.0.1:{tok_port}"},
+                "nodes": nodes,
+                "health_interval": 0.2,
+            }
+        )
+    )
     gw_port = free_port()
     stack.gateway_url = f"http://127.0.0.1:{gw_port}"
     stack.procs["gateway"] = start_process(
         [sys.executable, "-m", "gateway", "--config", str(cfg_path), "--port", str(gw_port)],
-        f"{stack.gateway_url}/readyz", timeout=60, env=gateway_env)
+        f"{stack.gateway_url}/readyz",
+        timeout=60,
+        env=gateway_env,
+    )
     return stack
