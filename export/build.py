@@ -128,7 +128,10 @@ def up_to_date(out: Path, export_args: dict[str, Any]) -> bool:
     except BundleError as e:
         log(f"{e}; rebuilding")
         return False
-    if m.export_args != export_args:
+    want = dict(export_args)
+    if m.export_args.get("with_reference") and not want.get("with_reference"):
+        want["with_reference"] = True  # a bundle with the reference serves a run without it too
+    if m.export_args != want:
         log("bundle was built with other arguments; rebuilding")
         return False
     problems = verify_files(out, m)

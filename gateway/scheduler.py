@@ -396,20 +396,23 @@ class Scheduler:
         s.n_generated += 1
         self.metrics.generation_tokens.inc()
         if token == self.eos and not s.params.ignore_eos:
+            s.text += s.decoder.flush()
             s.events.put_nowait(Event("token", token, self._drain_text(s, final=True), logprob))
             self._finish(s, "stop", ended_in_stages)
             return
+        done = s.n_generated >= s.params.max_tokens or len(s.tokens) >= self.n_positions
         try:
             s.text += s.decoder.push(token)
         except TokenizerInputError:
             pass  # an id the tokenizer has no text for (a model vocabulary larger than the tokenizer's)
+        if done:
+            s.text += s.decoder.flush()  # bytes held back for an incomplete character
         hit = self._stop_hit(s)
         if hit is not None:
             s.text = s.text[:hit]
             s.events.put_nowait(Event("token", token, self._drain_text(s, final=True), logprob))
             self._finish(s, "stop", ended_in_stages)
             return
-        done = s.n_generated >= s.params.max_tokens or len(s.tokens) >= self.n_positions
         s.events.put_nowait(Event("token", token, self._drain_text(s, final=done), logprob))
         if done:
             self._finish(s, "length", ended_in_stages)
@@ -423,8 +426,6 @@ class Scheduler:
     def _drain_text(self, s: Sequence, final: bool) -> str:
         """Text not yet sent, holding back a tail that could still become a stop string."""
         if final:
-            if not s.finished and s.params.stop == ():
-                s.text += s.decoder.flush()
             end = len(s.text)
         else:
             hold = 0
