@@ -17,7 +17,8 @@ Variants, run one after the other (never at the same time: they share the CPU):
 For each concurrency level C: C sequences with a PROMPT_TOKENS-token prompt each (seeded random
 token ids, the same ids for every variant), NEW_TOKENS new tokens greedy, no early stop. The
 in-process variants run the C sequences as one batch; the stack gets C concurrent HTTP streams.
-One warm-up run, then the median of --repeats runs of:
+Per round (--rounds, default 3; the variants take turns, so drift of the machine hits all of them
+alike) one warm-up run and --repeats measured runs; the figures are medians over every round's runs:
   first token ms         start of the generation -> first new token (mean over the C sequences)
   decode tok/s/stream    (NEW_TOKENS - 1) / (last token - first token), mean over the sequences
   aggregate tok/s        C * NEW_TOKENS / wall time of the whole generation
@@ -83,13 +84,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,16", help="comma-separated sequence counts (default 1,16)")
-    p.add_argument("--repeats", type=int, default=3, help="measured runs per point, after one warm-up")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="measured runs per point and round, after one warm-up"
+    )
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
         help="comma-separated subset of monolith,hf,stack (default all three)",
     )
     p.add_argument("--skip-hf", action="store_true", help="leave out the hf variant")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds that interleave the variants; medians over all rounds' runs (default 3)",
+    )
+    p.add_argument("--skip-startup", action="store_true", help="leave out the stage start-up timing")
     p.add_argument(
         "--stack-url",
         default=None,
@@ -812,7 +822,8 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
     }
     lines = [
         f"GPT-2 124M, random weights, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-        f"greedy, median of {args.repeats} after 1 warm-up, one run of `python -m tests.benchmarks.bench`",
+        f"greedy, median of {args.rounds} rounds x {args.repeats} runs (variants interleaved by round, "
+        "1 warm-up each), one run of `python -m tests.benchmarks.bench`",
         "",
     ]
     if results:
@@ -866,6 +877,58 @@ def _jsonable(results: dict) -> dict:
     return {v: {str(c): r for c, r in per.items()} for v, per in results.items()}
 
 
+def stage_startup(bundle: Path, manifest: dict, repeats: int) -> dict[str, float]:
+    """Seconds from spawning `python -m functions.stage` to its /v2/health/ready answering 200
+    (ONNX session loaded and a warm-up inference run), median of `repeats`, per stage."""
+    import socket
+    import subprocess
+
+    import httpx
+
+    out = {}
+    for stage in manifest["stages"]:
+        times = []
+        for _ in range(repeats):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "functions.stage",
+                    "--bundle",
+                    str(bundle),
+                    "--stage",
+                    stage["name"],
+                    "--port",
+                    str(port),
+                ],
+                cwd=REPO_ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                while proc.poll() is None and time.perf_counter() - t0 < 60:
+                    try:
+                        if (
+                            httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code
+                            == 200
+                        ):
+                            times.append(time.perf_counter() - t0)
+                            break
+                    except httpx.TransportError:
+                        pass
+                    time.sleep(0.01)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        if times:
+            out[stage["name"]] = statistics.median(times)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     bundle = Path(args.bundle)
@@ -878,33 +941,56 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     results: dict = {}
     errors: dict = {}
-    for v in args.variants:
-        results[v] = {}
-        try:
-            if v == "monolith":
-                run_monolith(args, bundle, prompts, results[v])
-            elif v == "hf":
-                run_hf(args, bundle, manifest, prompts, results[v])
-                import torch
-                import transformers
+    # Rounds interleave the variants (monolith, hf, stack, monolith, ...), so a machine that
+    # speeds up or slows down during the run weighs on every variant alike; the medians are
+    # taken over the runs of all rounds.
+    rounds: dict[str, dict[int, list[dict]]] = {v: {} for v in args.variants}
+    for rnd in range(args.rounds):
+        if args.rounds > 1:
+            log(f"=== round {rnd + 1}/{args.rounds}")
+        for v in [v for v in args.variants if v not in errors]:
+            per: dict = {}
+            try:
+                if v == "monolith":
+                    run_monolith(args, bundle, prompts, per)
+                elif v == "hf":
+                    run_hf(args, bundle, manifest, prompts, per)
+                    import torch
+                    import transformers
 
-                machine["torch"] = torch.__version__
-                machine["transformers"] = transformers.__version__
-                machine["torch_threads"] = torch.get_num_threads()
-            else:
-                run_stack(args, bundle, prompts, results[v])
-        except BenchError as e:
-            errors[v] = str(e)
-            log(f"[{v}] FAILED: {e}")
-        except KeyboardInterrupt:
-            errors[v] = "interrupted"
-            break
-        gc.collect()  # the previous variant's model leaves memory before the next one loads
+                    machine["torch"] = torch.__version__
+                    machine["transformers"] = transformers.__version__
+                    machine["torch_threads"] = torch.get_num_threads()
+                else:
+                    run_stack(args, bundle, prompts, per)
+            except BenchError as e:
+                errors[v] = str(e)
+                log(f"[{v}] FAILED: {e}")
+            except KeyboardInterrupt:
+                errors[v] = "interrupted"
+                break
+            for c, summary in per.items():
+                rounds[v].setdefault(c, []).append(summary)
+            gc.collect()  # the previous variant's model leaves memory before the next one loads
+    for v, levels in rounds.items():
+        results[v] = {}
+        for c, summaries in levels.items():
+            merged = summarize([r for s_ in summaries for r in s_["runs"]])
+            merged["tokens"] = summaries[0].get("tokens")
+            if "texts" in summaries[0]:
+                merged["texts"] = summaries[0]["texts"]
+            results[v][c] = merged
 
     results = {v: per for v, per in results.items() if per}
+    startup = {} if args.skip_startup else stage_startup(bundle, manifest, args.repeats)
     machine["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     checks = run_checks(results, bundle)
     print(report(args, machine, results, checks, errors))
+    if startup:
+        print(
+            "Stage function ready after process start (median of "
+            f"{args.repeats}): " + ", ".join(f"{k} {v:.2f} s" for k, v in startup.items())
+        )
     for k, val in checks.items():
         if val != "equal" and not val.startswith("not checked"):
             print(
@@ -932,6 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"name": n, "ratio": x, "want_at_least": w, "met": ok} for n, x, w, ok in targets(results)
             ],
             "checks": checks,
+            "stage_ready_seconds": startup,
             "errors": errors,
             "prompt_ids": prompts.tolist(),
         }
