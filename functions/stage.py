@@ -111,6 +111,31 @@ class _Loader:
         return False, self.error or self.status
 
 
+# name, help, how to read it off the KV cache, metric family
+_CACHE_FIGURES = (
+    ("tandem_kv_cache_sequences", "Sequences held in the KV cache.", len, GaugeMetricFamily),
+    ("tandem_kv_cache_bytes", "Bytes of keys/values held.", lambda c: c.bytes, GaugeMetricFamily),
+    (
+        "tandem_kv_cache_evictions",
+        "Sequences evicted for the byte budget.",
+        lambda c: c.evictions,
+        CounterMetricFamily,
+    ),
+    (
+        "tandem_kv_cache_expirations",
+        "Sequences dropped for idleness.",
+        lambda c: c.expirations,
+        CounterMetricFamily,
+    ),
+    (
+        "tandem_kv_cache_misses",
+        "Rows refused (409) for a past length the stage does not hold.",
+        lambda c: c.misses,
+        CounterMetricFamily,
+    ),
+)
+
+
 class _CacheCollector:
     """KV cache figures read at scrape time, so they are never stale."""
 
@@ -118,43 +143,10 @@ class _CacheCollector:
         self.loader, self.stage = loader, stage
 
     def collect(self):
-        e = self.loader.engine
-        c = e.cache if e else None
-        label = [self.stage]
-        for name, doc, value, family in (
-            (
-                "tandem_kv_cache_sequences",
-                "Sequences held in the KV cache.",
-                len(c) if c is not None else 0,
-                GaugeMetricFamily,
-            ),
-            (
-                "tandem_kv_cache_bytes",
-                "Bytes of keys/values held.",
-                c.bytes if c is not None else 0,
-                GaugeMetricFamily,
-            ),
-            (
-                "tandem_kv_cache_evictions",
-                "Sequences evicted for the byte budget.",
-                c.evictions if c is not None else 0,
-                CounterMetricFamily,
-            ),
-            (
-                "tandem_kv_cache_expirations",
-                "Sequences dropped for idleness.",
-                c.expirations if c is not None else 0,
-                CounterMetricFamily,
-            ),
-            (
-                "tandem_kv_cache_misses",
-                "Rows refused (409) for a past length the stage does not hold.",
-                c.misses if c is not None else 0,
-                CounterMetricFamily,
-            ),
-        ):
+        cache = self.loader.engine.cache if self.loader.engine else None
+        for name, doc, read, family in _CACHE_FIGURES:
             m = family(name, doc, labels=["stage"])
-            m.add_metric(label, value)
+            m.add_metric([self.stage], read(cache) if cache is not None else 0)
             yield m
 
 

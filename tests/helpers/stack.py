@@ -98,22 +98,12 @@ def start_stack(
             nodes.append({"id": node_id, "address": f"127.0.0.1:{port}", "model_part": k})
             stack.stage_urls.setdefault(name, []).append(f"http://127.0.0.1:{port}")
             stack.start_stage(node_id, k + 1, port)
-    cfg_path.write_text(
-        json.dumps(
-            {
-                "model_name": "gpt2",
-                "tokenizer": {"address": f"127.0.0.1:{tok_port}"},
-                "nodes": nodes,
-                "health_interval": 0.2,
-            }
-        )
-    )
-    gw_port = free_port()
-    stack.gateway_url = f"http://127.0.0.1:{gw_port}"
-    stack.procs["gateway"] = start_process(
-        [sys.executable, "-m", "gateway", "--config", str(cfg_path), "--port", str(gw_port)],
-        f"{stack.gateway_url}/readyz",
-        timeout=60,
-        env=gateway_env,
-    )
+    config = {
+        "model_name": "gpt2",
+        "tokenizer": {"address": f"127.0.0.1:{tok_port}"},
+        "nodes": nodes,
+        "health_interval": 0.2,
+    }
+    cfg_path.write_text(json.dumps(config))
+    stack.gateway_url = stack.start_gateway("gateway", config, env=gateway_env)
     return stack
