@@ -8,6 +8,7 @@ warm-up inference has run.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
@@ -282,7 +283,21 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
     @contextlib.asynccontextmanager
     async def load_in_background(app: Litestar) -> AsyncIterator[None]:
         threading.Thread(target=loader.run, name=f"load-{name}", daemon=True).start()
-        yield
+        expiry = asyncio.create_task(expire_idle())
+        try:
+            yield
+        finally:
+            expiry.cancel()
+
+    async def expire_idle() -> None:
+        """Idle sequences leave even when no request comes to trigger it."""
+        interval = max(1.0, min(30.0, settings.idle_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            engine = loader.engine
+            if engine is not None:
+                with engine.lock:
+                    engine.cache.expire()
 
     return create_function_app(
         service_name=name,

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -846,3 +847,45 @@ def test_sequence_end_delete_and_release_free_the_cache(stages: Stages) -> None:
     assert not {a, b, c, d} & set(now) and now[e] == 3
     release(stages, "stage-1", [e])
     assert e not in held(stages, "stage-1")
+
+
+def test_idle_sequences_expire_without_traffic(tiny_bundle: Path) -> None:
+    """The idle timeout frees a sequence even when no further request arrives."""
+    port = free_port()
+    handle = start_process(
+        [
+            sys.executable,
+            "-m",
+            "functions.stage",
+            "--bundle",
+            str(tiny_bundle),
+            "--stage",
+            "1",
+            "--port",
+            str(port),
+        ],
+        f"http://127.0.0.1:{port}/v2/health/ready",
+        timeout=60,
+        env={"TANDEM_KV_IDLE_SECONDS": "0.5"},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        body, hlen = protocol.encode_request(
+            {
+                "sequence_ids": np.array([77]),
+                "past_lengths": np.array([0]),
+                "input_ids": np.array([[1, 2, 3]]),
+            }
+        )
+        r = httpx.post(f"{url}/v2/models/stage-1/infer", content=body, headers={protocol.HEADER: str(hlen)})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            metrics = httpx.get(f"{url}/metrics").text
+            if 'tandem_kv_cache_expirations_total{stage="stage-1"} 1.0' in metrics:
+                break
+            time.sleep(0.2)
+        assert 'tandem_kv_cache_sequences{stage="stage-1"} 0.0' in metrics, metrics
+        assert 'tandem_kv_cache_expirations_total{stage="stage-1"} 1.0' in metrics
+    finally:
+        stop_process(handle)
