@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,6 @@ class StageResult:
     phase: str  # "prefill" (some row brings more than one position) or "decode"
     batch_size: int
     seconds: float  # time in the ONNX session
-    released: list[int] = field(default_factory=list)
 
 
 def session_options(threads: int | None):
@@ -85,7 +84,6 @@ class StageEngine:
         self.providers = self.session.get_providers()
         self.cache = KVCache(cache_bytes, idle_seconds)
         self.lock = threading.Lock()  # one batch at a time: the 409 check and the update are atomic
-        self.inferences = 0
 
     # ---- wire description (the stage's Open Inference Protocol model metadata) ----
     def wire_inputs(self) -> list[dict]:
@@ -259,8 +257,7 @@ class StageEngine:
         t0 = time.perf_counter()
         outs = self.session.run(None, feeds)
         seconds = time.perf_counter() - t0
-        self.inferences += 1
-        released = self._store(ids, past, n_new, end, P, S, outs[1:])
+        self._store(ids, past, n_new, end, P, S, outs[1:])
         result = {}
         if self.last:
             logits = outs[0]  # (B, V)
@@ -281,19 +278,17 @@ class StageEngine:
         else:
             result[self.y_name] = outs[0]  # (B, S, C)
         phase = "prefill" if int(n_new.max()) > 1 else "decode"
-        return StageResult(result, phase, B, seconds, released)
+        return StageResult(result, phase, B, seconds)
 
-    def _store(self, ids, past, n_new, end, P: int, S: int, presents: list[np.ndarray]) -> list[int]:
+    def _store(self, ids, past, n_new, end, P: int, S: int, presents: list[np.ndarray]) -> None:
         """Keep each row's new KV as a view into this batch's presents (B, H, P + S, D). A row with
         a past and padded new positions has a gap in the middle: that one is compacted."""
         start = np.where(past == 0, P + S - n_new, P - past)  # (B,) first valid position
         group = Group(presents, start, tuple(int(s) for s in ids))
         keep = list(group.ids)
-        released = []
         for b, seq in enumerate(group.ids):
             if end is not None and end[b]:
                 self.cache.release(seq)
-                released.append(seq)
             elif past[b] == 0 or n_new[b] == S:
                 self.cache.put(seq, group, b, keep)
             else:
@@ -303,7 +298,6 @@ class StageEngine:
                     for a in presents
                 ]  # (1, H, p + n, D)
                 self.cache.put(seq, Group(compact, np.zeros(1, dtype=np.int64), (seq,)), 0, keep)
-        return released
 
     def release(self, seq_id: int) -> bool:
         with self.lock:

@@ -9,7 +9,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,3 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Gatew
     except ValueError as e:
         raise ConfigError(f"{p} is not valid JSON: {e}") from None
     return parse_config(data, env)
-
-
-def with_overrides(cfg: GatewayConfig, **kw: Any) -> GatewayConfig:
-    return replace(cfg, **kw)
