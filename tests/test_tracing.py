@@ -264,20 +264,7 @@ def test_streamed_completions_return_the_trace_id_header(traced_stack: Stack, ot
     spans = request_trace(otlp, tid)
     root = check_request_trace(spans, "/v1/completions")
     assert root.attributes["gen_ai.usage.input_tokens"] == 3  # "Hello the model"
-
-
-def test_streamed_completions_record_output_tokens(traced_stack: Stack, otlp: OtlpReceiver) -> None:
-    with httpx.stream(
-        "POST",
-        f"{traced_stack.gateway_url}/v1/completions",
-        json={"prompt": "Hello the model", "max_tokens": 3, "stream": True, "ignore_eos": True},
-        timeout=60,
-    ) as r:
-        assert r.status_code == 200
-        tid = r.headers["X-Trace-Id"]
-        r.read()
-    root = check_request_trace(request_trace(otlp, tid), "/v1/completions")
-    assert root.attributes.get("gen_ai.usage.output_tokens") == 3, root.attributes
+    assert root.attributes.get("gen_ai.usage.output_tokens") == 3, root.attributes  # set after the stream
 
 
 def test_batched_requests_keep_their_own_traces(traced_stack: Stack, otlp: OtlpReceiver) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from functions import protocol
-from tests.helpers.procs import ProcessHandle, free_port, start_process, stop_process
+from tests.helpers.procs import ProcessHandle, free_port, start_stage, stop_process
 from tests.helpers.stage_driver import Sequence, StageDriver, StageEndpoint
 
 pytestmark = pytest.mark.slow
@@ -67,22 +66,10 @@ def stages(tiny_bundle: Path) -> Iterator[Stages]:
         key, (stage, env) = item
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        handle = start_process(
-            [
-                sys.executable,
-                "-m",
-                "functions.stage",
-                "--bundle",
-                str(tiny_bundle),
-                "--stage",
-                stage,
-                "--port",
-                str(port),
-                "--threads",
-                "1",
-            ],
-            f"{url}/v2/health/ready",
-            timeout=60,
+        handle = start_stage(
+            tiny_bundle,
+            stage,
+            port,
             env={"TANDEM_MAX_BODY_BYTES": str(MAX_BODY), "TANDEM_LOG_LEVEL": "warning", **env},
         )
         return key, url, handle
@@ -852,22 +839,7 @@ def test_sequence_end_delete_and_release_free_the_cache(stages: Stages) -> None:
 def test_idle_sequences_expire_without_traffic(tiny_bundle: Path) -> None:
     """The idle timeout frees a sequence even when no further request arrives."""
     port = free_port()
-    handle = start_process(
-        [
-            sys.executable,
-            "-m",
-            "functions.stage",
-            "--bundle",
-            str(tiny_bundle),
-            "--stage",
-            "1",
-            "--port",
-            str(port),
-        ],
-        f"http://127.0.0.1:{port}/v2/health/ready",
-        timeout=60,
-        env={"TANDEM_KV_IDLE_SECONDS": "0.5"},
-    )
+    handle = start_stage(tiny_bundle, 1, port, env={"TANDEM_KV_IDLE_SECONDS": "0.5"}, threads=None)
     try:
         url = f"http://127.0.0.1:{port}"
         body, hlen = protocol.encode_request(

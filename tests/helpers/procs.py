@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -99,3 +100,12 @@ def stop_process(handle: ProcessHandle, *, timeout: float = 10.0) -> int:
 
 def _close(handle: ProcessHandle) -> None:
     handle.stderr_file.close()
+
+
+def start_stage(
+    bundle: Path, stage: int | str, port: int, *, env: dict[str, str] | None = None, threads: int | None = 1
+) -> ProcessHandle:
+    """`python -m functions.stage` for one stage of `bundle` on 127.0.0.1:`port`, once ready."""
+    args = [sys.executable, "-m", "functions.stage", "--bundle", str(bundle), "--stage", str(stage)]
+    args += ["--port", str(port)] + (["--threads", str(threads)] if threads else [])
+    return start_process(args, f"http://127.0.0.1:{port}/v2/health/ready", timeout=60, env=env)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers.procs import ProcessHandle, free_port, start_process, stop_process
+from tests.helpers.procs import ProcessHandle, free_port, start_process, start_stage, stop_process
 
 
 @dataclass
@@ -22,23 +22,7 @@ class Stack:
     procs: dict[str, ProcessHandle] = field(default_factory=dict)  # service id -> process
 
     def start_stage(self, node_id: str, stage: int, port: int) -> None:
-        self.procs[node_id] = start_process(
-            [
-                sys.executable,
-                "-m",
-                "functions.stage",
-                "--bundle",
-                str(self.bundle),
-                "--stage",
-                str(stage),
-                "--port",
-                str(port),
-                "--threads",
-                "1",
-            ],
-            f"http://127.0.0.1:{port}/v2/health/ready",
-            timeout=60,
-        )
+        self.procs[node_id] = start_stage(self.bundle, stage, port)
 
     def held(self) -> dict[str, dict[str, int]]:
         """Sequences held by every stage replica (url -> {sequence id: length})."""
