@@ -29,10 +29,13 @@ from prometheus_client import (
 )
 
 from functions.errors import problem_details_handler, problem_response
+from functions.fastpath import FastRoute, FastRoutesApp
 from functions.settings import FunctionSettings
 from functions.telemetry import configure_tracing
 
-__all__ = ["LATENCY_BUCKETS", "create_function_app", "serve"]
+__all__ = ["LATENCY_BUCKETS", "asgi_entry", "create_function_app", "serve"]
+
+FAST_ENTRY = "fast_entry"  # app.state key of the FastRoutesApp in front of the app, when there is one
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready", "/healthz", "/readyz")
 # Sub-millisecond to seconds: a decode step is ~1 ms, a big prefill a few seconds.
@@ -84,8 +87,13 @@ def create_function_app(
     registry: CollectorRegistry,
     openapi_title: str,
     state: dict[str, Any] | None = None,
+    fast_routes: Sequence[FastRoute] = (),
 ) -> Litestar:
-    """Build a function's app; `registry` must be fresh per app (never the global default)."""
+    """Build a function's app; `registry` must be fresh per app (never the global default).
+
+    `fast_routes` are served in front of the app (see functions.fastpath) unless tracing is on;
+    `asgi_entry(app)` is what a server must run to get them.
+    """
     logging.getLogger("tandem").setLevel(settings.log_level.upper())
     tracing = configure_tracing(service_name)
     ProcessCollector(registry=registry)
@@ -126,7 +134,7 @@ def create_function_app(
         exclude=["^/metrics$", "^/v2/health/", "^/healthz$", "^/readyz$", "/sequences", "^/v1/tokenizer$"],
         exclude_spans=["receive", "send"],
     )
-    return Litestar(
+    app = Litestar(
         route_handlers=[live, ready, metrics, *route_handlers],
         lifespan=list(lifespan or []),
         middleware=[
@@ -149,6 +157,21 @@ def create_function_app(
         # Logging belongs to the process (see `serve`), not to each app built in a test.
         logging_config=None,
     )
+    if fast_routes and not tracing:
+        app.state[FAST_ENTRY] = FastRoutesApp(
+            app,
+            fast_routes,
+            service=service_name,
+            requests=requests,
+            duration=duration,
+            max_body_bytes=settings.max_body_bytes,
+        )
+    return app
+
+
+def asgi_entry(app: Litestar) -> ASGIApp:
+    """The ASGI callable to serve: the fast routes in front of `app` when it has any, else `app`."""
+    return app.state.get(FAST_ENTRY) or app
 
 
 def serve(app: Litestar, settings: FunctionSettings) -> int:
@@ -159,7 +182,7 @@ def serve(app: Litestar, settings: FunctionSettings) -> int:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per stage call is noise
     config = uvicorn.Config(
-        app,
+        asgi_entry(app),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -72,6 +72,21 @@ _TITLES = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409:
 _TITLES |= {413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
+def problem_body(
+    status: int, detail: str, *, instance: str, title: str | None = None, extra: dict[str, Any] | None = None
+) -> bytes:
+    """The JSON of an RFC 9457 problem."""
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title or _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+    }
+    body.update(extra or {})
+    return msgspec.json.encode(body)
+
+
 def problem_response(
     status: int,
     detail: str,
@@ -82,20 +97,18 @@ def problem_response(
     headers: dict[str, str] | None = None,
 ) -> Response[bytes]:
     """An RFC 9457 `application/problem+json` response."""
-    body: dict[str, Any] = {
-        "type": "about:blank",
-        "title": title or _TITLES.get(status, "Error"),
-        "status": status,
-        "detail": detail,
-        "instance": instance,
-    }
-    body.update(extra or {})
-    return Response(
-        msgspec.json.encode(body),
-        status_code=status,
-        media_type=PROBLEM_JSON,
-        headers=headers,
-    )
+    body = problem_body(status, detail, instance=instance, title=title, extra=extra)
+    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def known_problem(exc: Exception, path: str) -> tuple[int, bytes] | None:
+    """Status and problem JSON for the functions' own errors; None for anything else."""
+    if isinstance(exc, FunctionError):
+        body = problem_body(exc.status_code, exc.detail, instance=path, title=exc.title, extra=exc.extra)
+        return exc.status_code, body
+    if isinstance(exc, ProtocolError):
+        return 400, problem_body(400, str(exc), instance=path)
+    return None
 
 
 def validation_detail(exc: HTTPException) -> str:
@@ -115,10 +128,9 @@ def validation_detail(exc: HTTPException) -> str:
 def problem_details_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Litestar exception handler for every exception type (register it for `Exception`)."""
     path = request.scope.get("path", "")
-    if isinstance(exc, FunctionError):
-        return problem_response(exc.status_code, exc.detail, instance=path, title=exc.title, extra=exc.extra)
-    if isinstance(exc, ProtocolError):
-        return problem_response(400, str(exc), instance=path)
+    known = known_problem(exc, path)
+    if known is not None:
+        return Response(known[1], status_code=known[0], media_type=PROBLEM_JSON)
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         status = exc.status_code
         template = _HTTP_DETAILS.get(status)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -29,14 +30,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from export.manifest import BundleError, Manifest, load_manifest, verify_files
 from functions import protocol
 from functions.app import LATENCY_BUCKETS, create_function_app, serve
-from functions.engine import StageEngine
+from functions.engine import StageEngine, StageResult
 from functions.errors import BadRequestError, NotFoundError, NotReadyError
+from functions.fastpath import FastRoute
 from functions.settings import FunctionSettings, SettingsError
 from functions.telemetry import get_tracer
 
 logger = logging.getLogger("tandem.stage")
 DEFAULT_PORT_BASE = 8100  # stage K listens on 8100 + K by default
 INLINE_POSITIONS = 64  # batches up to this many new positions run on the event loop itself
+INFER_TEMPLATE = "/v2/models/{model}/infer"  # as Litestar names the route in metrics
 
 
 @dataclass(frozen=True)
@@ -218,16 +221,23 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
         engine_for(model)
         return {"name": name, "ready": True}
 
-    @post("/v2/models/{model:str}/infer", status_code=200, tags=["model"])
-    async def infer(model: FromPath[str], request: Request[Any, Any, Any]) -> Response[bytes]:
-        """Run a batch (JSON tensors or the binary tensor extension)."""
+    async def compute(engine: StageEngine, inputs: dict[str, Any], want: set[str] | None) -> StageResult:
+        x = inputs.get(engine.x_name)
+        if x is not None and x.ndim >= 2 and x.shape[0] * x.shape[1] <= INLINE_POSITIONS:
+            # a decode-sized batch takes a few ms: a thread hop would cost more than it saves
+            return engine.infer(inputs, want)
+        # a prefill can take seconds: keep the event loop (health, metrics) answering
+        return await anyio.to_thread.run_sync(engine.infer, inputs, want)
+
+    async def run_infer(
+        model: str, raw_header_len: str | None, body: bytes, traced: bool
+    ) -> tuple[bytes, dict[str, str], str]:
         engine = engine_for(model)
-        raw_len = request.headers.get(protocol.HEADER)
         try:
-            header_len = int(raw_len) if raw_len is not None else None
+            header_len = int(raw_header_len) if raw_header_len is not None else None
         except ValueError:
-            raise BadRequestError(f"{protocol.HEADER} must be an integer, got {raw_len!r}") from None
-        req = protocol.decode_request(await request.body(), header_len)
+            raise BadRequestError(f"{protocol.HEADER} must be an integer, got {raw_header_len!r}") from None
+        req = protocol.decode_request(body, header_len)
         want = {o.name for o in req.outputs} or None
         if want is not None:  # refuse before inferring: a refused request changes nothing
             known = {o["name"] for o in engine.wire_outputs()}
@@ -235,23 +245,35 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
                 raise BadRequestError(
                     f"unknown output(s) {sorted(want - known)}; {name} returns {sorted(known)}"
                 )
-        with tracer.start_as_current_span(f"{name} infer") as span:
-            x = req.inputs.get(engine.x_name)
-            if x is not None and x.ndim >= 2 and x.shape[0] * x.shape[1] <= INLINE_POSITIONS:
-                # a decode-sized batch takes a few ms: a thread hop would cost more than it saves
-                result = engine.infer(req.inputs, want)
-            else:  # a prefill can take seconds: keep the event loop (health, metrics) answering
-                result = await anyio.to_thread.run_sync(engine.infer, req.inputs, want)
-            span.set_attribute("tandem.batch_size", result.batch_size)
-            span.set_attribute("tandem.phase", result.phase)
+        if traced:
+            with tracer.start_as_current_span(f"{name} infer") as span:
+                result = await compute(engine, req.inputs, want)
+                span.set_attribute("tandem.batch_size", result.batch_size)
+                span.set_attribute("tandem.phase", result.phase)
+        else:  # even a no-op span costs ~0.1 ms here, three times per token
+            result = await compute(engine, req.inputs, want)
         infer_seconds.labels(name, result.phase).observe(result.seconds)
         batch_size.labels(name).observe(result.batch_size)
         outputs = result.outputs if want is None else {k: v for k, v in result.outputs.items() if k in want}
         binary = req.binary_output_names(outputs)
-        body, hlen = protocol.encode_response(name, outputs, binary=binary, request_id=req.id)
-        headers = {protocol.HEADER: str(hlen)} if hlen is not None else {}
-        media = "application/octet-stream" if hlen is not None else "application/json"
-        return Response(body, media_type=media, headers=headers)
+        out, hlen = protocol.encode_response(name, outputs, binary=binary, request_id=req.id)
+        if hlen is None:
+            return out, {}, "application/json"
+        return out, {protocol.HEADER: str(hlen)}, "application/octet-stream"
+
+    @post("/v2/models/{model:str}/infer", status_code=200, tags=["model"])
+    async def infer(model: FromPath[str], request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Run a batch (JSON tensors or the binary tensor extension)."""
+        out, headers, media = await run_infer(
+            model, request.headers.get(protocol.HEADER), await request.body(), traced=True
+        )
+        return Response(out, media_type=media, headers=headers)
+
+    async def fast_infer(
+        match: re.Match[str], headers: dict[str, str], body: bytes
+    ) -> tuple[bytes, dict[str, str], str]:
+        # served only when tracing is off (functions.fastpath)
+        return await run_infer(match["model"], headers.get(protocol.HEADER.lower()), body, traced=False)
 
     @get("/v2/models/{model:str}/sequences", sync_to_thread=False, tags=["sequences"])
     def sequences(model: FromPath[str]) -> dict[str, Any]:
@@ -316,6 +338,11 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
         registry=registry,
         openapi_title=f"tandem {name}",
         state={"loader": loader},
+        # the per-token route, straight on ASGI (functions.fastpath); the Litestar route above
+        # documents it and serves it when tracing is on
+        fast_routes=[
+            FastRoute("POST", re.compile(r"/v2/models/(?P<model>[^/]+)/infer"), INFER_TEMPLATE, fast_infer)
+        ],
     )
 
 

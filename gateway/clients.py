@@ -2,10 +2,11 @@
 Protocol v2, explicit timeouts, bounded retries with backoff on transport errors only (never on
 4xx). This is the one place where client errors become gateway errors.
 
-The per-token infer calls go through aiohttp: measured on the 2-core machine against a stage-2
-function, one decode call took ~1 ms less than with httpx's async client (4.2-4.7 ms against
-5.3-5.5 ms, of which ~3.5 ms is ONNX Runtime), three times per token. httpx serves the rest
-(tokenizer, health, releases), where a millisecond does not matter.
+The per-token infer calls to plain-http stages go through `gateway.wire`, a minimal keep-alive
+HTTP/1.1 client: measured on the 2-core machine, each of the three calls per token cost ~1 ms less
+with aiohttp than with httpx's async client, and less again with `wire` (README "Benchmarks").
+httpx serves the rest (tokenizer, health, releases, https stages), where a millisecond does not
+matter.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-import aiohttp
 import httpx
 import numpy as np
 
 from functions import protocol
 from gateway.config import GatewayConfig, Node
 from gateway.errors import StageError, StageTimeoutError, StageUnavailableError
+from gateway.wire import WireClient
 
 logger = logging.getLogger("tandem.gateway")
 T = TypeVar("T")
@@ -46,24 +48,11 @@ class Clients:
         timeout = httpx.Timeout(cfg.call_timeout, connect=cfg.connect_timeout)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         self.http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
-        self._fast: aiohttp.ClientSession | None = None  # created inside the running loop
-
-    @property
-    def fast(self) -> aiohttp.ClientSession:
-        if self._fast is None:
-            self._fast = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(
-                    total=self.cfg.call_timeout, sock_connect=self.cfg.connect_timeout
-                ),
-                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
-                skip_auto_headers=["User-Agent"],
-            )
-        return self._fast
+        self.wire = WireClient(cfg.connect_timeout)
 
     async def aclose(self) -> None:
         await self.http.aclose()
-        if self._fast is not None:
-            await self._fast.close()
+        self.wire.close()
 
     async def _retrying(self, node_desc: str, what: str, send: Callable[[], Awaitable[T]]) -> T:
         """`send()` with bounded retries and exponential backoff on connection failures only;
@@ -75,7 +64,7 @@ class Clients:
             except (TimeoutError, httpx.TimeoutException) as e:
                 # A timed-out call may have run: no blind retry, the caller replays if needed.
                 raise StageTimeoutError(f"{node_desc} did not answer {what} within its timeout") from e
-            except (aiohttp.ClientError, httpx.TransportError) as e:
+            except (OSError, httpx.TransportError) as e:  # gateway.wire raises OSErrors
                 if attempt == self.cfg.retries:
                     raise StageUnavailableError(
                         f"{node_desc} ({what}) refused or dropped the connection ({type(e).__name__}); "
@@ -88,9 +77,16 @@ class Clients:
     async def _post_binary(
         self, node_desc: str, url: str, body: bytes, headers: dict[str, str]
     ) -> tuple[int, Any, bytes]:
+        parts = urlsplit(url)
+        if parts.scheme != "http":  # https (Cloud Run, Knative behind TLS): httpx does TLS
+            r = await self._request(node_desc, "POST", url, content=body, headers=headers)
+            return r.status_code, r.headers, r.content
+
         async def send() -> tuple[int, Any, bytes]:
-            async with self.fast.post(url, data=body, headers=headers) as r:
-                return r.status, r.headers, await r.read()
+            async with asyncio.timeout(self.cfg.call_timeout):
+                return await self.wire.post(
+                    parts.hostname or "127.0.0.1", parts.port or 80, parts.path, body, headers
+                )
 
         return await self._retrying(node_desc, f"POST {url}", send)
 
@@ -112,7 +108,7 @@ class Clients:
         h = {protocol.HEADER: str(hlen), "Content-Type": "application/octet-stream", **(headers or {})}
         status, rh, content = await self._post_binary(f"{stage} replica {node.id!r}", url, body, h)
         if status == 200:
-            raw = rh.get(protocol.HEADER)
+            raw = rh.get(protocol.HEADER.lower())  # wire's headers are lower-cased, httpx's any case
             try:
                 return protocol.decode_response(content, int(raw) if raw is not None else None).outputs
             except (protocol.ProtocolError, ValueError) as e:
