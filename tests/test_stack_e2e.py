@@ -4,6 +4,7 @@ offline hint instead of falling back to random weights."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -30,6 +31,24 @@ def _launcher(args: list[str], state: Path, **env: str) -> subprocess.Popen[str]
     )
 
 
+ALL_CPUS = os.sched_getaffinity(0)
+LOOP_CPU = min(ALL_CPUS)
+
+
+def thread_cpus(pid: int) -> dict[int, set[int]]:
+    """The CPUs each thread of `pid` may run on, from /proc."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                cpus: set[int] = set()
+                for part in line.split(":", 1)[1].strip().split(","):
+                    lo, _, hi = part.partition("-")
+                    cpus.update(range(int(lo), int(hi or lo) + 1))
+                out[int(task.name)] = cpus
+    return out
+
+
 def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> None:
     gw, tok, base = free_port(), free_port(), free_port()
     while any(p in (gw, tok) for p in range(base, base + 3)):
@@ -47,7 +66,9 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
             "--stage-port-base",
             str(base),
             "--threads",
-            "1",
+            "2",
+            "--loop-cpu",
+            str(LOOP_CPU),
         ],
         tmp_path,
     )
@@ -77,6 +98,12 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
             env={**os.environ, "TANDEM_STATE_DIR": str(tmp_path)},
         )
         assert status.returncode == 0, status.stdout + status.stderr
+        assert f"event loops pinned to CPU {LOOP_CPU}" in out
+        for service in json.loads((tmp_path / "pids.json").read_text())["services"]:
+            threads = thread_cpus(service["pid"])
+            assert threads[service["pid"]] == {LOOP_CPU}, (service["name"], threads)  # the event loop
+            if service["name"].startswith("stage"):  # ONNX Runtime's worker keeps every CPU
+                assert ALL_CPUS in threads.values(), (service["name"], threads)
     finally:
         p.send_signal(signal.SIGTERM)
         rest, _ = p.communicate(timeout=30)

@@ -30,6 +30,7 @@ def test_defaults() -> None:
     assert (args.model, args.random_init, args.tokenizer, args.host) == ("gpt2", None, None, "127.0.0.1")
     assert (args.gateway_port, args.tokenizer_port, args.stage_port_base) == (8000, 8100, 8101)
     assert (args.replicas, args.threads, args.ready_timeout, args.no_export) == (1, None, 120.0, False)
+    assert args.loop_cpu == stack.resolve_loop_cpu("auto")
 
 
 @pytest.mark.parametrize(("kind", "bundle"), [("gpt2", "gpt2-random"), ("tiny", "tiny-random")])
@@ -56,11 +57,29 @@ def test_every_option_has_an_env_variable() -> None:
         "TANDEM_THREADS": "2",
         "TANDEM_READY_TIMEOUT": "30",
         "TANDEM_NO_EXPORT": "1",
+        "TANDEM_LOOP_CPU": "none",
     }
     args = parse(**env)
     assert args.bundle == Path("somewhere").resolve()
     assert (args.model, args.tokenizer, args.tokenizer_port) == ("distilgpt2", "tok", 7100)
     assert (args.stage_port_base, args.threads, args.ready_timeout, args.no_export) == (7101, 2, 30.0, True)
+    assert args.loop_cpu is None
+
+
+def test_loop_cpu_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    two, many = {0, 1}, set(range(8))
+    assert stack.resolve_loop_cpu("auto", two) == 0
+    assert stack.resolve_loop_cpu("auto", {3, 5}) == 3  # the first CPU this process may use
+    assert stack.resolve_loop_cpu("auto", many) is None  # enough cores: no pinning
+    assert stack.resolve_loop_cpu("auto", {0}) is None  # one core: nothing to separate
+    assert stack.resolve_loop_cpu(" None ", two) is None
+    assert stack.resolve_loop_cpu("1", two) == 1
+    for bad in ("2", "-1", "cpu0", "1.0"):
+        with pytest.raises(ValueError, match="usable CPUs \\[0, 1\\]"):
+            stack.resolve_loop_cpu(bad, two)
+    with pytest.raises(SystemExit):
+        parse("--loop-cpu", "9999")
+    assert "--loop-cpu must be" in capsys.readouterr().err
 
 
 def test_model_names_the_default_bundle() -> None:

@@ -17,8 +17,13 @@ Variants, run one after the other (never at the same time: they share the CPU):
 For each concurrency level C: C sequences with a PROMPT_TOKENS-token prompt each (seeded random
 token ids, the same ids for every variant), NEW_TOKENS new tokens greedy, no early stop. The
 in-process variants run the C sequences as one batch; the stack gets C concurrent HTTP streams.
-Per round (--rounds, default 3; the variants take turns, so drift of the machine hits all of them
-alike) one warm-up run and --repeats measured runs; the figures are medians over every round's runs:
+All variants are loaded side by side (the stack's processes idle while the monolith runs and the
+other way round) and take turns run by run: per concurrency level one warm-up run each, then
+--rounds x --repeats measured passes in which every variant runs once, in an order that rotates
+from pass to pass. The machine's speed drifts over seconds on a shared host (the monolith alone
+moved between 58 and 83 tok/s over one day), so a variant's figures are medians over its runs, and
+"vs monolith" is the median over passes of (variant / monolith in the same pass): a paired ratio
+that the drift mostly cancels out of.
   first token ms         start of the generation -> first new token (mean over the C sequences)
   decode tok/s/stream    (NEW_TOKENS - 1) / (last token - first token), mean over the sequences
   aggregate tok/s        C * NEW_TOKENS / wall time of the whole generation
@@ -85,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,16", help="comma-separated sequence counts (default 1,16)")
     p.add_argument(
-        "--repeats", type=int, default=1, help="measured runs per point and round, after one warm-up"
+        "--repeats", type=int, default=1, help="passes per round (default 1); also stage start-ups timed"
     )
     p.add_argument(
         "--variants",
@@ -96,8 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="rounds that interleave the variants; medians over all rounds' runs (default 3)",
+        default=5,
+        help="measured passes are rounds x repeats; every variant runs once per pass (default 5)",
     )
     p.add_argument("--skip-startup", action="store_true", help="leave out the stage start-up timing")
     p.add_argument(
@@ -209,32 +214,6 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def measure(
-    name: str, levels: list[int], repeats: int, run_once: Callable[[int], dict], results: dict[int, dict]
-) -> dict:
-    """Warm-up + `repeats` runs of `run_once(C)` for each level, into `results` as {C: summary}
-    (filled level by level, so the levels measured before a failure are kept)."""
-    for c in levels:
-        log(f"[{name}] C={c}: warm-up")
-        warm = run_once(c)
-        runs = []
-        for i in range(repeats):
-            r = run_once(c)
-            tokens = r.pop("tokens", None)
-            texts = r.pop("texts", None)
-            runs.append(r)
-            log(
-                f"[{name}] C={c} run {i + 1}/{repeats}: first token {r['first_token_ms']:.1f} ms, "
-                f"{r['decode_tok_s_per_stream']:.1f} tok/s/stream, {r['aggregate_tok_s']:.1f} tok/s aggregate"
-            )
-        summary = summarize(runs)
-        summary["tokens"] = tokens if tokens is not None else warm.get("tokens")
-        if texts is not None:
-            summary["texts"] = texts
-        results[c] = summary
-    return results
-
-
 def timing(
     t0: float,
     first: list[float],
@@ -340,17 +319,14 @@ class Monolith:
         return r
 
 
-def run_monolith(args, bundle: Path, prompts: np.ndarray, results: dict) -> dict:
+Runner = Callable[[int], dict]  # concurrency -> the figures of one run (+ "tokens", maybe "texts")
+
+
+def open_monolith(args, bundle: Path, prompts: np.ndarray) -> Runner:
     path = bundle / "reference" / "model.onnx"
     log(f"[monolith] loading {path}")
     model = Monolith(path)
-    return measure(
-        "monolith",
-        args.concurrency,
-        args.repeats,
-        lambda c: model.generate(prompts[:c], args.new_tokens),
-        results,
-    )
+    return lambda c: model.generate(prompts[:c], args.new_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,9 +386,13 @@ class _TokenTimes:
         pass
 
 
-def run_hf(args, bundle: Path, manifest: dict, prompts: np.ndarray, results: dict) -> dict:
+def open_hf(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine: dict) -> Runner:
     import torch
+    import transformers
 
+    machine.update(
+        torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads()
+    )
     with tempfile.TemporaryDirectory(prefix="tandem-bench-hf-") as tmp:
         model = load_hf_model(bundle, manifest, Path(tmp))
     eos = model.config.eos_token_id
@@ -449,7 +429,7 @@ def run_hf(args, bundle: Path, manifest: dict, prompts: np.ndarray, results: dic
         r["tokens"] = new.tolist()
         return r
 
-    return measure("hf", args.concurrency, args.repeats, once, results)
+    return once
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,27 +670,18 @@ class StackProcess:
                 os.unlink(self.log_file.name)
 
 
-def run_stack(args, bundle: Path, prompts: np.ndarray, results: dict) -> dict:
-    launcher = None
-    try:
-        if args.stack_url:
-            url = args.stack_url.rstrip("/")
-        else:
-            launcher = StackProcess(bundle, args.stack_port)
-            url = launcher.start()
-        model = stack_model_id(url)
-        args.stack_used = {"url": url, "model": model, "started_by_bench": launcher is not None}
-        log(f"[stack] gateway {url}, model {model!r}")
-        return measure(
-            "stack",
-            args.concurrency,
-            args.repeats,
-            lambda c: asyncio.run(_stack_run(url, model, prompts[:c], args.new_tokens)),
-            results,
-        )
-    finally:
-        if launcher is not None:
-            launcher.stop()
+def open_stack(args, prompts: np.ndarray, bundle: Path, stack: list) -> Runner:
+    """The gateway to measure; a stack the benchmark starts itself goes into `stack` (to stop)."""
+    if args.stack_url:
+        url = args.stack_url.rstrip("/")
+    else:
+        launcher = StackProcess(bundle, args.stack_port)
+        stack.append(launcher)
+        url = launcher.start()
+    model = stack_model_id(url)
+    args.stack_used = {"url": url, "model": model, "started_by_bench": not args.stack_url}
+    log(f"[stack] gateway {url}, model {model!r}")
+    return lambda c: asyncio.run(_stack_run(url, model, prompts[:c], args.new_tokens))
 
 
 # --------------------------------------------------------------------------------------------
@@ -763,48 +734,32 @@ def run_checks(results: dict, bundle: Path) -> dict:
 
 
 def ratios(results: dict, levels: list[int]) -> dict:
-    def agg(v: str, c: int) -> float | None:
-        return results.get(v, {}).get(c, {}).get("aggregate_tok_s")
-
+    """Paired ratios of aggregate tok/s (see `paired`)."""
     out: dict = {}
     for c in levels:
-        m = agg("monolith", c)
         for v in ("stack", "hf"):
-            x = agg(v, c)
-            if x is not None and m:
-                out[f"{v}/monolith aggregate tok/s, C={c}"] = x / m
+            x = paired(results, (v, c), ("monolith", c))
+            if x is not None:
+                out[f"{v}/monolith aggregate tok/s, C={c}"] = x
     lo, hi = min(levels), max(levels)
     if hi != lo:
         for v in ("stack", "monolith", "hf"):
-            a, b = agg(v, lo), agg(v, hi)
-            if a and b is not None:
-                out[f"{v} C={hi} / {v} C={lo} aggregate tok/s"] = b / a
+            x = paired(results, (v, hi), (v, lo))
+            if x is not None:
+                out[f"{v} C={hi} / {v} C={lo} aggregate tok/s"] = x
     return out
 
 
 def targets(results: dict) -> list[tuple[str, float, float, bool]]:
     out = []
-    st, mo = results.get("stack", {}), results.get("monolith", {})
-    if 1 in st and 1 in mo:
-        r = st[1]["aggregate_tok_s"] / mo[1]["aggregate_tok_s"]
-        out.append(
-            (
-                "stack single stream vs monolith (aggregate tok/s)",
-                r,
-                TARGET_STACK_VS_MONOLITH_C1,
-                r >= TARGET_STACK_VS_MONOLITH_C1,
-            )
-        )
-    if 1 in st and 16 in st:
-        r = st[16]["aggregate_tok_s"] / st[1]["aggregate_tok_s"]
-        out.append(
-            (
-                "stack 16 streams vs stack 1 stream (aggregate tok/s)",
-                r,
-                TARGET_STACK_SCALING,
-                r >= TARGET_STACK_SCALING,
-            )
-        )
+    goals = (
+        ("stack single stream vs monolith", ("stack", 1), ("monolith", 1), TARGET_STACK_VS_MONOLITH_C1),
+        ("stack 16 streams vs stack 1 stream", ("stack", 16), ("stack", 1), TARGET_STACK_SCALING),
+    )
+    for name, a, b, want in goals:
+        r = paired(results, a, b)
+        if r is not None:
+            out.append((f"{name} (aggregate tok/s, paired)", r, want, r >= want))
     return out
 
 
@@ -822,8 +777,9 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
     }
     lines = [
         f"GPT-2 124M, random weights, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-        f"greedy, median of {args.rounds} rounds x {args.repeats} runs (variants interleaved by round, "
-        "1 warm-up each), one run of `python -m tests.benchmarks.bench`",
+        f"greedy; {args.rounds * args.repeats} measured passes after 1 warm-up, every variant once per "
+        'pass (order rotating), medians over the passes; "vs monolith" is the median of the per-pass '
+        "ratios; one run of `python -m tests.benchmarks.bench`",
         "",
     ]
     if results:
@@ -835,8 +791,8 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
         lines.append("No variant produced figures.")
     for v in VARIANTS:
         for c, r in results.get(v, {}).items():
-            base = results.get("monolith", {}).get(c, {}).get("aggregate_tok_s")
-            rel = "1.00x" if v == "monolith" else (f"{r['aggregate_tok_s'] / base:.2f}x" if base else "n/a")
+            x = paired(results, (v, c), ("monolith", c))
+            rel = "1.00x" if v == "monolith" else (f"{x:.2f}x" if x is not None else "n/a")
             lines.append(
                 f"| {labels[v]} | {c} | {_fmt(r['first_token_ms'])} | "
                 f"{_fmt(r['decode_tok_s_per_stream'])} | {_fmt(r['aggregate_tok_s'])} | {rel} |"
@@ -929,6 +885,76 @@ def stage_startup(bundle: Path, manifest: dict, repeats: int) -> dict[str, float
     return out
 
 
+def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine: dict, errors: dict) -> dict:
+    """{variant: {C: summary}}: every variant loaded side by side, runs interleaved pass by pass."""
+    runners: dict[str, Runner] = {}
+    stack: list[StackProcess] = []
+    results: dict = {}
+    try:
+        for v in args.variants:
+            try:
+                if v == "monolith":
+                    runners[v] = open_monolith(args, bundle, prompts)
+                elif v == "hf":
+                    runners[v] = open_hf(args, bundle, manifest, prompts, machine)
+                else:
+                    runners[v] = open_stack(args, prompts, bundle, stack)
+            except BenchError as e:
+                errors[v] = str(e)
+                log(f"[{v}] FAILED: {e}")
+        runs: dict[str, dict[int, list[dict]]] = {v: {c: [] for c in args.concurrency} for v in runners}
+        first: dict[tuple[str, int], dict] = {}  # the warm-up run: tokens and texts to check
+        passes = args.rounds * args.repeats
+        for i in range(-1, passes):  # pass -1 is the warm-up
+            log(f"=== {'warm-up' if i < 0 else f'pass {i + 1}/{passes}'}")
+            for c in args.concurrency:
+                alive = [v for v in runners if v not in errors]
+                k = max(i, 0) % max(len(alive), 1)
+                for v in alive[k:] + alive[:k]:  # the order rotates from pass to pass
+                    try:
+                        r = runners[v](c)
+                    except BenchError as e:
+                        errors[v] = str(e)
+                        log(f"[{v}] FAILED: {e}")
+                        continue
+                    log(
+                        f"[{v}] C={c}: first token {r['first_token_ms']:.1f} ms, "
+                        f"{r['decode_tok_s_per_stream']:.1f} tok/s/stream, "
+                        f"{r['aggregate_tok_s']:.1f} tok/s aggregate"
+                    )
+                    if i < 0:
+                        first[(v, c)] = r
+                    else:
+                        runs[v][c].append({k_: x for k_, x in r.items() if k_ not in ("tokens", "texts")})
+    except KeyboardInterrupt:
+        errors["run"] = "interrupted"
+    finally:
+        for launcher in stack:
+            launcher.stop()
+    for v, levels in runs.items():
+        for c, rs in levels.items():
+            if rs and v not in errors:
+                summary = summarize(rs)
+                summary["tokens"] = first[(v, c)].get("tokens")
+                if "texts" in first[(v, c)]:
+                    summary["texts"] = first[(v, c)]["texts"]
+                results.setdefault(v, {})[c] = summary
+    gc.collect()
+    return results
+
+
+def paired(results: dict, a: tuple[str, int], b: tuple[str, int]) -> float | None:
+    """Median over passes of aggregate tok/s of a / of b in the same pass."""
+    ra = results.get(a[0], {}).get(a[1], {}).get("runs", [])
+    rb = results.get(b[0], {}).get(b[1], {}).get("runs", [])
+    pairs = [
+        x["aggregate_tok_s"] / y["aggregate_tok_s"]
+        for x, y in zip(ra, rb, strict=False)
+        if y["aggregate_tok_s"]
+    ]
+    return statistics.median(pairs) if pairs else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     bundle = Path(args.bundle)
@@ -939,48 +965,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     prompts = make_prompts(manifest, max(args.concurrency), args.prompt_tokens, args.seed)
     machine = machine_info()
-    results: dict = {}
     errors: dict = {}
-    # Rounds interleave the variants (monolith, hf, stack, monolith, ...), so a machine that
-    # speeds up or slows down during the run weighs on every variant alike; the medians are
-    # taken over the runs of all rounds.
-    rounds: dict[str, dict[int, list[dict]]] = {v: {} for v in args.variants}
-    for rnd in range(args.rounds):
-        if args.rounds > 1:
-            log(f"=== round {rnd + 1}/{args.rounds}")
-        for v in [v for v in args.variants if v not in errors]:
-            per: dict = {}
-            try:
-                if v == "monolith":
-                    run_monolith(args, bundle, prompts, per)
-                elif v == "hf":
-                    run_hf(args, bundle, manifest, prompts, per)
-                    import torch
-                    import transformers
-
-                    machine["torch"] = torch.__version__
-                    machine["transformers"] = transformers.__version__
-                    machine["torch_threads"] = torch.get_num_threads()
-                else:
-                    run_stack(args, bundle, prompts, per)
-            except BenchError as e:
-                errors[v] = str(e)
-                log(f"[{v}] FAILED: {e}")
-            except KeyboardInterrupt:
-                errors[v] = "interrupted"
-                break
-            for c, summary in per.items():
-                rounds[v].setdefault(c, []).append(summary)
-            gc.collect()  # the previous variant's model leaves memory before the next one loads
-    for v, levels in rounds.items():
-        results[v] = {}
-        for c, summaries in levels.items():
-            merged = summarize([r for s_ in summaries for r in s_["runs"]])
-            merged["tokens"] = summaries[0].get("tokens")
-            if "texts" in summaries[0]:
-                merged["texts"] = summaries[0]["texts"]
-            results[v][c] = merged
-
+    results = measure_all(args, bundle, manifest, prompts, machine, errors)
     results = {v: per for v, per in results.items() if per}
     startup = {} if args.skip_startup else stage_startup(bundle, manifest, args.repeats)
     machine["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -130,3 +131,14 @@ def test_settings_from_env() -> None:
         FunctionSettings.from_env(8100, env={"TANDEM_MAX_BODY_BYTES": "lots"})
     with pytest.raises(SettingsError, match="port"):
         FunctionSettings.from_env(8100, env={"PORT": "70000"})
+
+
+def test_loop_cpu_setting() -> None:
+    cpu = min(os.sched_getaffinity(0))
+    assert FunctionSettings.from_env(8100, env={"TANDEM_LOOP_CPU": str(cpu)}).loop_cpu == cpu
+    assert FunctionSettings.from_env(8100, env={"TANDEM_LOOP_CPU": ""}).loop_cpu is None
+    assert FunctionSettings.from_env(8100, env={}).loop_cpu is None
+    with pytest.raises(SettingsError, match="TANDEM_LOOP_CPU must be an integer"):
+        FunctionSettings.from_env(8100, env={"TANDEM_LOOP_CPU": "first"})
+    with pytest.raises(SettingsError, match="TANDEM_LOOP_CPU must be one of this process's CPUs"):
+        FunctionSettings.from_env(8100, env={"TANDEM_LOOP_CPU": "4096"})
