@@ -216,7 +216,8 @@ def pin_serving_thread(cpu: int) -> None:
     Why: on the 2-core machine the whole stack shares, one token crosses five processes. With every
     event loop on one core, handing a request from one process to the next is a wake-up on the same
     core instead of an interrupt to the other, and ONNX Runtime's worker threads have the other core
-    to themselves: single-stream decode went from ~52 to ~77 tok/s (README "Benchmarks").
+    to themselves: the stack's single-stream rate went from 0.79x to 0.83-0.85x the monolith's
+    (paired benchmark runs, README "Benchmarks").
     """
     global _process_cpus
     if _process_cpus is None:

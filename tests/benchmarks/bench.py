@@ -58,6 +58,9 @@ STACK_READY_TIMEOUT_S = 180.0
 STACK_STOP_TIMEOUT_S = 30.0
 TARGET_STACK_VS_MONOLITH_C1 = 0.8
 TARGET_STACK_SCALING = 3.0
+# pause before every run, so that the previous variant's threads (torch's OpenMP pool, ORT's) are
+# asleep and each run starts from a quiet machine
+SETTLE_S = 0.3
 
 
 class BenchError(Exception):
@@ -247,8 +250,10 @@ class Monolith:
     def __init__(self, model_path: Path):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        from functions.engine import session_options
+
+        # the stages' own session options, so both sides run ONNX Runtime the same way
+        opts = session_options(None)
         self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -911,6 +916,7 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
                 alive = [v for v in runners if v not in errors]
                 k = max(i, 0) % max(len(alive), 1)
                 for v in alive[k:] + alive[:k]:  # the order rotates from pass to pass
+                    time.sleep(SETTLE_S)
                     try:
                         r = runners[v](c)
                     except BenchError as e:
