@@ -99,7 +99,8 @@ class WireClient:
     async def post(
         self, host: str, port: int, path: str, body: bytes, headers: dict[str, str]
     ) -> tuple[int, dict[str, str], bytes]:
-        head = [f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"]
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 literal in brackets
+        head = [f"POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {len(body)}\r\n"]
         head += [f"{k}: {v}\r\n" for k, v in headers.items()]
         head.append("\r\n")
         data = "".join(head).encode("latin-1") + body

@@ -20,6 +20,7 @@ class Server:
         self.behaviour = behaviour
         self.connections = 0
         self.requests: list[bytes] = []
+        self.heads: list[bytes] = []
         self.closed_by_client = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -35,6 +36,7 @@ class Server:
                 )
                 body = await reader.readexactly(length)
                 self.requests.append(body)
+                self.heads.append(head)
                 if not await self.behaviour(conn, body, writer):
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -82,6 +84,8 @@ def test_keep_alive_reuses_one_connection_and_returns_any_status() -> None:
                 b'{"detail": "no"}',
             )
             assert server.connections == 1
+            assert server.heads[0].startswith(b"POST /p HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port)
+            assert b"\r\nA: b\r\n" in server.heads[0]
             client.close()
 
     run(main())
