@@ -139,6 +139,10 @@ def problem_details_handler(request: Request[Any, Any, Any], exc: Exception) -> 
         return problem_response(status, detail, instance=path, extra=extra, headers=exc.headers)
     if isinstance(exc, HTTPException) and exc.status_code == 503:
         return problem_response(503, exc.detail, instance=path, headers=exc.headers)
-    # Unexpected: log the traceback here, answer without internals, keep serving.
-    logger.exception("unhandled error on %s %s", request.method, path)
-    return problem_response(500, "internal error; the traceback is in the service log", instance=path)
+    return Response(unexpected_problem(request.method, path), status_code=500, media_type=PROBLEM_JSON)
+
+
+def unexpected_problem(method: str, path: str) -> bytes:
+    """For the exception being handled: log its traceback here, answer without internals."""
+    logger.exception("unhandled error on %s %s", method, path)
+    return problem_body(500, "internal error; the traceback is in the service log", instance=path)

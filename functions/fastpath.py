@@ -16,7 +16,6 @@ set, requests take the Litestar route and its OpenTelemetry middleware (server s
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,11 +24,9 @@ from dataclasses import dataclass
 from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client import Counter, Histogram
 
-from functions.errors import PROBLEM_JSON, PayloadTooLargeError, known_problem, problem_body
+from functions.errors import PROBLEM_JSON, PayloadTooLargeError, known_problem, unexpected_problem
 
 __all__ = ["FastHandler", "FastRoute", "FastRoutesApp"]
-
-logger = logging.getLogger("tandem.functions")
 
 # (path match, lower-cased request headers, body) -> (response body, extra response headers, media type)
 FastHandler = Callable[[re.Match[str], dict[str, str], bytes], Awaitable[tuple[bytes, dict[str, str], str]]]
@@ -79,7 +76,6 @@ class FastRoutesApp:
         start = time.perf_counter()
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        extra: dict[str, str] = {}
         try:
             body = await self._read_body(headers, receive)
             out, extra, media = await route.handler(match, headers, body)
@@ -88,13 +84,7 @@ class FastRoutesApp:
             status = 499  # nobody to answer; counted like nginx does
         except Exception as e:  # noqa: BLE001 - every error becomes a response, never a crash
             known = known_problem(e, path)
-            if known is None:
-                logger.exception("unhandled error on %s %s", scope["method"], path)
-                known = (
-                    500,
-                    problem_body(500, "internal error; the traceback is in the service log", instance=path),
-                )
-            status, out = known
+            status, out = known if known is not None else (500, unexpected_problem(scope["method"], path))
             media, extra = PROBLEM_JSON, {}
         if status != 499:
             raw = [(b"content-type", media.encode()), (b"content-length", str(len(out)).encode())]

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import platform
@@ -894,7 +893,8 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
     """{variant: {C: summary}}: every variant loaded side by side, runs interleaved pass by pass."""
     runners: dict[str, Runner] = {}
     stack: list[StackProcess] = []
-    results: dict = {}
+    runs: dict[str, dict[int, list[dict]]] = {}  # variant -> C -> one run per pass, in pass order
+    first: dict[tuple[str, int], dict] = {}  # the warm-up run: tokens and texts to check
     try:
         for v in args.variants:
             try:
@@ -907,8 +907,7 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
             except BenchError as e:
                 errors[v] = str(e)
                 log(f"[{v}] FAILED: {e}")
-        runs: dict[str, dict[int, list[dict]]] = {v: {c: [] for c in args.concurrency} for v in runners}
-        first: dict[tuple[str, int], dict] = {}  # the warm-up run: tokens and texts to check
+        runs.update({v: {c: [] for c in args.concurrency} for v in runners})
         passes = args.rounds * args.repeats
         for i in range(-1, passes):  # pass -1 is the warm-up
             log(f"=== {'warm-up' if i < 0 else f'pass {i + 1}/{passes}'}")
@@ -937,6 +936,7 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
     finally:
         for launcher in stack:
             launcher.stop()
+    results: dict = {}
     for v, levels in runs.items():
         for c, rs in levels.items():
             if rs and v not in errors:
@@ -945,7 +945,6 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
                 if "texts" in first[(v, c)]:
                     summary["texts"] = first[(v, c)]["texts"]
                 results.setdefault(v, {})[c] = summary
-    gc.collect()
     return results
 
 
@@ -973,7 +972,6 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     errors: dict = {}
     results = measure_all(args, bundle, manifest, prompts, machine, errors)
-    results = {v: per for v, per in results.items() if per}
     startup = {} if args.skip_startup else stage_startup(bundle, manifest, args.repeats)
     machine["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     checks = run_checks(results, bundle)
