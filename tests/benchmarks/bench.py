@@ -12,7 +12,7 @@ Variants, run one after the other (never at the same time: they share the CPU):
             seeded random model is rebuilt the way the export built it).
   stack     the tandem stack over HTTP: the gateway's OpenAI-compatible streaming
             `POST /v1/completions`. Without --stack-url the benchmark starts
-            `python -m gateway.stack up --bundle DIR --no-export` itself and stops it at the end.
+            `python -m infra.local.stack up --bundle DIR --no-export` itself and stops it at the end.
 
 For each concurrency level C: C sequences with a PROMPT_TOKENS-token prompt each (seeded random
 token ids, the same ids for every variant), NEW_TOKENS new tokens greedy, no early stop. The
@@ -443,7 +443,7 @@ def open_hf(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine: di
 def _stack_unreachable(url: str, err: Exception) -> BenchError:
     return BenchError(
         f"the tandem gateway at {url} is not reachable ({type(err).__name__}: {err}). Start the stack "
-        "with `python -m gateway.stack up --bundle DIR`, or leave out --stack-url so that the benchmark "
+        "with `python -m infra.local.stack up --bundle DIR`, or leave out --stack-url so that the benchmark "
         "starts it, or leave the stack out with --variants monolith,hf."
     )
 
@@ -582,7 +582,7 @@ async def _stack_run(url: str, model: str, prompts: np.ndarray, new_tokens: int)
 
 
 class StackProcess:
-    """`python -m gateway.stack up --bundle DIR --no-export` as a child process."""
+    """`python -m infra.local.stack up --bundle DIR --no-export` as a child process."""
 
     def __init__(self, bundle: Path, port: int, command: list[str] | None = None):
         self.port = port
@@ -593,7 +593,7 @@ class StackProcess:
 
     @staticmethod
     def default_command(bundle: Path, port: int) -> list[str]:
-        args = [sys.executable, "-m", "gateway.stack", "up", "--bundle", str(bundle.resolve()), "--no-export"]
+        args = [sys.executable, "-m", "infra.local.stack", "up", "--bundle", str(bundle.resolve()), "--no-export"]
         if port != 8000:
             args += ["--gateway-port", str(port)]
         return args

@@ -203,7 +203,7 @@ def test_serving_side_never_imports_torch() -> None:
     code = (
         "import sys\n"
         "import functions.stage, functions.tokenizer, functions.engine, gateway.app, gateway.__main__\n"
-        "import gateway.stack\n"
+        "import infra.local.stack\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'optimum'))\n"
         "print(heavy)\n"
         "sys.exit(1 if heavy else 0)\n"

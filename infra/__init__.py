@@ -1,0 +1,1 @@
+"""Deployment: the local launcher (infra/local) and, beside it, container and cluster files."""
