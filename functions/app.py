@@ -1,18 +1,18 @@
 """The one Litestar app factory shared by every function: health, readiness, metrics, tracing,
-OpenAPI docs and problem-details errors around the caller's own route handlers; and `serve`.
+OpenAPI docs and problem-details errors around the caller's own route handlers. It returns the ASGI
+callable to serve (the fast routes in front of Litestar when there are any); running it in a
+process (uvicorn, signals, CPU pinning) is `functions.process`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import uvicorn
 from litestar import Litestar, Request, Response, get
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
@@ -34,9 +34,7 @@ from functions.fastpath import FastRoute, FastRoutesApp
 from functions.settings import FunctionSettings
 from functions.telemetry import configure_tracing
 
-__all__ = ["LATENCY_BUCKETS", "asgi_entry", "create_function_app", "serve", "unpin_this_thread"]
-
-FAST_ENTRY = "fast_entry"  # app.state key of the FastRoutesApp in front of the app, when there is one
+__all__ = ["LATENCY_BUCKETS", "create_function_app", "litestar_app"]
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready", "/healthz", "/readyz")
 # Sub-millisecond to seconds: a decode step is ~1 ms, a big prefill a few seconds.
@@ -89,11 +87,15 @@ def create_function_app(
     openapi_title: str,
     state: dict[str, Any] | None = None,
     fast_routes: Sequence[FastRoute] = (),
-) -> Litestar:
-    """Build a function's app; `registry` must be fresh per app (never the global default).
+    fast_path: bool | None = None,
+    cors: CORSConfig | None = None,
+    exception_handler: Callable[[Request[Any, Any, Any], Exception], Response[Any]] = problem_details_handler,
+) -> ASGIApp:
+    """Build a function's app and return the ASGI callable to serve; `registry` must be fresh per
+    app (never the global default).
 
-    `fast_routes` are served in front of the app (see functions.fastpath) unless tracing is on;
-    `asgi_entry(app)` is what a server must run to get them.
+    `fast_routes` are served in front of Litestar (functions.fastpath) when `fast_path` is True,
+    or, when it is None, unless tracing is on (the Litestar routes then add server spans).
     """
     logging.getLogger("tandem").setLevel(settings.log_level.upper())
     tracing = configure_tracing(service_name)
@@ -152,81 +154,28 @@ def create_function_app(
             path="/docs",
             render_plugins=[SwaggerRenderPlugin()],
         ),
-        exception_handlers={Exception: problem_details_handler},
+        exception_handlers={Exception: exception_handler},
         request_max_body_size=settings.max_body_bytes,
+        cors_config=cors,
         state=State(state or {}),
         # Logging belongs to the process (see `serve`), not to each app built in a test.
         logging_config=None,
     )
-    if fast_routes and not tracing:
-        app.state[FAST_ENTRY] = FastRoutesApp(
-            app,
-            fast_routes,
-            service=service_name,
-            requests=requests,
-            duration=duration,
-            max_body_bytes=settings.max_body_bytes,
-        )
+    if not fast_routes or not (fast_path if fast_path is not None else not tracing):
+        return app
+    return FastRoutesApp(
+        app,
+        fast_routes,
+        service=service_name,
+        requests=requests,
+        duration=duration,
+        max_body_bytes=settings.max_body_bytes,
+    )
+
+
+def litestar_app(entry: ASGIApp) -> Litestar:
+    """The Litestar app behind what `create_function_app` returned (its state, its routes)."""
+    app = entry.app if isinstance(entry, FastRoutesApp) else entry
+    if not isinstance(app, Litestar):
+        raise TypeError(f"not a function app: {entry!r}")
     return app
-
-
-def asgi_entry(app: Litestar) -> ASGIApp:
-    """The ASGI callable to serve: the fast routes in front of `app` when it has any, else `app`."""
-    return app.state.get(FAST_ENTRY) or app
-
-
-def serve(app: Litestar, settings: FunctionSettings) -> int:
-    """Run `app` under uvicorn until SIGINT/SIGTERM, then drain gracefully; returns exit code 0."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per stage call is noise
-    config = uvicorn.Config(
-        asgi_entry(app),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-        access_log=False,
-    )
-    if settings.loop_cpu is not None:
-        pin_serving_thread(settings.loop_cpu)
-    # uvicorn re-raises the stop signal after its graceful shutdown, which would end the process
-    # with -15 instead of 0; a handler installed before it is restored and receives that signal.
-    received: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _frame: received.append(signum))
-    uvicorn.Server(config).run()
-    if received:
-        logger.info("stopped by signal %s after a graceful shutdown", received[0])
-    return 0
-
-
-# The CPUs the process had before `serve` pinned its serving thread; None while nothing is pinned.
-_process_cpus: set[int] | None = None
-
-
-def pin_serving_thread(cpu: int) -> None:
-    """Keep the calling thread (the event loop) on `cpu`; threads it starts later inherit that, so
-    a thread that computes (ONNX Runtime's pool is created by the stage's loader thread) calls
-    `unpin_this_thread` first.
-
-    Why: on the 2-core machine the whole stack shares, one token crosses five processes. With every
-    event loop on one core, handing a request from one process to the next is a wake-up on the same
-    core instead of an interrupt to the other, and ONNX Runtime's worker threads have the other core
-    to themselves: the stack's single-stream rate went from 0.79x to 0.83-0.85x the monolith's
-    (paired benchmark runs, README "Benchmarks").
-    """
-    global _process_cpus
-    if _process_cpus is None:
-        _process_cpus = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    logger.info("serving thread pinned to CPU %d (TANDEM_LOOP_CPU)", cpu)
-
-
-def unpin_this_thread() -> None:
-    """Give the calling thread back every CPU the process had (no-op when nothing was pinned)."""
-    if _process_cpus is not None:
-        os.sched_setaffinity(0, _process_cpus)

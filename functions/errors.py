@@ -1,7 +1,7 @@
 """The functions' exception tree and the one handler that turns any error into RFC 9457 JSON.
 
     FunctionError (500)
-    ├── BadRequestError (400)        also: protocol.ProtocolError -> 400
+    ├── BadRequestError (400)        also: protocol.ProtocolError, contract.ContractError -> 400
     ├── NotFoundError (404)
     ├── ConflictError (409)
     ├── PayloadTooLargeError (413)
@@ -18,6 +18,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
+from functions.contract import ContractError
 from functions.protocol import ProtocolError
 
 logger = logging.getLogger("tandem.functions")
@@ -106,7 +107,7 @@ def known_problem(exc: Exception, path: str) -> tuple[int, bytes] | None:
     if isinstance(exc, FunctionError):
         body = problem_body(exc.status_code, exc.detail, instance=path, title=exc.title, extra=exc.extra)
         return exc.status_code, body
-    if isinstance(exc, ProtocolError):
+    if isinstance(exc, ProtocolError | ContractError):
         return 400, problem_body(400, str(exc), instance=path)
     return None
 

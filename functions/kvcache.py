@@ -64,6 +64,10 @@ class KVCache:
         e = self._entries.get(seq_id)
         return 0 if e is None else e.length
 
+    def lengths(self) -> dict[int, int]:
+        """Every held sequence with its length."""
+        return {s: e.length for s, e in self._entries.items()}
+
     def get(self, seq_id: int) -> Entry | None:
         e = self._entries.get(seq_id)
         if e is not None:

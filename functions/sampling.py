@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from functions.contract import Sampling
+
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     m = x.max(axis=-1, keepdims=True)
@@ -17,15 +19,13 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def sample(
     logits: np.ndarray,  # (B, V) float32
-    temperature: np.ndarray,  # (B,) 0 = greedy
-    top_k: np.ndarray,  # (B,) 0 = off
-    top_p: np.ndarray,  # (B,) 1 = off
-    seed: np.ndarray,  # (B,) < 0 = fresh entropy
+    params: Sampling,
     positions: np.ndarray,  # (B,) absolute position of the token being chosen
     want_logprobs: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Returns token_ids (B,) int64 and, when asked, their log-probabilities (B,) under the
     model's unmodified distribution."""
+    temperature, top_k, top_p, seed = params.temperature, params.top_k, params.top_p, params.seed
     token_ids = logits.argmax(axis=-1).astype(np.int64)  # (B,)
     for b in np.nonzero(temperature > 0)[0]:
         row = logits[b].astype(np.float64) / float(temperature[b])  # (V,)

@@ -1,10 +1,14 @@
-"""Settings shared by every function process, read from `TANDEM_*` variables and `PORT`.
+"""Settings from the environment: `Env`, the one reader of `TANDEM_*` variables (one boolean rule,
+one error format) used by every service and the launcher; and the settings every function
+process shares, read from `TANDEM_*` variables and `PORT`.
 
 Built at call time (`FunctionSettings.from_env`), never at import, so tests pass them explicitly.
+Standard library only: the launcher imports it too.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -50,13 +54,13 @@ class FunctionSettings:
 
         Overrides (e.g. command-line flags) win over the environment; None means "not given".
         """
-        env = os.environ if env is None else env
+        e = Env(env)
         settings = cls(
-            port=_int(env, "PORT", default_port),
-            host=env.get("TANDEM_HOST", "127.0.0.1"),
-            max_body_bytes=_int(env, "TANDEM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
-            log_level=env.get("TANDEM_LOG_LEVEL", "info").lower(),
-            loop_cpu=_int(env, "TANDEM_LOOP_CPU", None),
+            port=e.integer("PORT", default_port),
+            host=e.text("TANDEM_HOST", "127.0.0.1"),
+            max_body_bytes=e.integer("TANDEM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, minimum=1),
+            log_level=e.choice("TANDEM_LOG_LEVEL", "info", LOG_LEVELS),
+            loop_cpu=e.integer("TANDEM_LOOP_CPU", None),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -66,11 +70,75 @@ def usable_cpus() -> set[int]:
     return os.sched_getaffinity(0)
 
 
-def _int(env: Mapping[str, str], name: str, default: Any) -> Any:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise SettingsError(f"environment variable {name} must be an integer, got {raw!r}") from None
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+
+
+class Env:
+    """Typed reads of environment variables. An unset or empty variable gives the default; a value
+    that cannot be used raises SettingsError naming the variable, what it must be, and the value."""
+
+    def __init__(self, env: Mapping[str, str] | None = None):
+        self.env = os.environ if env is None else env
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def _fail(self, name: str, what: str, raw: str) -> SettingsError:
+        return SettingsError(f"environment variable {name} must be {what}, got {raw!r}")
+
+    def text(self, name: str, default: Any = None) -> Any:
+        raw = self.raw(name)
+        return default if raw is None else raw
+
+    def integer(self, name: str, default: Any = None, *, minimum: int | None = None) -> Any:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        what = "an integer" + ("" if minimum is None else f" >= {minimum}")
+        try:
+            value = int(raw)
+        except ValueError:
+            raise self._fail(name, what, raw) from None
+        if minimum is not None and value < minimum:
+            raise self._fail(name, what, raw)
+        return value
+
+    def number(self, name: str, default: Any = None, *, minimum: float | None = None) -> Any:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        what = "a finite number" + ("" if minimum is None else f" >= {minimum:g}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise self._fail(name, what, raw) from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            raise self._fail(name, what, raw)
+        return value
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in TRUE:
+            return True
+        if raw.lower() in FALSE:
+            return False
+        raise self._fail(name, f"one of {', '.join(TRUE + FALSE)}", raw)
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        if raw.lower() not in choices:
+            raise self._fail(name, f"one of {', '.join(choices)}", raw)
+        return raw.lower()
+
+    def items(self, name: str, default: Any = None) -> Any:
+        """A comma-separated list (items stripped, empty items dropped)."""
+        raw = self.env.get(name)
+        if raw is None:
+            return default
+        return [item.strip() for item in raw.split(",") if item.strip()]

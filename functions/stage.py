@@ -11,12 +11,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import sys
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +22,18 @@ import anyio.to_thread
 import msgspec
 from litestar import Litestar, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
+from litestar.types import ASGIApp
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from export.manifest import BundleError, Manifest, load_manifest, verify_files
+from export.manifest import BundleError, load_manifest
 from functions import protocol
-from functions.app import LATENCY_BUCKETS, create_function_app, serve, unpin_this_thread
+from functions.app import LATENCY_BUCKETS, create_function_app
 from functions.engine import StageEngine, StageResult
 from functions.errors import BadRequestError, NotFoundError, NotReadyError
 from functions.fastpath import FastRoute
+from functions.process import serve
 from functions.settings import FunctionSettings, SettingsError
+from functions.stage_state import PROVIDERS, CacheCollector, Loader, StageSettings
 from functions.telemetry import get_tracer
 
 logger = logging.getLogger("tandem.stage")
@@ -42,128 +42,18 @@ INLINE_POSITIONS = 64  # batches up to this many new positions run on the event 
 INFER_TEMPLATE = "/v2/models/{model}/infer"  # as Litestar names the route in metrics
 
 
-@dataclass(frozen=True)
-class StageSettings:
-    bundle: Path
-    stage: str  # "stage-2" (the manifest's name), also accepted as "2"
-    provider: str = "cpu"
-    threads: int | None = None
-    cache_bytes: int = 2 << 30
-    idle_seconds: float = 600.0
-    verify_hashes: bool = False  # sha256 of the stage file before loading (slow for big files)
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> StageSettings:
-        env = os.environ
-        try:
-            values: dict[str, Any] = {
-                "provider": env.get("TANDEM_PROVIDER", "cpu"),
-                "threads": int(env["TANDEM_THREADS"]) if env.get("TANDEM_THREADS") else None,
-                "cache_bytes": int(env.get("TANDEM_KV_CACHE_BYTES", 2 << 30)),
-                "idle_seconds": float(env.get("TANDEM_KV_IDLE_SECONDS", 600)),
-                "verify_hashes": env.get("TANDEM_VERIFY_HASHES", "0") in ("1", "true"),
-            }
-        except ValueError as e:
-            raise SettingsError(f"a TANDEM_* stage variable is not a number: {e}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if values["provider"] not in ("cpu", "cuda"):
-            raise SettingsError(f"provider must be cpu or cuda, got {values['provider']!r}")
-        stage = str(values["stage"])
-        values["stage"] = f"stage-{stage}" if stage.isdigit() else stage
-        return cls(**values)
-
-
-class _Loader:
-    """Loads the session off the event loop; readiness reflects where it got to."""
-
-    def __init__(self, settings: StageSettings, manifest: Manifest):
-        self.settings, self.manifest = settings, manifest
-        self.engine: StageEngine | None = None
-        self.error: str | None = None
-        self.status = "loading the ONNX session"
-
-    def run(self) -> None:
-        s, m = self.settings, self.manifest
-        unpin_this_thread()  # ONNX Runtime's compute threads start here: all of the process's CPUs
-        try:
-            entry = m.stage(s.stage)
-            if s.verify_hashes:
-                problems = verify_files(s.bundle, m, only=list(entry.files))
-                if problems:
-                    raise BundleError("; ".join(problems))
-            engine = StageEngine(
-                s.bundle,
-                m,
-                entry,
-                provider=s.provider,
-                threads=s.threads,
-                cache_bytes=s.cache_bytes,
-                idle_seconds=s.idle_seconds,
-            )
-            if s.provider == "cuda" and "CUDAExecutionProvider" not in engine.providers:
-                raise BundleError(f"CUDA was asked for but ONNX Runtime uses {engine.providers}")
-            self.status = "running the warm-up inference"
-            engine.warm_up()
-            self.engine = engine
-            logger.info("%s ready (providers %s)", entry.name, engine.providers)
-        except Exception as e:  # readiness reports it; the process stays up for /v2/health/live
-            logger.exception("loading %s failed", s.stage)
-            self.error = f"loading failed: {e}"
-
-    def ready(self) -> tuple[bool, str]:
-        if self.engine is not None:
-            return True, "ready"
-        return False, self.error or self.status
-
-
-# name, help, how to read it off the KV cache, metric family
-_CACHE_FIGURES = (
-    ("tandem_kv_cache_sequences", "Sequences held in the KV cache.", len, GaugeMetricFamily),
-    ("tandem_kv_cache_bytes", "Bytes of keys/values held.", lambda c: c.bytes, GaugeMetricFamily),
-    (
-        "tandem_kv_cache_evictions",
-        "Sequences evicted for the byte budget.",
-        lambda c: c.evictions,
-        CounterMetricFamily,
-    ),
-    (
-        "tandem_kv_cache_expirations",
-        "Sequences dropped for idleness.",
-        lambda c: c.expirations,
-        CounterMetricFamily,
-    ),
-    (
-        "tandem_kv_cache_misses",
-        "Rows refused (409) for a past length the stage does not hold.",
-        lambda c: c.misses,
-        CounterMetricFamily,
-    ),
-)
-
-
-class _CacheCollector:
-    """KV cache figures read at scrape time, so they are never stale."""
-
-    def __init__(self, loader: _Loader, stage: str):
-        self.loader, self.stage = loader, stage
-
-    def collect(self):
-        cache = self.loader.engine.cache if self.loader.engine else None
-        for name, doc, read, family in _CACHE_FIGURES:
-            m = family(name, doc, labels=["stage"])
-            m.add_metric([self.stage], read(cache) if cache is not None else 0)
-            yield m
-
-
 class ReleaseRequest(msgspec.Struct, forbid_unknown_fields=True):
     sequence_ids: list[int]
 
 
-def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> Litestar:
+def create_stage_app(
+    settings: StageSettings, fn_settings: FunctionSettings, *, fast_path: bool | None = None
+) -> ASGIApp:
+    """The stage function's ASGI app; `fast_path` as in `create_function_app` (None: auto)."""
     manifest = load_manifest(settings.bundle)
     entry = manifest.stage(settings.stage)
     name = entry.name
-    loader = _Loader(settings, manifest)
+    loader = Loader(settings, manifest)
     registry = CollectorRegistry()
     infer_seconds = Histogram(
         "tandem_stage_infer_seconds",
@@ -179,7 +69,7 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
         registry=registry,
         buckets=(1, 2, 4, 8, 16, 32, 64, 128),
     )
-    registry.register(_CacheCollector(loader, name))
+    registry.register(CacheCollector(loader, name))
     tracer = get_tracer("tandem.stage")
 
     def engine_for(model: str) -> StageEngine:
@@ -280,9 +170,7 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
     def sequences(model: FromPath[str]) -> dict[str, Any]:
         """The sequences whose KV cache this stage holds, with their lengths."""
         engine = engine_for(model)
-        with engine.lock:
-            engine.cache.expire()
-            held = {str(s): engine.cache.length(s) for s in list(engine.cache._entries)}
+        held = {str(s): n for s, n in engine.held().items()}
         return {"sequences": held, "bytes": engine.cache.bytes}
 
     @delete(
@@ -344,6 +232,7 @@ def create_stage_app(settings: StageSettings, fn_settings: FunctionSettings) -> 
         fast_routes=[
             FastRoute("POST", re.compile(r"/v2/models/(?P<model>[^/]+)/infer"), INFER_TEMPLATE, fast_infer)
         ],
+        fast_path=fast_path,
     )
 
 
@@ -353,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", required=True, help="stage number (1-based) or name, e.g. 2 or stage-2")
     p.add_argument("--port", type=int)
     p.add_argument("--host")
-    p.add_argument("--provider", choices=["cpu", "cuda"])
+    p.add_argument("--provider", choices=PROVIDERS)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
     args = p.parse_args(argv)
     try:

@@ -15,18 +15,20 @@ from pathlib import Path
 import msgspec
 from litestar import Litestar, Response, get, post
 from litestar.params import JSONBody
+from litestar.types import ASGIApp
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from functions.app import LATENCY_BUCKETS, create_function_app, serve
+from functions import contract
+from functions.app import LATENCY_BUCKETS, create_function_app
 from functions.errors import BadRequestError, NotReadyError
-from functions.settings import FunctionSettings
+from functions.process import serve
+from functions.settings import FunctionSettings, SettingsError
 from functions.telemetry import get_tracer
 from functions.tokenizer_core import TokenizerCore, TokenizerInputError
 
 SERVICE_NAME = "tokenizer"
 DEFAULT_PORT = 8100
 DEFAULT_MAX_TEXT_CHARS = 1_000_000
-EOS_HEADER = "Tandem-Eos-Token-Id"
 
 
 class EncodeRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -86,7 +88,7 @@ def create_tokenizer_app(
     *,
     registry: CollectorRegistry | None = None,
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
-) -> Litestar:
+) -> ASGIApp:
     """The tokenizer app; the tokenizer loads in the lifespan, readiness follows a warm-up."""
     registry = registry if registry is not None else CollectorRegistry()
     loaded: dict[str, TokenizerCore] = {}
@@ -202,7 +204,7 @@ def create_tokenizer_app(
     def tokenizer_json() -> Response[bytes]:
         """The raw `tokenizer.json`, so a gateway can tokenize locally with the same rules."""
         tok = core()
-        headers = {} if tok.eos_token_id is None else {EOS_HEADER: str(tok.eos_token_id)}
+        headers = {} if tok.eos_token_id is None else {contract.EOS_HEADER: str(tok.eos_token_id)}
         return Response(tok.raw_json, media_type="application/json", headers=headers)
 
     @get("/v1/info", sync_to_thread=False, tags=["tokenizer"])
@@ -231,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.bundle / "tokenizer.json").is_file():
         parser.error(f"{args.bundle / 'tokenizer.json'} does not exist; pass a bundle directory")
-    settings = FunctionSettings.from_env(DEFAULT_PORT, port=args.port, host=args.host)
+    try:
+        settings = FunctionSettings.from_env(DEFAULT_PORT, port=args.port, host=args.host)
+    except SettingsError as e:
+        print(f"tokenizer: error: {e}", file=sys.stderr)
+        return 2
     app = create_tokenizer_app(args.bundle, settings, max_text_chars=args.max_text_chars)
     return serve(app, settings)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from functions.app import serve
+from functions.process import serve
 from functions.settings import FunctionSettings, SettingsError
 from gateway.app import create_gateway_app
 from gateway.config import ConfigError, load_config

@@ -1,35 +1,58 @@
-"""The gateway app: the shared function factory (health, metrics, tracing, docs, problem
-details) plus the OpenAI-compatible routes and the original /api/model/process."""
+"""The gateway app: the shared function factory (health, metrics, tracing, docs) plus the
+OpenAI-compatible routes and the original /api/model/process, with one error handler: every error
+becomes a GatewayError, is counted, and is answered in OpenAI's shape under /v1/ and as RFC 9457
+problem details elsewhere.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from litestar import Litestar, Request, Response
+from litestar.types import ASGIApp
 from prometheus_client import CollectorRegistry
 
 from functions.app import create_function_app
 from functions.errors import problem_response
 from functions.settings import FunctionSettings
+from gateway.clients import StagePoster
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError
-from gateway.openai import openai_router
+from gateway.errors import as_gateway_error
+from gateway.openai import openai_error_body, openai_routes
 from gateway.routes import process
 from gateway.service import Gateway
 
+API_PREFIXES = ("/v1/", "/api/")  # routes counted in tandem_requests_total
 
-def gateway_problem(request: Request, exc: GatewayError) -> Response:
-    """Gateway errors on the non-OpenAI routes: RFC 9457 problem details with their status."""
-    return problem_response(exc.status_code, exc.message, instance=request.url.path, headers=exc.headers)
+
+def handle_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """The gateway's one exception handler (registered for Exception)."""
+    path = request.url.path
+    err = as_gateway_error(exc, request.method, path)
+    if path.startswith(API_PREFIXES):
+        gw: Gateway = request.app.state.gateway
+        gw.metrics.record_request(request.scope.get("path_template") or "unmatched", err.status_code)
+    if path.startswith("/v1/"):
+        return Response(openai_error_body(err), status_code=err.status_code, headers=err.headers)
+    return problem_response(
+        err.status_code, err.message, instance=path, title=err.title, extra=err.extra, headers=err.headers
+    )
 
 
 def create_gateway_app(
-    cfg: GatewayConfig, settings: FunctionSettings, transport: httpx.AsyncBaseTransport | None = None
-) -> Litestar:
+    cfg: GatewayConfig,
+    settings: FunctionSettings,
+    transport: httpx.AsyncBaseTransport | None = None,
+    *,
+    poster: StagePoster | None = None,
+) -> ASGIApp:
+    """The gateway's ASGI app. `transport` carries every call to the functions when given (tests
+    pass ASGI apps in-process); `poster` replaces only the stage infer calls."""
     registry = CollectorRegistry()
-    gw = Gateway(cfg, registry, transport)
+    gw = Gateway(cfg, registry, transport, poster)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -39,15 +62,14 @@ def create_gateway_app(
         finally:
             await gw.stop()
 
-    process_handler = process
-    process_handler.exception_handlers = {GatewayError: gateway_problem}
     return create_function_app(
         service_name="gateway",
-        route_handlers=[openai_router, process_handler],
+        route_handlers=[*openai_routes, process],
         settings=settings,
         lifespan=[lifespan],
         is_ready=gw.readiness,
         registry=registry,
         openapi_title="tandem gateway",
         state={"gateway": gw},
+        exception_handler=handle_error,
     )

@@ -2,11 +2,12 @@
 Protocol v2, explicit timeouts, bounded retries with backoff on transport errors only (never on
 4xx). This is the one place where client errors become gateway errors.
 
-The per-token infer calls to plain-http stages go through `gateway.wire`, a minimal keep-alive
-HTTP/1.1 client: measured on the 2-core machine, each of the three calls per token cost ~1 ms less
-with aiohttp than with httpx's async client, and less again with `wire` (README "Benchmarks").
-httpx serves the rest (tokenizer, health, releases, https stages), where a millisecond does not
-matter.
+Stage infer calls go through one seam, `StagePoster.post(url, body, headers)`: by default
+`gateway.wire` (a minimal keep-alive HTTP/1.1 client) for http stages and httpx for https ones;
+measured on the 2-core machine, each of the three calls per token cost ~1 ms less with aiohttp than
+with httpx's async client, and less again with `wire` (README "Benchmarks"). Tests inject an httpx
+transport (ASGI apps in-process) or a fake poster. httpx serves the rest (tokenizer, health,
+releases), where a millisecond does not matter.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
-from functions import protocol
+from functions import contract, protocol
 from gateway.config import GatewayConfig, Node
 from gateway.errors import StageError, StageTimeoutError, StageUnavailableError
 from gateway.wire import WireClient
@@ -42,17 +43,73 @@ class StageRejected(StageError):
     """A 4xx other than 409: the stage refused the batch itself (a gateway bug or a bound hit)."""
 
 
+Answer = tuple[int, Mapping[str, str], bytes]  # status, headers (any case), body
+
+
+class StagePoster(Protocol):
+    """Sends one POST and returns the answer for any status; raises OSError / httpx.TransportError
+    when the connection fails and TimeoutError / httpx.TimeoutException when it takes too long."""
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
+class HttpxPoster:
+    """Every POST through one httpx client (https stages, or an injected transport in tests)."""
+
+    def __init__(self, http: httpx.AsyncClient):
+        self.http = http
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
+        r = await self.http.post(url, content=body, headers=headers)
+        return r.status_code, r.headers, r.content
+
+    async def aclose(self) -> None:
+        pass  # the client belongs to its owner
+
+
+class WirePoster:
+    """http:// through gateway.wire (bounded by `timeout`), anything else through httpx."""
+
+    def __init__(self, connect_timeout: float, timeout: float, http: httpx.AsyncClient):
+        self.wire = WireClient(connect_timeout)
+        self.timeout = timeout
+        self.fallback = HttpxPoster(http)
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
+        parts = urlsplit(url)
+        if parts.scheme != "http":  # https (Cloud Run, Knative behind TLS): httpx does TLS
+            return await self.fallback.post(url, body, headers)
+        async with asyncio.timeout(self.timeout):
+            return await self.wire.post(
+                parts.hostname or "127.0.0.1", parts.port or 80, parts.path, body, headers
+            )
+
+    async def aclose(self) -> None:
+        self.wire.close()
+
+
 class Clients:
-    def __init__(self, cfg: GatewayConfig, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        transport: httpx.AsyncBaseTransport | None = None,
+        poster: StagePoster | None = None,
+    ):
+        """`transport` carries every call when given (e.g. ASGI apps in-process); `poster` replaces
+        only the stage infer calls."""
         self.cfg = cfg
         timeout = httpx.Timeout(cfg.call_timeout, connect=cfg.connect_timeout)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         self.http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
-        self.wire = WireClient(cfg.connect_timeout)
+        if poster is None:
+            poster = HttpxPoster(self.http) if transport is not None else None
+        self.poster: StagePoster = poster or WirePoster(cfg.connect_timeout, cfg.call_timeout, self.http)
 
     async def aclose(self) -> None:
+        await self.poster.aclose()
         await self.http.aclose()
-        self.wire.close()
 
     async def _retrying(self, node_desc: str, what: str, send: Callable[[], Awaitable[T]]) -> T:
         """`send()` with bounded retries and exponential backoff on connection failures only;
@@ -74,22 +131,6 @@ class Clients:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def _post_binary(
-        self, node_desc: str, url: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, Any, bytes]:
-        parts = urlsplit(url)
-        if parts.scheme != "http":  # https (Cloud Run, Knative behind TLS): httpx does TLS
-            r = await self._request(node_desc, "POST", url, content=body, headers=headers)
-            return r.status_code, r.headers, r.content
-
-        async def send() -> tuple[int, Any, bytes]:
-            async with asyncio.timeout(self.cfg.call_timeout):
-                return await self.wire.post(
-                    parts.hostname or "127.0.0.1", parts.port or 80, parts.path, body, headers
-                )
-
-        return await self._retrying(node_desc, f"POST {url}", send)
-
     async def _request(self, node_desc: str, method: str, url: str, **kw: Any) -> httpx.Response:
         return await self._retrying(
             node_desc, f"{method} {url}", lambda: self.http.request(method, url, **kw)
@@ -106,9 +147,12 @@ class Clients:
         body, hlen = protocol.encode_request(inputs, outputs=outputs, binary_outputs=True)
         url = f"{node.url}/v2/models/{stage}/infer"
         h = {protocol.HEADER: str(hlen), "Content-Type": "application/octet-stream", **(headers or {})}
-        status, rh, content = await self._post_binary(f"{stage} replica {node.id!r}", url, body, h)
+        desc = f"{stage} replica {node.id!r}"
+        status, rh, content = await self._retrying(
+            desc, f"POST {url}", lambda: self.poster.post(url, body, h)
+        )
         if status == 200:
-            raw = rh.get(protocol.HEADER.lower())  # wire's headers are lower-cased, httpx's any case
+            raw = rh.get(protocol.HEADER.lower())  # wire's headers are lower-cased; httpx's match any case
             try:
                 return protocol.decode_response(content, int(raw) if raw is not None else None).outputs
             except (protocol.ProtocolError, ValueError) as e:
@@ -116,9 +160,8 @@ class Clients:
         detail = _detail_of(content)
         if status == 409:
             try:
-                problem = json.loads(content)
-                held = dict(zip(problem["sequence_ids"], problem["held_lengths"], strict=True))
-            except (ValueError, KeyError, TypeError) as e:
+                held = contract.parse_conflict(json.loads(content))
+            except ValueError as e:  # also contract.ContractError
                 raise StageError(f"{stage} replica {node.id!r} sent an unreadable 409: {detail}") from e
             raise StageConflict(held)
         if status == 503:
@@ -146,7 +189,7 @@ class Clients:
     async def tokenizer_json(self) -> tuple[bytes, int | None]:
         r = await self._request("tokenizer", "GET", f"{self.cfg.tokenizer_url}/v1/tokenizer")
         r.raise_for_status()
-        eos = r.headers.get("Tandem-Eos-Token-Id")
+        eos = r.headers.get(contract.EOS_HEADER)
         return r.content, int(eos) if eos not in (None, "") else None
 
     async def encode(self, texts: list[str], headers: dict[str, str] | None = None) -> list[list[int]]:

@@ -62,6 +62,13 @@ class GatewayMetrics:
             "tandem_sequences_cancelled", "Sequences cancelled (client went away).", registry=r
         )
 
+    def record_request(self, route: str, status: int, seconds: float | None = None) -> None:
+        """One finished API request: its route template and the status it ended with (for a stream,
+        the status of the error that ended it, or 200; 499 when the client went away)."""
+        self.requests.labels(route, str(status)).inc()
+        if seconds is not None:
+            self.request_seconds.labels(route).observe(seconds)
+
 
 class StageUpCollector:
     """tandem_stage_up{stage,replica}: 1 when the replica's last readiness check passed."""

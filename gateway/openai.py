@@ -12,16 +12,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, Router, get, post
-from litestar.exceptions import HTTPException, ValidationException
+from litestar import Request, Response, get, post
 from litestar.params import JSONBody
 from litestar.response import Stream
 from opentelemetry import trace
 
-from functions.errors import validation_detail
 from gateway.errors import GatewayError, InvalidRequestError, NotFoundError
-from gateway.scheduler import Sequence
-from gateway.service import Gateway, disconnected, sampling_from
+from gateway.sequence import SamplingParams, Sequence
+from gateway.service import Gateway, disconnected, sampling_from, trace_id
 
 logger = logging.getLogger("tandem.gateway")
 
@@ -61,41 +59,16 @@ class EventStream(Stream):
         return super().to_asgi_response(*args, **kwargs)
 
 
-def openai_error(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, GatewayError):
-        status, msg, typ, param, headers = (
-            exc.status_code,
-            exc.message,
-            exc.openai_type,
-            exc.param,
-            exc.headers,
-        )
-    elif isinstance(exc, ValidationException):
-        status, typ, param, headers = 400, "invalid_request_error", None, {}
-        msg = validation_detail(exc)
-    elif isinstance(exc, HTTPException):
-        status, msg, typ, param, headers = exc.status_code, exc.detail, "invalid_request_error", None, {}
-    else:
-        logger.error("unexpected error on %s", request.url.path, exc_info=exc)
-        status, msg, typ, param, headers = (
-            500,
-            "internal error; see the gateway log",
-            "server_error",
-            None,
-            {},
-        )
-    gw: Gateway = request.app.state.gateway
-    gw.metrics.requests.labels(request.url.path, str(status)).inc()
-    return Response(
-        {"error": {"message": msg, "type": typ, "param": param, "code": status}},
-        status_code=status,
-        headers=headers,
-    )
-
-
-def trace_id() -> str | None:
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+def openai_error_body(err: GatewayError) -> dict[str, Any]:
+    """OpenAI's error shape for a gateway error (also sent as an SSE event when a stream fails)."""
+    return {
+        "error": {
+            "message": err.message,
+            "type": err.openai_type,
+            "param": err.param,
+            "code": err.status_code,
+        }
+    }
 
 
 def _prompts(data: CompletionRequest) -> tuple[list[str] | None, list[list[int]] | None]:
@@ -117,8 +90,8 @@ def _prompts(data: CompletionRequest) -> tuple[list[str] | None, list[list[int]]
     )
 
 
-async def _start(gw: Gateway, data: CompletionRequest) -> tuple[list[Sequence], Any]:
-    sched = gw.require_scheduler()
+def _params(gw: Gateway, data: CompletionRequest) -> SamplingParams:
+    """The request's sampling parameters; refuses what this server does not support, naming it."""
     if data.model is not None and data.model != gw.cfg.model_name:
         raise NotFoundError(
             f"model {data.model!r} is not served here; GET /v1/models lists {gw.cfg.model_name!r}",
@@ -138,7 +111,7 @@ async def _start(gw: Gateway, data: CompletionRequest) -> tuple[list[Sequence], 
         )
     max_tokens = gw.cfg.default_max_tokens if data.max_tokens is None else data.max_tokens
     stop = [data.stop] if isinstance(data.stop, str) else list(data.stop or [])
-    params = sampling_from(
+    return sampling_from(
         max_tokens,
         data.temperature,
         data.top_p,
@@ -148,52 +121,44 @@ async def _start(gw: Gateway, data: CompletionRequest) -> tuple[list[Sequence], 
         data.ignore_eos,
         data.logprobs is not None,
     )
-    texts, ids = _prompts(data)
-    if texts is not None:
-        if any(t == "" for t in texts):
-            raise InvalidRequestError("prompt must not be empty", param="prompt")
-        ids = await gw.encode(texts)
-    assert ids is not None
-    for p in ids:
-        gw.check_prompt(p, max_tokens, params.top_k)
-    parent = trace.get_current_span()
-    parent.set_attribute("gen_ai.request.model", gw.cfg.model_name)
-    parent.set_attribute("gen_ai.usage.input_tokens", sum(len(p) for p in ids))
-    return [sched.submit(p, params, parent) for p in ids], params
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _token_text(gw: Gateway, token: int) -> str:
+    return gw.tokenizer.decode([token]) if gw.tokenizer is not None else ""
+
+
 def _logprobs_obj(tokens: list[str], lps: list[float]) -> dict[str, Any]:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": []}
 
 
-@post("/v1/completions", status_code=200, tags=["openai"])
+ROUTE = "/v1/completions"
+
+
+@post(ROUTE, status_code=200, tags=["openai"])
 async def completions(request: Request, data: JSONBody[CompletionRequest]) -> Any:
     """OpenAI-compatible text completion (streaming with `stream: true`)."""
     gw: Gateway = request.app.state.gateway
     t0 = time.perf_counter()
-    seqs, params = await _start(gw, data)
+    params = _params(gw, data)
+    texts, ids = _prompts(data)
+    seqs = await gw.admit(params, texts=texts, ids=ids)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     tid = trace_id()
     headers = {"X-Trace-Id": tid} if tid else {}
     base = {"id": cid, "object": "text_completion", "created": created, "model": gw.cfg.model_name}
 
     if not data.stream:
-        try:
-            outs = await asyncio.gather(*(gw.collect(s, disconnected(request)) for s in seqs))
-        except BaseException:
-            for s in seqs:
-                gw.require_scheduler().cancel(s)
-            raise
+        outs = await gw.collect(seqs, disconnected(request))
         choices = [
             {
                 "index": i,
                 "text": o.text,
                 "finish_reason": o.finish_reason,
-                "logprobs": _logprobs_obj([gw.tokenizer.decode([t]) for t in o.token_ids], o.logprobs)
+                "logprobs": _logprobs_obj([_token_text(gw, t) for t in o.token_ids], o.logprobs)
                 if params.logprobs
                 else None,
             }
@@ -201,8 +166,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
         ]
         usage = _usage(sum(o.prompt_tokens for o in outs), sum(len(o.token_ids) for o in outs))
         trace.get_current_span().set_attribute("gen_ai.usage.output_tokens", usage["completion_tokens"])
-        gw.metrics.requests.labels("/v1/completions", "200").inc()
-        gw.metrics.request_seconds.labels("/v1/completions").observe(time.perf_counter() - t0)
+        gw.metrics.record_request(ROUTE, 200, time.perf_counter() - t0)
         return Response({**base, "choices": choices, "usage": usage}, headers=headers)
 
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
@@ -219,7 +183,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
             await queue.put((i, None))
 
         pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(seqs)]
-        status = "200"
+        status = 499  # unless the stream reaches its end or an error
         try:
             open_ = len(seqs)
             while open_:
@@ -228,16 +192,9 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
                     open_ -= 1
                     continue
                 if ev.kind == "error":
-                    status = str(ev.error.status_code)
-                    err = {
-                        "error": {
-                            "message": ev.error.message,
-                            "type": ev.error.openai_type,
-                            "param": None,
-                            "code": ev.error.status_code,
-                        }
-                    }
-                    yield b"data: " + msgspec.json.encode(err) + b"\n\n"
+                    assert ev.error is not None
+                    status = ev.error.status_code
+                    yield b"data: " + msgspec.json.encode(openai_error_body(ev.error)) + b"\n\n"
                     break
                 choice: dict[str, Any] = {
                     "index": i,
@@ -248,7 +205,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
                 if ev.kind == "token":
                     counts[i] += 1
                     if params.logprobs:
-                        choice["logprobs"] = _logprobs_obj([gw.tokenizer.decode([ev.token_id])], [ev.logprob])
+                        choice["logprobs"] = _logprobs_obj([_token_text(gw, ev.token_id)], [ev.logprob])
                 else:
                     choice["finish_reason"] = ev.finish_reason
                 chunk = {**base, "choices": [choice]}
@@ -260,6 +217,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
                     usage = _usage(sum(len(s.prompt) for s in seqs), sum(counts))
                     yield b"data: " + msgspec.json.encode({**base, "choices": [], "usage": usage}) + b"\n\n"
                 yield b"data: [DONE]\n\n"
+                status = 200
         finally:
             # reached on normal end, on error, and when the client disconnects (the stream is cancelled)
             for s in seqs:
@@ -267,8 +225,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
             for p in pumps:
                 p.cancel()
             span.set_attribute("gen_ai.usage.output_tokens", sum(counts))
-            gw.metrics.requests.labels("/v1/completions", status).inc()
-            gw.metrics.request_seconds.labels("/v1/completions").observe(time.perf_counter() - t0)
+            gw.metrics.record_request(ROUTE, status, time.perf_counter() - t0)
 
     return EventStream(
         events(),
@@ -288,6 +245,4 @@ def models(request: Request) -> dict[str, Any]:
     }
 
 
-openai_router = Router(
-    path="/", route_handlers=[completions, models], exception_handlers={Exception: openai_error}
-)
+openai_routes = [completions, models]

@@ -11,10 +11,11 @@ from litestar import Request, post
 from litestar.params import JSONBody
 from opentelemetry import trace
 
-from functions.errors import BadRequestError
-from gateway.errors import GatewayError
-from gateway.openai import trace_id
-from gateway.service import Gateway, disconnected, sampling_from
+from gateway.errors import InvalidRequestError
+from gateway.sequence import SamplingParams
+from gateway.service import Gateway, disconnected, sampling_from, trace_id
+
+ROUTE = "/api/model/process"
 
 PARAMS = {
     "max_tokens": int,
@@ -39,61 +40,42 @@ class ProcessRequest(msgspec.Struct, forbid_unknown_fields=True):
     ignore_eos: bool | None = None
 
 
-def _params(data: ProcessRequest, default_max: int) -> dict[str, Any]:
+def _params(data: ProcessRequest, default_max: int) -> SamplingParams:
     merged: dict[str, Any] = {}
     for key, kinds in PARAMS.items():
         if key in data.metadata:
             v = data.metadata[key]
             if isinstance(v, bool) and kinds is not bool or not isinstance(v, kinds):
-                raise BadRequestError(f"metadata.{key} has the wrong type ({type(v).__name__})")
+                raise InvalidRequestError(
+                    f"metadata.{key} has the wrong type ({type(v).__name__})", param=f"metadata.{key}"
+                )
             merged[key] = v
         top = getattr(data, key)
         if top is not None:
             merged[key] = top
     stop = merged.get("stop") or []
-    return {
-        "max_tokens": merged.get("max_tokens", default_max),
-        "temperature": float(merged.get("temperature", 0.0)),
-        "top_p": float(merged.get("top_p", 1.0)),
-        "top_k": merged.get("top_k", 0),
-        "seed": merged.get("seed"),
-        "stop": [stop] if isinstance(stop, str) else list(stop),
-        "ignore_eos": merged.get("ignore_eos", False),
-        "logprobs": False,
-    }
+    return sampling_from(
+        max_tokens=merged.get("max_tokens", default_max),
+        temperature=float(merged.get("temperature", 0.0)),
+        top_p=float(merged.get("top_p", 1.0)),
+        top_k=merged.get("top_k", 0),
+        seed=merged.get("seed"),
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        ignore_eos=merged.get("ignore_eos", False),
+        logprobs=False,
+    )
 
 
-@post("/api/model/process", status_code=200, tags=["tandem"])
-async def process(request: Request, data: JSONBody[ProcessRequest]) -> dict[str, Any]:
+@post(ROUTE, status_code=200, tags=["tandem"])
+async def process(request: Request[Any, Any, Any], data: JSONBody[ProcessRequest]) -> dict[str, Any]:
     """Generate a continuation of `text` (greedy unless temperature is given)."""
     gw: Gateway = request.app.state.gateway
     t0 = time.perf_counter()
-    status = "200"
-    try:
-        sched = gw.require_scheduler()
-        if not data.text:
-            raise BadRequestError("text must not be empty")
-        p = _params(data, gw.cfg.default_max_tokens)
-        try:
-            params = sampling_from(**p)
-            ids = (await gw.encode([data.text]))[0]
-            gw.check_prompt(ids, params.max_tokens, params.top_k, param="text")
-        except GatewayError as e:
-            if e.status_code == 400:
-                raise BadRequestError(e.message) from e
-            raise
-        span = trace.get_current_span()
-        span.set_attribute("gen_ai.request.model", gw.cfg.model_name)
-        span.set_attribute("gen_ai.usage.input_tokens", len(ids))
-        seq = sched.submit(ids, params, span)
-        out = await gw.collect(seq, disconnected(request))
-        span.set_attribute("gen_ai.usage.output_tokens", len(out.token_ids))
-    except GatewayError as e:
-        status = str(e.status_code)
-        raise
-    finally:
-        gw.metrics.requests.labels("/api/model/process", status).inc()
-        gw.metrics.request_seconds.labels("/api/model/process").observe(time.perf_counter() - t0)
+    params = _params(data, gw.cfg.default_max_tokens)
+    seqs = await gw.admit(params, texts=[data.text], param="text")
+    (out,) = await gw.collect(seqs, disconnected(request))
+    trace.get_current_span().set_attribute("gen_ai.usage.output_tokens", len(out.token_ids))
+    gw.metrics.record_request(ROUTE, 200, time.perf_counter() - t0)
     n = len(out.token_ids)
     decode_s = out.seconds - (out.ttft or 0.0)
     return {
@@ -101,7 +83,7 @@ async def process(request: Request, data: JSONBody[ProcessRequest]) -> dict[str,
         "token_ids": out.token_ids,
         "finish_reason": out.finish_reason,
         "model": gw.cfg.model_name,
-        "prompt_tokens": len(ids),
+        "prompt_tokens": out.prompt_tokens,
         "completion_tokens": n,
         "metrics": {
             "time_to_first_token_ms": round((out.ttft or 0.0) * 1000, 2),

@@ -8,21 +8,27 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
+from litestar import Request
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 from prometheus_client import CollectorRegistry
 from tokenizers import Tokenizer
 
+from functions import contract
 from functions.tokenizer_core import TokenizerCore
-from gateway.clients import Clients
+from gateway.clients import Clients, StagePoster
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, InvalidRequestError, StageUnavailableError
+from gateway.errors import ClientClosedError, GatewayError, InvalidRequestError, StageUnavailableError
 from gateway.metrics import GatewayMetrics, StageUpCollector
+from gateway.pipeline import Pipeline, StageLayout
 from gateway.replicas import Replicas
-from gateway.scheduler import Event, SamplingParams, Scheduler, Sequence, StageLayout
+from gateway.scheduler import Scheduler
+from gateway.sequence import Event, SamplingParams, Sequence
 
 logger = logging.getLogger("tandem.gateway")
 tracer = trace.get_tracer("tandem.gateway")
@@ -48,9 +54,10 @@ class Gateway:
         cfg: GatewayConfig,
         registry: CollectorRegistry,
         transport: httpx.AsyncBaseTransport | None = None,
+        poster: StagePoster | None = None,
     ):
         self.cfg = cfg
-        self.clients = Clients(cfg, transport)
+        self.clients = Clients(cfg, transport, poster)
         self.replicas = Replicas(cfg, self.clients)
         self.metrics = GatewayMetrics(registry)
         registry.register(StageUpCollector(self.replicas))
@@ -88,19 +95,20 @@ class Gateway:
                 await asyncio.sleep(0.5)
         p0 = metas[0]["parameters"]
         self.layout = StageLayout(
-            input_names=[m["inputs"][2]["name"] for m in metas],
+            input_names=[contract.data_input([t["name"] for t in m["inputs"]]) for m in metas],
             output_names=[m["outputs"][0]["name"] for m in metas if m["outputs"]],
             n_embd=int(p0["n_embd"]),
             n_positions=int(p0["n_positions"]),
             vocab_size=int(p0["vocab_size"]),
             model_id=str(p0["model_id"]),
         )
-        if self.layout.output_names[-1] != "token_ids":
+        if self.layout.output_names[-1] != contract.TOKEN_IDS:
             raise RuntimeError(
                 f"the last configured stage is not the model's last ({self.layout.output_names})"
             )
         self.tokenizer = tok
-        self.scheduler = Scheduler(self.cfg, self.clients, self.replicas, self.metrics, tok, self.layout)
+        pipeline = Pipeline(self.cfg, self.clients, self.replicas, self.metrics, self.layout)
+        self.scheduler = Scheduler(self.cfg, self.clients, self.replicas, self.metrics, tok, pipeline)
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
         self.status = "ready"
         logger.info("gateway ready: %d stages, model %s", len(metas), self.layout.model_id)
@@ -128,7 +136,31 @@ class Gateway:
             raise StageUnavailableError(f"the gateway is not ready: {self.status}")
         return self.scheduler
 
-    # ---- helpers used by the routes ----
+    # ---- what the routes use ----
+    async def admit(
+        self,
+        params: SamplingParams,
+        *,
+        texts: list[str] | None = None,
+        ids: list[list[int]] | None = None,
+        param: str = "prompt",
+    ) -> list[Sequence]:
+        """The one admission path: encode the texts (or take token ids), check every prompt against
+        the model, then queue all of them or none (429). `param` names the field in errors."""
+        sched = self.require_scheduler()
+        if texts is not None:
+            if any(t == "" for t in texts):
+                raise InvalidRequestError(f"{param} must not be empty", param=param)
+            ids = await self.encode(texts)
+        if not ids:
+            raise InvalidRequestError(f"{param} must not be empty", param=param)
+        for p in ids:
+            self.check_prompt(p, params, param)
+        span = trace.get_current_span()
+        span.set_attribute("gen_ai.request.model", self.cfg.model_name)
+        span.set_attribute("gen_ai.usage.input_tokens", sum(len(p) for p in ids))
+        return sched.submit_all(ids, params, span)
+
     async def encode(self, texts: list[str]) -> list[list[int]]:
         with tracer.start_as_current_span("tokenizer encode") as span:
             headers: dict[str, str] = {}
@@ -137,52 +169,62 @@ class Gateway:
             span.set_attribute("gen_ai.usage.input_tokens", sum(len(i) for i in ids))
         return ids
 
-    def check_prompt(self, ids: list[int], max_tokens: int, top_k: int = 0, param: str = "prompt") -> None:
-        self.require_scheduler()
-        assert self.layout is not None  # set together with the scheduler
-        if top_k > self.layout.vocab_size:
+    def check_prompt(self, ids: list[int], params: SamplingParams, param: str = "prompt") -> None:
+        layout = self.layout
+        if layout is None:
+            raise StageUnavailableError(f"the gateway is not ready: {self.status}")
+        if params.top_k > layout.vocab_size:
             raise InvalidRequestError(
-                f"top_k must be at most the vocabulary size {self.layout.vocab_size}", param="top_k"
+                f"top_k must be at most the vocabulary size {layout.vocab_size}", param="top_k"
             )
         if not ids:
-            raise InvalidRequestError("the prompt is empty: it must contain at least one token", param=param)
-        bad = [t for t in ids if not 0 <= t < self.layout.vocab_size]
+            raise InvalidRequestError(f"{param} is empty: it must contain at least one token", param=param)
+        bad = [t for t in ids if not 0 <= t < layout.vocab_size]
         if bad:
             raise InvalidRequestError(
-                f"token id {bad[0]} is outside the vocabulary [0, {self.layout.vocab_size})", param=param
+                f"token id {bad[0]} is outside the vocabulary [0, {layout.vocab_size})", param=param
             )
-        if len(ids) + max_tokens > self.layout.n_positions:
+        if len(ids) + params.max_tokens > layout.n_positions:
             raise InvalidRequestError(
-                f"this model's context window is {self.layout.n_positions} tokens; the prompt has {len(ids)} "
-                f"and max_tokens asks for {max_tokens} more ({len(ids) + max_tokens}); shorten one",
+                f"this model's context window is {layout.n_positions} tokens; the prompt has {len(ids)} "
+                f"and max_tokens asks for {params.max_tokens} more ({len(ids) + params.max_tokens}); "
+                "shorten one",
                 param="max_tokens",
             )
 
-    async def collect(self, seq: Sequence, wait_disconnect) -> Outcome:
-        """Run a sequence to the end, cancelling it if the client goes away first."""
+    async def collect(
+        self, seqs: list[Sequence], wait_disconnect: Callable[[], Awaitable[None]]
+    ) -> list[Outcome]:
+        """Run sequences to the end; if the client goes away first, cancel them all and raise
+        ClientClosedError (the route's error handler counts it as 499)."""
         sched = self.require_scheduler()
-        out = Outcome(prompt_tokens=len(seq.prompt))
         t0 = time.perf_counter()
+        outs = [Outcome(prompt_tokens=len(s.prompt)) for s in seqs]
 
-        async def consume() -> None:
+        async def consume(seq: Sequence, out: Outcome) -> None:
             async for ev in sched.stream(seq):
                 self._apply(out, ev)
 
-        consumer = asyncio.create_task(consume())
+        consumer = asyncio.ensure_future(
+            asyncio.gather(*(consume(s, o) for s, o in zip(seqs, outs, strict=True)))
+        )
         watcher = asyncio.create_task(wait_disconnect())
         try:
             done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if consumer not in done:
-                sched.cancel(seq)
                 consumer.cancel()
-                raise asyncio.CancelledError("client disconnected")
+                raise ClientClosedError("the client closed the connection before the answer was ready")
             consumer.result()
         finally:
             watcher.cancel()
-        out.seconds = time.perf_counter() - t0
-        out.ttft = (seq.t_first - seq.t_arrival) if seq.t_first else None
-        out.stage_seconds = {p.name: seq.stage_seconds[k] for k, p in enumerate(self.replicas.pools)}
-        return out
+            for s in seqs:
+                sched.cancel(s)  # a no-op for finished ones; frees the rest after an error
+        elapsed = time.perf_counter() - t0
+        for seq, out in zip(seqs, outs, strict=True):
+            out.seconds = elapsed
+            out.ttft = (seq.t_first - seq.t_arrival) if seq.t_first else None
+            out.stage_seconds = {p.name: seq.stage_seconds[k] for k, p in enumerate(self.replicas.pools)}
+        return outs
 
     @staticmethod
     def _apply(out: Outcome, ev: Event) -> None:
@@ -211,17 +253,15 @@ def sampling_from(
     """Validated sampling parameters (the stage re-checks them; here they get a friendly 400)."""
     if max_tokens < 1:
         raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-    if not 0 <= temperature <= 100:
-        raise InvalidRequestError(
-            f"temperature must be between 0 and 100, got {temperature}", param="temperature"
-        )
-    if not 0 < top_p <= 1:
-        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
     if top_k < -1:
         raise InvalidRequestError(f"top_k must be -1 or 0 (off) or positive, got {top_k}", param="top_k")
+    # the vocabulary bound on top_k is checked per prompt (Gateway.check_prompt) once the model is known
+    problem = contract.sampling_problem(temperature, 0, top_p, vocab_size=0)
+    if problem is not None:
+        raise InvalidRequestError(problem[1], param=problem[0])
     if len(stop) > 4 or any(not isinstance(s, str) or s == "" for s in stop):
         raise InvalidRequestError("stop takes up to 4 non-empty strings", param="stop")
-    if seed is not None and not 0 <= seed < 2**62:
+    if seed is not None and not 0 <= seed < contract.SEED_LIMIT:
         raise InvalidRequestError("seed must be in [0, 2**62)", param="seed")
     return SamplingParams(
         max_tokens=max_tokens,
@@ -235,7 +275,7 @@ def sampling_from(
     )
 
 
-def disconnected(request):
+def disconnected(request: Request[Any, Any, Any]) -> Callable[[], Awaitable[None]]:
     """A coroutine function that returns when the client closes the connection (ASGI
     http.disconnect; the body has been read already, so nothing else arrives)."""
 
@@ -248,4 +288,10 @@ def disconnected(request):
     return wait
 
 
-__all__ = ["Gateway", "GatewayError", "Outcome", "disconnected", "sampling_from"]
+def trace_id() -> str | None:
+    """The current request's trace id (32 hex digits), or None when tracing is off."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+__all__ = ["Gateway", "GatewayError", "Outcome", "disconnected", "sampling_from", "trace_id"]

@@ -12,9 +12,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import functions.app as app_module
-from functions.app import asgi_entry, create_function_app
+from litestar import Litestar
+
+from functions.app import create_function_app, litestar_app
 from functions.errors import PROBLEM_JSON, BadRequestError
-from functions.fastpath import FastRoute
+from functions.fastpath import FastRoute, FastRoutesApp
 from functions.settings import FunctionSettings
 
 calls: list[str] = []
@@ -55,7 +57,7 @@ def registry() -> CollectorRegistry:
 @pytest.fixture
 def client(registry: CollectorRegistry):
     calls.clear()
-    transport = httpx.ASGITransport(app=asgi_entry(build(registry)))
+    transport = httpx.ASGITransport(app=build(registry))
     return httpx.AsyncClient(transport=transport, base_url="http://fast")
 
 
@@ -106,7 +108,7 @@ async def exercise(client: httpx.AsyncClient) -> str:
 
 def test_a_client_gone_before_its_body_gets_no_answer(registry) -> None:
     calls.clear()
-    app = asgi_entry(build(registry))
+    app = build(registry)
     sent: list[dict] = []
     messages = [{"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"}]
 
@@ -131,8 +133,7 @@ def test_a_client_gone_before_its_body_gets_no_answer(registry) -> None:
 def test_tracing_takes_the_litestar_route(registry, monkeypatch: pytest.MonkeyPatch) -> None:
     # with an OTLP endpoint the OpenTelemetry middleware must see every request: no fast entry
     monkeypatch.setattr(app_module, "configure_tracing", lambda _name: True)
-    app = build(registry)
-    assert asgi_entry(app) is app
+    assert isinstance(build(registry), Litestar)
 
 
 def test_no_fast_routes_serves_the_app_itself(registry) -> None:
@@ -144,6 +145,24 @@ def test_no_fast_routes_serves_the_app_itself(registry) -> None:
         registry=registry,
         openapi_title="plain",
     )
-    assert asgi_entry(app) is app
+    assert isinstance(app, Litestar) and litestar_app(app) is app
     fast = build(CollectorRegistry())
-    assert asgi_entry(fast) is not fast  # tracing off: the fast routes stand in front
+    assert isinstance(fast, FastRoutesApp)  # tracing off: the fast routes stand in front
+    assert isinstance(litestar_app(fast), Litestar)
+
+
+def test_fast_path_can_be_forced_either_way(registry) -> None:
+    def make(fast_path: bool) -> object:
+        return create_function_app(
+            service_name="forced",
+            route_handlers=[],
+            settings=FunctionSettings(port=0),
+            is_ready=lambda: (True, ""),
+            registry=CollectorRegistry(),
+            openapi_title="forced",
+            fast_routes=[ROUTE],
+            fast_path=fast_path,
+        )
+
+    assert isinstance(make(False), Litestar)
+    assert isinstance(make(True), FastRoutesApp)

@@ -1,0 +1,133 @@
+"""What a stage process holds besides its routes: its settings, the loader that builds the ONNX
+session off the event loop (readiness follows it), and the KV cache figures read at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from export.manifest import BundleError, Manifest, verify_files
+from functions import contract
+from functions.engine import StageEngine
+from functions.process import unpin_this_thread
+from functions.settings import Env, SettingsError
+
+logger = logging.getLogger("tandem.stage")
+PROVIDERS = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    bundle: Path
+    stage: str  # "stage-2" (the manifest's name), also accepted as "2"
+    provider: str = "cpu"
+    threads: int | None = None
+    cache_bytes: int = 2 << 30
+    idle_seconds: float = 600.0
+    verify_hashes: bool = False  # sha256 of the stage file before loading (slow for big files)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> StageSettings:
+        """`TANDEM_PROVIDER`, `TANDEM_THREADS`, `TANDEM_KV_CACHE_BYTES`, `TANDEM_KV_IDLE_SECONDS`,
+        `TANDEM_VERIFY_HASHES`; overrides (command-line flags) win, None means "not given"."""
+        e = Env(env)
+        values: dict[str, Any] = {
+            "provider": e.choice("TANDEM_PROVIDER", "cpu", PROVIDERS),
+            "threads": e.integer("TANDEM_THREADS", None, minimum=1),
+            "cache_bytes": e.integer("TANDEM_KV_CACHE_BYTES", 2 << 30, minimum=0),
+            "idle_seconds": e.number("TANDEM_KV_IDLE_SECONDS", 600.0, minimum=0),
+            "verify_hashes": e.flag("TANDEM_VERIFY_HASHES"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["provider"] not in PROVIDERS:
+            raise SettingsError(f"provider must be one of {', '.join(PROVIDERS)}, got {values['provider']!r}")
+        values["stage"] = contract.normalize_stage_name(str(values["stage"]))
+        return cls(**values)
+
+
+class Loader:
+    """Loads the session off the event loop; readiness reflects where it got to."""
+
+    def __init__(self, settings: StageSettings, manifest: Manifest):
+        self.settings, self.manifest = settings, manifest
+        self.engine: StageEngine | None = None
+        self.error: str | None = None
+        self.status = "loading the ONNX session"
+
+    def run(self) -> None:
+        s, m = self.settings, self.manifest
+        unpin_this_thread()  # ONNX Runtime's compute threads start here: all of the process's CPUs
+        try:
+            entry = m.stage(s.stage)
+            if s.verify_hashes:
+                problems = verify_files(s.bundle, m, only=list(entry.files))
+                if problems:
+                    raise BundleError("; ".join(problems))
+            engine = StageEngine(
+                s.bundle,
+                m,
+                entry,
+                provider=s.provider,
+                threads=s.threads,
+                cache_bytes=s.cache_bytes,
+                idle_seconds=s.idle_seconds,
+            )
+            if s.provider == "cuda" and "CUDAExecutionProvider" not in engine.providers:
+                raise BundleError(f"CUDA was asked for but ONNX Runtime uses {engine.providers}")
+            self.status = "running the warm-up inference"
+            engine.warm_up()
+            self.engine = engine
+            logger.info("%s ready (providers %s)", entry.name, engine.providers)
+        except Exception as e:  # readiness reports it; the process stays up for /v2/health/live
+            logger.exception("loading %s failed", s.stage)
+            self.error = f"loading failed: {e}"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.engine is not None:
+            return True, "ready"
+        return False, self.error or self.status
+
+
+# name, help, how to read it off the KV cache, metric family
+_CACHE_FIGURES = (
+    ("tandem_kv_cache_sequences", "Sequences held in the KV cache.", len, GaugeMetricFamily),
+    ("tandem_kv_cache_bytes", "Bytes of keys/values held.", lambda c: c.bytes, GaugeMetricFamily),
+    (
+        "tandem_kv_cache_evictions",
+        "Sequences evicted for the byte budget.",
+        lambda c: c.evictions,
+        CounterMetricFamily,
+    ),
+    (
+        "tandem_kv_cache_expirations",
+        "Sequences dropped for idleness.",
+        lambda c: c.expirations,
+        CounterMetricFamily,
+    ),
+    (
+        "tandem_kv_cache_misses",
+        "Rows refused (409) for a past length the stage does not hold.",
+        lambda c: c.misses,
+        CounterMetricFamily,
+    ),
+)
+
+
+class CacheCollector:
+    """KV cache figures read at scrape time, so they are never stale."""
+
+    def __init__(self, loader: Loader, stage: str):
+        self.loader, self.stage = loader, stage
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.loader.engine.cache if self.loader.engine else None
+        for name, doc, read, family in _CACHE_FIGURES:
+            m = family(name, doc, labels=["stage"])
+            m.add_metric([self.stage], read(cache) if cache is not None else 0)
+            yield m

@@ -1,0 +1,201 @@
+"""One batch of sequences through one stage: grouped by the replica each sticks to, replayed after a
+409 (the stage lost part of a sequence's KV cache), moved to another replica after a failure, traced
+and timed. Rows that cannot be served are returned as failed, with the error to give their clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from opentelemetry import trace
+from opentelemetry.propagate import inject
+
+from functions import contract as c
+from gateway.clients import Clients, StageConflict, StageRejected
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError, StageError, StageUnavailableError
+from gateway.metrics import GatewayMetrics
+from gateway.replicas import Replica, Replicas
+from gateway.sequence import Sequence
+
+logger = logging.getLogger("tandem.gateway")
+tracer = trace.get_tracer("tandem.gateway")
+MAX_REPLAYS = 4  # per stage call: conflicts or failovers before the rows fail
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """What the gateway learns from the stages' model metadata at start-up."""
+
+    input_names: list[str]  # per stage: input_ids or hidden_states_{first layer}
+    output_names: list[str]  # per stage: hidden_states_{next layer} or token_ids
+    n_embd: int
+    n_positions: int
+    vocab_size: int
+    model_id: str
+
+
+@dataclass
+class StageOutcome:
+    # per row that went through: the new positions' hidden states (n_new, C), or for the last
+    # stage (token id, logprob or None)
+    results: dict[int, np.ndarray | tuple[int, float | None]] = field(default_factory=dict)
+    failed: list[tuple[Sequence, GatewayError]] = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        clients: Clients,
+        replicas: Replicas,
+        metrics: GatewayMetrics,
+        layout: StageLayout,
+    ):
+        self.cfg, self.clients, self.replicas, self.metrics, self.layout = (
+            cfg,
+            clients,
+            replicas,
+            metrics,
+            layout,
+        )
+
+    async def run(self, k: int, rows: list[Sequence], x: dict[int, np.ndarray]) -> StageOutcome:
+        """Rows through stage k; `x` holds each row's new inputs for stages after the first (its
+        new token ids are in `Sequence.tokens`)."""
+        pool = self.replicas.pools[k]
+        start = {s.id: s.held[k] for s in rows}  # past length to send; lowered by 409s
+        pending = list(rows)
+        out = StageOutcome()
+        for _attempt in range(MAX_REPLAYS + 1):
+            groups: dict[str, tuple[Replica, list[Sequence]]] = {}
+            for s in pending:
+                rep = await self._replica_for(k, s, out)
+                if rep is not None:
+                    groups.setdefault(rep.node.id, (rep, []))[1].append(s)
+            calls = [self._call(k, rep, grp, x, start) for rep, grp in groups.values()]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            pending = []
+            for (rep, grp), outcome in zip(groups.values(), outcomes, strict=True):
+                if isinstance(outcome, StageConflict):
+                    for s in grp:
+                        h = outcome.held.get(s.id)
+                        if h is not None:
+                            # what the stage holds, when it is a prefix of ours; else from scratch
+                            start[s.id] = h if h < start[s.id] else 0
+                            self.metrics.replays.labels(pool.name).inc()
+                    pending += grp
+                elif isinstance(outcome, StageRejected):
+                    out.failed += [(s, outcome) for s in grp]
+                elif isinstance(outcome, StageError):
+                    pool.mark(rep, False, str(outcome))  # its rows move (and count a failover)
+                    pending += grp
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    out.results.update(outcome)
+            if not pending:
+                return out
+        err = StageError(f"{pool.name}: gave up after {MAX_REPLAYS} replays/failovers")
+        out.failed += [(s, err) for s in pending]
+        return out
+
+    async def _replica_for(self, k: int, s: Sequence, out: StageOutcome) -> Replica | None:
+        """The replica the sequence sticks to, or a new one when that is down (None: failed)."""
+        pool = self.replicas.pools[k]
+        rep = s.replica[k]
+        if rep is not None and rep.up:
+            return rep
+        new_rep = await self.replicas.wait_for(pool, s.id, self.cfg.stage_wait)
+        if new_rep is None:
+            why = self.replicas.readiness()[1]
+            msg = f"{pool.name} has no ready replica (waited {self.cfg.stage_wait:.0f} s): {why}"
+            out.failed.append((s, StageUnavailableError(msg)))
+            return None
+        if rep is not None and new_rep is not rep:
+            self.metrics.failovers.labels(pool.name).inc()
+        s.replica[k] = new_rep
+        return new_rep
+
+    def _row_input(self, k: int, s: Sequence, x: dict[int, np.ndarray], start: int) -> np.ndarray:
+        if k == 0:
+            return np.asarray(s.tokens[start:], dtype=np.int64)  # (n,)
+        sent = s.sent[k]
+        assert sent is not None
+        if start == s.held[k]:
+            return x[s.id]  # (n, C)
+        return np.concatenate([sent.view(start, s.held[k]), x[s.id]])  # (held - start + n, C)
+
+    def _inputs(
+        self, k: int, grp: list[Sequence], rows: list[np.ndarray], start: dict[int, int]
+    ) -> dict[str, np.ndarray]:
+        xin, mask = c.left_pad(rows, None if k == 0 else self.layout.n_embd)
+        inputs = {
+            c.SEQUENCE_IDS: np.array([s.id for s in grp], dtype=np.int64),
+            c.PAST_LENGTHS: np.array([start[s.id] for s in grp], dtype=np.int64),
+            self.layout.input_names[k]: xin,
+            c.ATTENTION_MASK: mask,
+            c.SEQUENCE_END: np.array([s.last_step for s in grp], dtype=np.bool_),
+        }
+        if k == self.cfg.stages - 1:
+            p = [s.params for s in grp]
+            inputs |= {
+                c.TEMPERATURE: np.array([q.temperature for q in p], dtype=np.float32),
+                c.TOP_K: np.array([q.top_k for q in p], dtype=np.int64),
+                c.TOP_P: np.array([q.top_p for q in p], dtype=np.float32),
+                c.SEED: np.array([s.seed for s in grp], dtype=np.int64),
+            }
+        return inputs
+
+    async def _call(
+        self, k: int, rep: Replica, grp: list[Sequence], x: dict[int, np.ndarray], start: dict[int, int]
+    ) -> dict[int, np.ndarray | tuple[int, float | None]]:
+        pool = self.replicas.pools[k]
+        last = k == self.cfg.stages - 1
+        rows = [self._row_input(k, s, x, start[s.id]) for s in grp]
+        inputs = self._inputs(k, grp, rows, start)
+        if last:  # log-softmax over the vocabulary costs ~1 ms per row: only when someone wants it
+            outputs = [c.TOKEN_IDS, c.LOGPROBS] if any(s.params.logprobs for s in grp) else [c.TOKEN_IDS]
+        else:
+            outputs = [self.layout.output_names[k]]
+        headers: dict[str, str] = {}
+        t0 = time.perf_counter()
+        # One span per request in the batch, each in its own request's trace (one trace per
+        # request); the stage's server span hangs under the first.
+        spans = [
+            tracer.start_span(f"{pool.name} call", context=trace.set_span_in_context(s.parent))
+            for s in grp
+            if s.parent is not None and s.parent.is_recording()
+        ]
+        for span in spans:
+            span.set_attribute("tandem.batch_size", len(grp))
+            span.set_attribute("tandem.replica", rep.node.id)
+        if spans:
+            inject(headers, context=trace.set_span_in_context(spans[0]))
+        try:
+            out = await self.clients.infer(rep.node, pool.name, inputs, outputs, headers)
+        finally:
+            for span in spans:
+                span.end()
+        dt = time.perf_counter() - t0
+        self.metrics.stage_call.labels(pool.name, rep.node.id).observe(dt)
+        S = max(len(r) for r in rows)
+        result: dict[int, np.ndarray | tuple[int, float | None]] = {}
+        for b, s in enumerate(grp):
+            s.stage_seconds[k] += dt
+            n_new = len(s.tokens) - s.held[0] if k == 0 else len(x[s.id])
+            sent = s.sent[k]
+            if sent is not None:
+                sent.truncate(s.held[k])  # replayed rows were already in the buffer
+                sent.append(x[s.id])
+            s.held[k] = start[s.id] + len(rows[b])
+            if last:
+                lp = out[c.LOGPROBS][b] if c.LOGPROBS in out else None
+                result[s.id] = (int(out[c.TOKEN_IDS][b]), None if lp is None else float(lp))
+            else:
+                result[s.id] = out[self.layout.output_names[k]][b, S - n_new :]  # (n_new, C)
+        return result

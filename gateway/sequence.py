@@ -1,0 +1,182 @@
+"""One generation request's state in the gateway: its sampling parameters, the tokens so far, what
+every stage has been sent (for replay), the text released to the client, and the stop-string
+hold-back. No I/O here: the scheduler drives it, the routes read its events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from opentelemetry import trace
+
+from functions.tokenizer_core import IncrementalDecoder, TokenizerInputError
+from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.replicas import Replica
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+
+@dataclass
+class Event:
+    kind: str  # "token", "finish" or "error"
+    token_id: int = -1
+    text: str = ""
+    logprob: float | None = None
+    finish_reason: str | None = None
+    error: GatewayError | None = None
+
+
+class StageInputs:
+    """The hidden states one stage has been sent for a sequence, one row per position, appended
+    step by step (amortised O(1)); a replay reads a slice of it."""
+
+    def __init__(self, width: int):
+        self.data = np.empty((16, width), dtype=np.float32)  # (capacity, C)
+        self.n = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        need = self.n + rows.shape[0]
+        if need > self.data.shape[0]:
+            grown = np.empty((max(need, 2 * self.data.shape[0]), self.data.shape[1]), dtype=np.float32)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        self.data[self.n : need] = rows
+        self.n = need
+
+    def truncate(self, n: int) -> None:
+        self.n = min(self.n, n)
+
+    def view(self, start: int, stop: int) -> np.ndarray:
+        return self.data[start:stop]  # (stop - start, C)
+
+
+@dataclass
+class Sequence:
+    id: int  # random 62 bits: unguessable, and the stages' key for its KV cache
+    prompt: list[int]
+    params: SamplingParams
+    decoder: IncrementalDecoder
+    n_stages: int
+    width: int  # n_embd: the hidden state size sent to stages 2..N
+    parent: trace.Span | None = None  # the request's span: stage-call spans hang under it
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    held: list[int] = field(default_factory=list)  # per stage: positions we believe it caches
+    replica: list[Replica | None] = field(default_factory=list)
+    sent: list[StageInputs | None] = field(default_factory=list)  # per stage k >= 1: its inputs so far
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    text: str = ""  # generated text so far (before stop truncation)
+    emitted: int = 0  # characters of `text` already sent to the client
+    n_generated: int = 0
+    finished: bool = False
+    cancelled: bool = False
+    seed: int = 0
+    t_arrival: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_last: float | None = None
+    stage_seconds: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt)
+        self.held = [0] * self.n_stages
+        self.replica = [None] * self.n_stages
+        self.sent = [None] + [StageInputs(self.width) for _ in range(self.n_stages - 1)]
+        self.stage_seconds = [0.0] * self.n_stages
+        self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(62)
+
+    @classmethod
+    def new(
+        cls,
+        prompt: list[int],
+        params: SamplingParams,
+        decoder: IncrementalDecoder,
+        n_stages: int,
+        width: int,
+        parent: trace.Span | None = None,
+    ) -> Sequence:
+        return cls(secrets.randbits(62), prompt, params, decoder, n_stages, width, parent)
+
+    @property
+    def last_step(self) -> bool:
+        """The next token is this sequence's last under max_tokens (the stages may free it then)."""
+        return self.n_generated + 1 >= self.params.max_tokens
+
+    def accept(self, token: int, logprob: float | None, eos: int | None, n_positions: int) -> str | None:
+        """Take one generated token: queue its event (text held back while it may still become a
+        stop string) and return the finish reason when this token ends the sequence."""
+        self.tokens.append(token)
+        self.n_generated += 1
+        if token == eos and not self.params.ignore_eos:
+            self.text += self.decoder.flush()
+            self._emit(token, logprob, final=True)
+            return "stop"
+        done = self.n_generated >= self.params.max_tokens or len(self.tokens) >= n_positions
+        try:
+            self.text += self.decoder.push(token)
+        except TokenizerInputError:
+            pass  # an id the tokenizer has no text for (a model vocabulary larger than the tokenizer's)
+        if done:
+            self.text += self.decoder.flush()  # bytes held back for an incomplete character
+        hit = self._stop_hit()
+        if hit is not None:
+            self.text = self.text[:hit]
+            self._emit(token, logprob, final=True)
+            return "stop"
+        self._emit(token, logprob, final=done)
+        return "length" if done else None
+
+    def finish(self, reason: str | None) -> bool:
+        """Mark finished (queueing the finish event when there is a reason); False if it already was."""
+        if self.finished:
+            return False
+        self.finished = True
+        if reason is not None:
+            self.events.put_nowait(Event("finish", finish_reason=reason))
+        return True
+
+    def fail(self, err: GatewayError) -> bool:
+        if self.finished:
+            return False
+        self.events.put_nowait(Event("error", error=err))
+        return self.finish(None)
+
+    def _emit(self, token: int, logprob: float | None, final: bool) -> None:
+        self.events.put_nowait(Event("token", token, self._drain_text(final), logprob))
+
+    def _stop_hit(self) -> int | None:
+        """Where the earliest stop string starts in the text, searching only what it could newly match."""
+        found = (self.text.find(stop, max(0, self.emitted - len(stop))) for stop in self.params.stop)
+        hits = [i for i in found if i >= 0]
+        return min(hits) if hits else None
+
+    def _drain_text(self, final: bool) -> str:
+        """Text not yet sent, holding back a tail that could still become a stop string."""
+        if final:
+            end = len(self.text)
+        else:
+            hold = 0
+            for stop in self.params.stop:
+                for n in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(stop[:n]):
+                        hold = max(hold, n)
+                        break
+            end = len(self.text) - hold
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece
