@@ -21,6 +21,7 @@ from export.manifest import (
     sha256_file,
     verify_files,
 )
+from functions import contract as c
 
 FP32_MAX_DIFF = 1e-3
 
@@ -64,18 +65,18 @@ def split_layers(n_layer: int, stages: int | None, layers: str | None) -> list[t
 def _tensor_specs(spec, cfg) -> tuple[list[TensorSpec], list[TensorSpec]]:
     h, d = cfg.n_head, cfg.n_embd // cfg.n_head
     x = (
-        TensorSpec("input_ids", "INT64", ["batch", "sequence"])
+        TensorSpec(c.INPUT_IDS, "INT64", ["batch", "sequence"])
         if spec.first
         else TensorSpec(spec.input_name, "FP32", ["batch", "sequence", cfg.n_embd])
     )
     inputs = [
         x,
-        TensorSpec("attention_mask", "INT64", ["batch", "total_sequence"]),
-        TensorSpec("position_ids", "INT64", ["batch", "sequence"]),
+        TensorSpec(c.ATTENTION_MASK, "INT64", ["batch", "total_sequence"]),
+        TensorSpec(c.POSITION_IDS, "INT64", ["batch", "sequence"]),
     ]
     inputs += [TensorSpec(n, "FP32", ["batch", h, "past_sequence", d]) for n in spec.past_names()]
     y = (
-        TensorSpec("logits", "FP32", ["batch", cfg.vocab_size])
+        TensorSpec(c.LOGITS, "FP32", ["batch", cfg.vocab_size])
         if spec.last
         else TensorSpec(spec.output_name, "FP32", ["batch", "sequence", cfg.n_embd])
     )

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from functions.contract import PAST_PREFIX, PRESENT_PREFIX
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -41,10 +43,10 @@ class StageEntry:
         return self.layers[0] == 0
 
     def past_names(self) -> list[str]:
-        return [t.name for t in self.inputs if t.name.startswith("past_key_values.")]
+        return [t.name for t in self.inputs if t.name.startswith(PAST_PREFIX)]
 
     def present_names(self) -> list[str]:
-        return [t.name for t in self.outputs if t.name.startswith("present.")]
+        return [t.name for t in self.outputs if t.name.startswith(PRESENT_PREFIX)]
 
 
 @dataclass(frozen=True)

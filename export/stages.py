@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers import GPT2LMHeadModel
 
+from functions import contract as c
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -32,28 +34,28 @@ class StageSpec:
 
     @property
     def name(self) -> str:
-        return f"stage-{self.index + 1}"
+        return c.stage_name(self.index + 1)
 
     @property
     def file(self) -> str:
-        return f"stage{self.index + 1}.onnx"
+        return c.stage_file(self.index + 1)
 
     @property
     def input_name(self) -> str:
-        return "input_ids" if self.first else f"hidden_states_{self.start}"
+        return c.INPUT_IDS if self.first else c.hidden_states(self.start)
 
     @property
     def output_name(self) -> str:
-        return "logits" if self.last else f"hidden_states_{self.stop}"
+        return c.LOGITS if self.last else c.hidden_states(self.stop)
 
     def past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kv}" for i in range(self.start, self.stop) for kv in ("key", "value")]
+        return [c.past_key_values(i, kv) for i in range(self.start, self.stop) for kv in ("key", "value")]
 
     def present_names(self) -> list[str]:
-        return [f"present.{i}.{kv}" for i in range(self.start, self.stop) for kv in ("key", "value")]
+        return [c.present(i, kv) for i in range(self.start, self.stop) for kv in ("key", "value")]
 
     def input_names(self) -> list[str]:
-        return [self.input_name, "attention_mask", "position_ids", *self.past_names()]
+        return [self.input_name, c.ATTENTION_MASK, c.POSITION_IDS, *self.past_names()]
 
     def output_names(self) -> list[str]:
         return [self.output_name, *self.present_names()]

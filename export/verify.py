@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from export.manifest import StageEntry
+from functions import contract as c
 
 PROMPT_SETS = {"batch1": [16], "batch4": [16, 9, 5, 12]}
 
@@ -48,7 +49,7 @@ class _OrtChain:
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
         x = ids
         for k, (sess, stage) in enumerate(zip(self.sessions, self.stages, strict=False)):
-            feed = {stage.inputs[0].name: x, "attention_mask": mask, "position_ids": pos, **self.past[k]}
+            feed = {stage.inputs[0].name: x, c.ATTENTION_MASK: mask, c.POSITION_IDS: pos, **self.past[k]}
             outs = sess.run(None, feed)
             x = outs[0]
             self.past[k] = {

@@ -94,8 +94,9 @@ def create_function_app(
     """Build a function's app and return the ASGI callable to serve; `registry` must be fresh per
     app (never the global default).
 
-    `fast_routes` are served in front of Litestar (functions.fastpath) when `fast_path` is True,
-    or, when it is None, unless tracing is on (the Litestar routes then add server spans).
+    `fast_routes` are served in front of Litestar (functions.fastpath) when `fast_path` is True;
+    when it is None, as `settings.fast_path` says ("auto": unless tracing is on, since the Litestar
+    routes add the server spans).
     """
     logging.getLogger("tandem").setLevel(settings.log_level.upper())
     tracing = configure_tracing(service_name)
@@ -161,7 +162,9 @@ def create_function_app(
         # Logging belongs to the process (see `serve`), not to each app built in a test.
         logging_config=None,
     )
-    if not fast_routes or not (fast_path if fast_path is not None else not tracing):
+    if fast_path is None:
+        fast_path = {"on": True, "off": False}.get(settings.fast_path, not tracing)
+    if not fast_routes or not fast_path:
         return app
     return FastRoutesApp(
         app,

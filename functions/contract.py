@@ -58,12 +58,16 @@ def hidden_states(layer: int) -> str:
     return f"{HIDDEN_STATES_PREFIX}{layer}"
 
 
+PAST_PREFIX = "past_key_values."  # past_key_values.{layer}.key / .value: a stage graph's KV inputs
+PRESENT_PREFIX = "present."  # present.{layer}.key / .value: its KV outputs
+
+
 def past_key_values(layer: int, kv: str) -> str:
-    return f"past_key_values.{layer}.{kv}"
+    return f"{PAST_PREFIX}{layer}.{kv}"
 
 
 def present(layer: int, kv: str) -> str:
-    return f"present.{layer}.{kv}"
+    return f"{PRESENT_PREFIX}{layer}.{kv}"
 
 
 def stage_name(k: int) -> str:

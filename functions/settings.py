@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+FAST_PATH_CHOICES = ("auto", "on", "off")
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
@@ -32,6 +33,9 @@ class FunctionSettings:
     # See functions.app.serve: on a small machine running the whole stack, every process's event
     # loop on one core and ONNX Runtime's compute threads on the others is much faster.
     loop_cpu: int | None = None
+    # The per-token routes straight on ASGI in front of Litestar (functions.fastpath): "auto" (on
+    # unless tracing is on), "on" or "off" (every request through Litestar's routing).
+    fast_path: str = "auto"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -40,6 +44,8 @@ class FunctionSettings:
             raise SettingsError(f"max_body_bytes must be > 0, got {self.max_body_bytes}")
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.fast_path not in FAST_PATH_CHOICES:
+            raise SettingsError(f"fast_path must be one of {', '.join(FAST_PATH_CHOICES)}, got {self.fast_path!r}")
         if self.loop_cpu is not None and self.loop_cpu not in usable_cpus():
             raise SettingsError(
                 f"TANDEM_LOOP_CPU must be one of this process's CPUs {sorted(usable_cpus())}, got {self.loop_cpu}"
@@ -61,6 +67,7 @@ class FunctionSettings:
             max_body_bytes=e.integer("TANDEM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, minimum=1),
             log_level=e.choice("TANDEM_LOG_LEVEL", "info", LOG_LEVELS),
             loop_cpu=e.integer("TANDEM_LOOP_CPU", None),
+            fast_path=e.choice("TANDEM_FAST_PATH", "auto", FAST_PATH_CHOICES),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 

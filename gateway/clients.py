@@ -174,7 +174,9 @@ class Clients:
         """Best effort: a lost release only delays freeing until the stage's idle timeout."""
         try:
             await self.http.post(
-                f"{node.url}/v2/models/{stage}/sequences/release", json={"sequence_ids": seq_ids}, timeout=5.0
+                f"{node.url}/v2/models/{stage}/sequences/release",
+                json={contract.SEQUENCE_IDS: seq_ids},
+                timeout=5.0,
             )
         except httpx.HTTPError as e:
             logger.warning("release of %d sequence(s) on %s failed: %s", len(seq_ids), node.id, e)

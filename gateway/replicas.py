@@ -10,6 +10,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 
+from functions import contract
 from gateway.clients import Clients
 from gateway.config import GatewayConfig, Node
 
@@ -55,7 +56,8 @@ class Replicas:
     def __init__(self, cfg: GatewayConfig, clients: Clients):
         self.cfg, self.clients = cfg, clients
         self.pools = [
-            StagePool(k, f"stage-{k + 1}", [Replica(n) for n in cfg.replicas(k)]) for k in range(cfg.stages)
+            StagePool(k, contract.stage_name(k + 1), [Replica(n) for n in cfg.replicas(k)])
+            for k in range(cfg.stages)
         ]
         self.tokenizer_up, self.tokenizer_reason = False, "not checked yet"
 

@@ -593,7 +593,15 @@ class StackProcess:
 
     @staticmethod
     def default_command(bundle: Path, port: int) -> list[str]:
-        args = [sys.executable, "-m", "infra.local.stack", "up", "--bundle", str(bundle.resolve()), "--no-export"]
+        args = [
+            sys.executable,
+            "-m",
+            "infra.local.stack",
+            "up",
+            "--bundle",
+            str(bundle.resolve()),
+            "--no-export",
+        ]
         if port != 8000:
             args += ["--gateway-port", str(port)]
         return args

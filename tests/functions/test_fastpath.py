@@ -9,15 +9,14 @@ from typing import Any
 
 import httpx
 import pytest
+from litestar import Litestar
 from prometheus_client import CollectorRegistry
 
 import functions.app as app_module
-from litestar import Litestar
-
 from functions.app import create_function_app, litestar_app
 from functions.errors import PROBLEM_JSON, BadRequestError
 from functions.fastpath import FastRoute, FastRoutesApp
-from functions.settings import FunctionSettings
+from functions.settings import FunctionSettings, SettingsError
 
 calls: list[str] = []
 
@@ -152,11 +151,11 @@ def test_no_fast_routes_serves_the_app_itself(registry) -> None:
 
 
 def test_fast_path_can_be_forced_either_way(registry) -> None:
-    def make(fast_path: bool) -> object:
+    def make(fast_path: bool | None, setting: str = "auto") -> object:
         return create_function_app(
             service_name="forced",
             route_handlers=[],
-            settings=FunctionSettings(port=0),
+            settings=FunctionSettings(port=0, fast_path=setting),
             is_ready=lambda: (True, ""),
             registry=CollectorRegistry(),
             openapi_title="forced",
@@ -166,3 +165,10 @@ def test_fast_path_can_be_forced_either_way(registry) -> None:
 
     assert isinstance(make(False), Litestar)
     assert isinstance(make(True), FastRoutesApp)
+    # TANDEM_FAST_PATH (the setting) decides when the caller does not
+    assert isinstance(make(None, "off"), Litestar)
+    assert isinstance(make(None, "on"), FastRoutesApp)
+    assert isinstance(make(None, "auto"), FastRoutesApp)  # tracing is off in tests
+    assert FunctionSettings.from_env(0, {"TANDEM_FAST_PATH": "off"}).fast_path == "off"
+    with pytest.raises(SettingsError, match="TANDEM_FAST_PATH must be one of auto, on, off, got 'maybe'"):
+        FunctionSettings.from_env(0, {"TANDEM_FAST_PATH": "maybe"})

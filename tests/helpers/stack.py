@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from functions import contract
 from tests.helpers.procs import ProcessHandle, free_port, start_process, start_stage, stop_process
 
 
@@ -75,7 +76,7 @@ def start_stack(
     )
     nodes = []
     for k, n in enumerate(replicas):
-        name = f"stage-{k + 1}"
+        name = contract.stage_name(k + 1)
         for r in range(n):
             port = free_port()
             node_id = f"{name}-r{r + 1}"

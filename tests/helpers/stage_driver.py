@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from functions import contract as c
 from functions import protocol
 
 
@@ -31,11 +32,11 @@ class StageEndpoint:
 
     @property
     def first(self) -> bool:
-        return self.input_name == "input_ids"
+        return self.input_name == c.INPUT_IDS
 
     @property
     def last(self) -> bool:
-        return self.output_name == "token_ids"
+        return self.output_name == c.TOKEN_IDS
 
 
 @dataclass
@@ -52,20 +53,12 @@ class Sequence:
 
 
 def left_pad(rows: list[list[Any]], first: bool, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Stack rows of different lengths, left-padded: (B, S) int64 ids or (B, S, C) float32 states,
-    with the (B, S) int64 attention mask (0 = padding)."""
-    S = max(len(r) for r in rows)
-    B = len(rows)
-    mask = np.zeros((B, S), dtype=np.int64)
+    """Rows of token ids (first stage) or of (C,) hidden states, left-padded by the contract's rule."""
     if first:
-        x = np.zeros((B, S), dtype=np.int64)
-    else:
-        x = np.zeros((B, S, width or len(rows[0][0])), dtype=np.float32)
-    for b, r in enumerate(rows):
-        if r:
-            x[b, S - len(r) :] = np.asarray(r)
-            mask[b, S - len(r) :] = 1
-    return x, mask
+        return c.left_pad([np.asarray(r, dtype=np.int64) for r in rows])
+    width = width or len(next(r for r in rows if r)[0])
+    arrays = [np.stack(r).astype(np.float32) if r else np.zeros((0, width), np.float32) for r in rows]
+    return c.left_pad(arrays, width)
 
 
 class StageDriver:
@@ -97,13 +90,13 @@ class StageDriver:
         stage = self.stages[k]
         x, mask = left_pad(rows, stage.first)
         inputs = {
-            "sequence_ids": np.array([s.seq_id for s in seqs], dtype=np.int64),
-            "past_lengths": np.array([len(s.sent[k]) for s in seqs], dtype=np.int64),
+            c.SEQUENCE_IDS: np.array([s.seq_id for s in seqs], dtype=np.int64),
+            c.PAST_LENGTHS: np.array([len(s.sent[k]) for s in seqs], dtype=np.int64),
             stage.input_name: x,
-            "attention_mask": mask,
+            c.ATTENTION_MASK: mask,
         }
         if end is not None:
-            inputs["sequence_end"] = end
+            inputs[c.SEQUENCE_END] = end
         return inputs
 
     # ---- one step of every sequence through every stage ----
@@ -138,17 +131,17 @@ class StageDriver:
 
     def _replay_rows(self, k: int, seqs: list[Sequence], problem: dict[str, Any]) -> None:
         by_id = {s.seq_id: s for s in seqs}
-        ids, held = problem["sequence_ids"], problem["held_lengths"]
-        assert problem["past_lengths"] == [len(by_id[i].sent[k]) for i in ids], problem
+        ids, held = problem[c.SEQUENCE_IDS], problem[c.HELD_LENGTHS]
+        assert problem[c.PAST_LENGTHS] == [len(by_id[i].sent[k]) for i in ids], problem
         lost = [by_id[i] for i in ids]
         replay = [s.sent[k][h:] for s, h in zip(lost, held, strict=True)]
         stage = self.stages[k]
         x, mask = left_pad(replay, stage.first)
         inputs = {
-            "sequence_ids": np.array(ids, dtype=np.int64),
-            "past_lengths": np.array(held, dtype=np.int64),
+            c.SEQUENCE_IDS: np.array(ids, dtype=np.int64),
+            c.PAST_LENGTHS: np.array(held, dtype=np.int64),
             stage.input_name: x,
-            "attention_mask": mask,
+            c.ATTENTION_MASK: mask,
         }
         response = self.call(stage, inputs)
         if response.status_code != 200:

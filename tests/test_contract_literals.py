@@ -1,0 +1,85 @@
+"""The stage batch contract has one home: no module of the packages (or the test helpers that speak
+to stages) spells a contract name itself; they import it from functions/contract.py.
+
+Test modules themselves are left out on purpose: they check the wire from a client's side, so a
+contract change that breaks clients shows up there as a failing literal.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.helpers.procs import REPO_ROOT
+
+PACKAGES = ("export", "functions", "gateway", "infra")
+HELPERS = ("tests/helpers",)
+HOME = Path("functions/contract.py")
+
+# names that mean the stage contract wherever they appear
+EVERYWHERE = {
+    "sequence_ids",
+    "past_lengths",
+    "sequence_end",
+    "held_lengths",
+    "attention_mask",
+    "position_ids",
+}
+EVERYWHERE |= {"Tandem-Eos-Token-Id", "input_ids"}
+PREFIXES = ("hidden_states_", "past_key_values.", "present.", "stage-")
+# names shared with the public APIs (OpenAI fields): checked only where stages are spoken to
+STAGE_SIDE = {"token_ids", "logprobs", "logits", "temperature", "top_k", "top_p", "seed"}
+STAGE_SIDE_MODULES = {
+    "functions/engine.py",
+    "functions/stage.py",
+    "functions/stage_state.py",
+    "functions/sampling.py",
+    "gateway/pipeline.py",
+    "gateway/clients.py",
+    "export/stages.py",
+    "export/build.py",
+    "tests/helpers/stage_driver.py",
+}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                ids.add(id(body[0].value))
+    return ids
+
+
+def offending_literals(path: Path, rel: str) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=rel)
+    skip = _docstrings(tree)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Constant) or not isinstance(node.value, str) or id(node) in skip:
+            continue
+        v = node.value
+        if v in EVERYWHERE or v.startswith(PREFIXES) or (rel in STAGE_SIDE_MODULES and v in STAGE_SIDE):
+            found.append(f"{rel}:{node.lineno}: {v!r}")
+    return found
+
+
+def test_no_contract_literal_outside_its_home() -> None:
+    files = [p for d in (*PACKAGES, *HELPERS) for p in sorted((REPO_ROOT / d).rglob("*.py"))]
+    assert len(files) > 20  # the walk found the packages
+    found = []
+    for p in files:
+        rel = p.relative_to(REPO_ROOT).as_posix()
+        if Path(rel) != HOME:
+            found += offending_literals(p, rel)
+    assert found == [], "contract names spelled outside functions/contract.py:\n" + "\n".join(found)
+
+
+def test_the_check_finds_a_literal(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text('"""doc with sequence_ids"""\nx = {"past_lengths": 1}\ny = f"stage-{x}"\n')
+    assert [f.split(": ", 1)[1] for f in offending_literals(bad, "gateway/pipeline.py")] == [
+        "'past_lengths'",
+        "'stage-'",
+    ]
