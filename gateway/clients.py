@@ -24,7 +24,13 @@ import numpy as np
 
 from functions import contract, protocol
 from gateway.config import GatewayConfig, Node
-from gateway.errors import StageError, StageTimeoutError, StageUnavailableError
+from gateway.errors import (
+    InvalidRequestError,
+    PayloadTooLargeError,
+    StageError,
+    StageTimeoutError,
+    StageUnavailableError,
+)
 from gateway.wire import WireClient
 
 logger = logging.getLogger("tandem.gateway")
@@ -190,7 +196,8 @@ class Clients:
 
     async def tokenizer_json(self) -> tuple[bytes, int | None]:
         r = await self._request("tokenizer", "GET", f"{self.cfg.tokenizer_url}/v1/tokenizer")
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise StageUnavailableError(f"the tokenizer has no tokenizer to give ({r.status_code}): {_detail(r)}")
         eos = r.headers.get(contract.EOS_HEADER)
         return r.content, int(eos) if eos not in (None, "") else None
 
@@ -202,9 +209,20 @@ class Clients:
             json={"text": texts},
             headers=headers or {},
         )
+        if r.status_code in (400, 413):  # the text itself (too long, not encodable): the client's to fix
+            kind = InvalidRequestError if r.status_code == 400 else PayloadTooLargeError
+            raise kind(f"the tokenizer refused the prompt: {_detail(r)}", param="prompt")
+        if r.status_code == 503:
+            raise StageUnavailableError(f"the tokenizer is not ready: {_detail(r)}")
         if r.status_code != 200:
             raise StageError(f"tokenizer failed to encode ({r.status_code}): {_detail(r)}")
-        return r.json()["ids"]
+        try:
+            ids = r.json()["ids"]
+            if not (isinstance(ids, list) and all(isinstance(i, list) for i in ids)):
+                raise TypeError("ids is not a list of lists")
+        except (ValueError, KeyError, TypeError) as e:
+            raise StageError(f"the tokenizer sent an unreadable answer: {e}") from e
+        return ids
 
 
 def _detail(r: httpx.Response) -> str:

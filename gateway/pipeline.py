@@ -118,6 +118,7 @@ class Pipeline:
             return None
         if rep is not None and new_rep is not rep:
             self.metrics.failovers.labels(pool.name).inc()
+            s.left.append((k, rep))
         s.replica[k] = new_rep
         return new_rep
 

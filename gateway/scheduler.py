@@ -163,22 +163,22 @@ class Scheduler:
             self._finish(s, reason, ended_in_stages)
 
     def _finish(self, s: Sequence, reason: str | None, ended_in_stages: bool = False) -> None:
-        if s.finish(reason) and not ended_in_stages:
-            self._release(s)
+        if s.finish(reason):
+            self._release(s, ended_in_stages)
 
     def _fail(self, s: Sequence, err: GatewayError) -> None:
         if s.fail(err):
             self._release(s)
 
-    def _release(self, s: Sequence) -> None:
-        """Free the sequence's KV cache in every stage that may hold it (in the background)."""
-        for k, rep in enumerate(s.replica):
-            if rep is not None and s.held[k] > 0:
-                task = asyncio.create_task(
-                    self.clients.release(rep.node, self.replicas.pools[k].name, [s.id])
-                )
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+    def _release(self, s: Sequence, ended_in_stages: bool = False) -> None:
+        """Free the sequence's KV cache in every stage that may hold it (in the background); when its
+        last call carried sequence_end, only the replicas it moved away from are left to ask."""
+        current = [(k, rep) for k, rep in enumerate(s.replica) if rep is not None and s.held[k] > 0]
+        left = [(k, rep) for k, rep in s.left if rep is not s.replica[k]]
+        for k, rep in left if ended_in_stages else current + left:
+            task = asyncio.create_task(self.clients.release(rep.node, self.replicas.pools[k].name, [s.id]))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _gauges(self) -> None:
         self.metrics.running.set(len(self.running))

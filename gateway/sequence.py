@@ -79,6 +79,9 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     held: list[int] = field(default_factory=list)  # per stage: positions we believe it caches
     replica: list[Replica | None] = field(default_factory=list)
+    # (stage, replica) pairs the sequence moved away from: they may still hold part of its KV cache
+    # (a replica that was only unreachable for a while), so they are asked to free it at the end too
+    left: list[tuple[int, Replica]] = field(default_factory=list)
     sent: list[StageInputs | None] = field(default_factory=list)  # per stage k >= 1: its inputs so far
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     text: str = ""  # generated text so far (before stop truncation)

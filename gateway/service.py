@@ -213,6 +213,8 @@ class Gateway:
             done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if consumer not in done:
                 consumer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await consumer
                 raise ClientClosedError("the client closed the connection before the answer was ready")
             consumer.result()
         finally:
