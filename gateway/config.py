@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from functions.settings import Env, SettingsError
+
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which key and why."""
@@ -71,22 +73,24 @@ _POSITIVE = {
 }  # zero would make no sense; the rest may be zero
 
 
-def _number(key: str, value: Any, kind: str) -> int | float:
-    """A finite number of the right kind (a bool is not a number here, nor 2.5 an integer)."""
+def _number(key: str, value: Any, kind: str, name: str | None = None) -> int | float:
+    """A finite number of the right kind (a bool is not a number here, nor 2.5 an integer);
+    `name` is how messages call it (the environment variable it came from), default `key`."""
+    label = name or key
     if isinstance(value, str):
         try:
             value = int(value) if kind == "int" else float(value)
         except ValueError:
             raise ConfigError(
-                f"{key} must be a number{' (an integer)' if kind == 'int' else ''}, got {value!r}"
+                f"{label} must be a number{' (an integer)' if kind == 'int' else ''}, got {value!r}"
             ) from None
     ok = isinstance(value, int) if kind == "int" else isinstance(value, int | float)
     if isinstance(value, bool) or not ok or not math.isfinite(value):
         raise ConfigError(
-            f"{key} must be a number ({'an integer' if kind == 'int' else 'finite'}), got {value!r}"
+            f"{label} must be a number ({'an integer' if kind == 'int' else 'finite'}), got {value!r}"
         )
     if value < 0 or (key in _POSITIVE and value == 0):
-        raise ConfigError(f"{key} must be {'positive' if key in _POSITIVE else '>= 0'}, got {value!r}")
+        raise ConfigError(f"{label} must be {'positive' if key in _POSITIVE else '>= 0'}, got {value!r}")
     return value if kind == "int" else float(value)
 
 
@@ -106,7 +110,8 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         if extra:
             raise ConfigError(f"unknown key(s) {extra} in tokenizer; it takes only address")
         tok = tok.get("address")
-    tok = env.get("TANDEM_TOKENIZER_ADDRESS", tok)
+    e = Env(env)
+    tok = e.text("TANDEM_TOKENIZER_ADDRESS", tok)
     if not isinstance(tok, str) or not tok:
         raise ConfigError('tokenizer must be {"address": "host:port"}')
     raw_nodes = data.get("nodes")
@@ -137,12 +142,17 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         raise ConfigError(f"model_part values must cover 0..{parts[-1]} without gaps; got {parts}")
     tuned: dict[str, Any] = {}
     for key, kind in _TUNABLE.items():
-        raw = env.get(f"TANDEM_{key.upper()}", data.get(key))
+        integer = kind in (int, "int")
+        var = f"TANDEM_{key.upper()}"
+        try:  # the environment wins over the file
+            from_env = e.integer(var) if integer else e.number(var)
+        except SettingsError as err:
+            raise ConfigError(str(err)) from None
+        raw = from_env if from_env is not None else data.get(key)
         if raw is not None:
-            tuned[key] = _number(key, raw, "int" if kind in (int, "int") else "float")
-    model = env.get("TANDEM_MODEL_NAME", data["model_name"])
-    if not model:
-        raise ConfigError("model_name (TANDEM_MODEL_NAME) must not be empty")
+            name = var if from_env is not None else None
+            tuned[key] = _number(key, raw, "int" if integer else "float", name)
+    model = e.text("TANDEM_MODEL_NAME", data["model_name"])
     return GatewayConfig(model, tok, tuple(nodes), stages=len(parts), **tuned)
 
 

