@@ -62,6 +62,16 @@ def split_layers(n_layer: int, stages: int | None, layers: str | None) -> list[t
     return out
 
 
+def check_vocab(tokenizer_size: int, model_size: int) -> None:
+    """Refuse a tokenizer that cannot decode every id the model can generate."""
+    if tokenizer_size < model_size:
+        raise ExportError(
+            f"the tokenizer covers {tokenizer_size} ids but the model's vocab_size is {model_size}: "
+            f"{model_size - tokenizer_size} ids the model can generate would decode to nothing; pass the "
+            "model's own tokenizer with --tokenizer"
+        )
+
+
 def _tensor_specs(spec, cfg) -> tuple[list[TensorSpec], list[TensorSpec]]:
     h, d = cfg.n_head, cfg.n_embd // cfg.n_head
     x = (
@@ -191,6 +201,7 @@ def build(args) -> Manifest:
             if args.tokenizer and not args.random_init
             else source.load_model_tokenizer(model_ref, revision)
         )
+        check_vocab(tok.get_vocab_size(), cfg.vocab_size)
         tok.save(str(work / "tokenizer.json"))
         eos = tok.token_to_id(source.EOS)
         eos = cfg.eos_token_id if eos is None else eos

@@ -92,12 +92,14 @@ def make_random_model(kind: str, out_dir: Path, tokenizer_path: Path | None, see
         tok = load_tokenizer_path(tokenizer_path)
         how = f"tokenizer from {tokenizer_path}"
     else:
-        # A small vocabulary suits a tiny model; GPT-2 size keeps 50,257 embedding rows either way.
         tok = train_tokenizer(1000 if kind == "tiny" else 8000)
         how = "tokenizer: byte-level BPE trained on the spot (no --tokenizer given)"
     tok_vocab = tok.get_vocab_size()
     if "vocab_size" not in overrides:
-        overrides["vocab_size"] = tok_vocab if kind == "tiny" else 50257
+        # The model takes the tokenizer's size: every id it can generate then decodes to text. With
+        # the real GPT-2 BPE that is GPT-2's 50,257; with a BPE trained on the spot it is smaller
+        # (a 50,257-row model over a 520-token BPE generated ids that decode to nothing).
+        overrides["vocab_size"] = tok_vocab
     if tok_vocab > overrides["vocab_size"]:
         raise ExportError(
             f"the tokenizer has {tok_vocab} tokens but the model only {overrides['vocab_size']}"

@@ -234,3 +234,36 @@ def test_openai_gpt2_bpe_files() -> None:
     tok = load_tokenizer_path(bpe)
     assert tok.encode("Hello, how are you?").ids == [15496, 11, 703, 389, 345, 30]
     assert tok.get_vocab_size() == 50257 and tok.token_to_id("<|endoftext|>") == 50256
+
+
+def test_a_tokenizer_smaller_than_the_model_is_refused(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    """Every id the model can generate must decode: a model with more rows than its tokenizer has
+    ids is refused before anything is exported."""
+    d = tmp_path / "padded"
+    shutil.copytree(tiny_hf_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    tokens = config["vocab_size"]
+    config["vocab_size"] = tokens + 64  # as if the embedding had been padded
+    (d / "config.json").write_text(json.dumps(config))
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel.from_pretrained(d, ignore_mismatched_sizes=True).save_pretrained(d)
+    _bad(
+        ["--model", str(d), "--out", str(tmp_path / "x")],
+        f"covers {tokens} ids",
+        f"vocab_size is {tokens + 64}",
+    )
+
+
+def test_random_init_takes_the_tokenizers_size(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    from export.source import make_random_model
+
+    for kind in ("tiny", "gpt2"):  # gpt2 without --tokenizer: a BPE trained on the spot
+        d = tmp_path / kind
+        make_random_model(kind, d, None, seed=0)
+        from tokenizers import Tokenizer
+
+        size = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size()
+        assert GPT2Config.from_pretrained(d).vocab_size == size < 50257
