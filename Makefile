@@ -36,9 +36,10 @@ up: install ## export the bundle if needed, start tokenizer + stages + gateway, 
 test: $(if $(wildcard $(PY)),,install) ## run the whole test suite (what CI runs)
 	$(PY) -m pytest $(ARGS)
 
-lint: ## ruff check and ruff format --check
+lint: ## ruff check, ruff format --check, mypy (strict on the packages)
 	$(PY) -m ruff check $(SOURCES)
 	$(PY) -m ruff format --check $(SOURCES)
+	$(PY) -m mypy
 
 bench: ## distributed vs monolithic benchmark
 	$(PY) -m tests.benchmarks.bench $(ARGS)

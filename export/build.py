@@ -72,7 +72,7 @@ def check_vocab(tokenizer_size: int, model_size: int) -> None:
         )
 
 
-def _tensor_specs(spec, cfg) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def _tensor_specs(spec: Any, cfg: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
     h, d = cfg.n_head, cfg.n_embd // cfg.n_head
     x = (
         TensorSpec(c.INPUT_IDS, "INT64", ["batch", "sequence"])
@@ -165,7 +165,7 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def build(args) -> Manifest:
+def build(args: Any) -> Manifest:
     import logging
 
     from export import source, to_onnx
@@ -319,4 +319,4 @@ def _onnx_opset(path: Path) -> int:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    return max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    return int(max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")))

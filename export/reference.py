@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 from export.manifest import sha256_file
 
 
-def export_reference(model_ref: str, revision: str | None, bundle: Path) -> dict:
+def export_reference(model_ref: str, revision: str | None, bundle: Path) -> dict[str, Any]:
     from optimum.exporters.onnx import main_export
 
     out = bundle / "reference"

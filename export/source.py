@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from export.errors import ExportError
 
@@ -45,7 +46,7 @@ def train_tokenizer(vocab_size: int) -> object:
     return tok
 
 
-def load_tokenizer_path(path: Path):
+def load_tokenizer_path(path: Path) -> Any:
     """A tokenizer.json file, or a directory with vocab.json + merges.txt (or the equivalent
     encoder.json + vocab.bpe of OpenAI's original GPT-2 release)."""
     from tokenizers import ByteLevelBPETokenizer, Tokenizer
@@ -73,7 +74,7 @@ def make_random_model(kind: str, out_dir: Path, tokenizer_path: Path | None, see
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if kind == "gpt2":
-        overrides: dict = {}
+        overrides: dict[str, Any] = {}
     elif kind == "tiny":
         overrides = dict(TINY)
     else:
@@ -107,16 +108,16 @@ def make_random_model(kind: str, out_dir: Path, tokenizer_path: Path | None, see
     eos = tok.token_to_id(EOS)
     if eos is None:
         raise ExportError(f"the tokenizer has no {EOS} token")
-    config = GPT2Config(**overrides, bos_token_id=eos, eos_token_id=eos)
+    config = GPT2Config(**overrides, bos_token_id=eos, eos_token_id=eos)  # type: ignore[no-untyped-call]
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)  # type: ignore[no-untyped-call]
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tok.save(str(out_dir / "tokenizer.json"))
     return how
 
 
-def load_model(model: str, revision: str | None):
+def load_model(model: str, revision: str | None) -> Any:
     """Load a GPT-2 LM (eager attention, eval mode) from a hub id or a local directory."""
     from transformers import AutoConfig, GPT2LMHeadModel
 
@@ -139,7 +140,7 @@ def load_model(model: str, revision: str | None):
     return m.eval()
 
 
-def load_model_tokenizer(model: str, revision: str | None):
+def load_model_tokenizer(model: str, revision: str | None) -> Any:
     """The tokenizer that belongs to the model (hub or local directory)."""
     from tokenizers import Tokenizer
 

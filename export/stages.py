@@ -7,6 +7,7 @@ ln_f + lm_head to the final position only (sampling never needs the logits of ea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,7 +70,9 @@ class _StageCache:
         self.past = past  # flat [k_start, v_start, k_start+1, ...], each (B, H, P, D)
         self.present: list[torch.Tensor] = []
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         i = 2 * (layer_idx - self.start)
         k = torch.cat([self.past[i], key], dim=2)  # (B, H, P + S, D)
         v = torch.cat([self.past[i + 1], value], dim=2)  # (B, H, P + S, D)
@@ -96,7 +99,9 @@ class GPT2Stage(nn.Module):
         if spec.last:
             self.ln_f, self.lm_head = t.ln_f, model.lm_head
 
-    def forward(self, x, attention_mask, position_ids, *past):
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         if self.spec.first:
             h = self.wte(x) + self.wpe(position_ids)  # (B, S, C)
         else:
@@ -112,7 +117,9 @@ class GPT2Stage(nn.Module):
         return (h, *cache.present)
 
 
-def example_inputs(model: GPT2LMHeadModel, spec: StageSpec, batch: int = 2, seq: int = 3, past: int = 2):
+def example_inputs(
+    model: GPT2LMHeadModel, spec: StageSpec, batch: int = 2, seq: int = 3, past: int = 2
+) -> tuple[torch.Tensor, ...]:
     """Inputs of the right shapes and dtypes for tracing one stage."""
     cfg = model.config
     head_dim = cfg.n_embd // cfg.n_head

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from export.stages import GPT2Stage, StageSpec, example_inputs
 
 
-def _dynamic_shapes(spec: StageSpec):
+def _dynamic_shapes(spec: StageSpec) -> tuple[Any, ...]:
     dyn = torch.export.Dim.DYNAMIC
     two_d = {0: dyn, 1: dyn}
     # forward(x, mask, pos, *past): torch.export sees the varargs as one nested tuple
@@ -18,7 +19,7 @@ def _dynamic_shapes(spec: StageSpec):
     return (two_d, two_d, two_d, past)
 
 
-def export_stage(model, spec: StageSpec, path: Path, opset: int | None) -> None:
+def export_stage(model: Any, spec: StageSpec, path: Path, opset: int | None) -> None:
     """Write one stage as a self-contained .onnx file (external data only past 2 GB)."""
     module = GPT2Stage(model, spec).eval()
     args = example_inputs(model, spec)
@@ -35,6 +36,8 @@ def export_stage(model, spec: StageSpec, path: Path, opset: int | None) -> None:
             optimize=True,
             verbose=False,
         )
+    if program is None:
+        raise RuntimeError(f"torch.onnx.export returned nothing for {spec.name}")
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > 1_800_000_000
     program.save(str(path), external_data=large)
 

@@ -8,6 +8,7 @@ argmax at every step means the free-running greedy sequences are identical.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from functions import contract as c
 PROMPT_SETS = {"batch1": [16], "batch4": [16, 9, 5, 12]}
 
 
-def _sessions(bundle: Path, stages: list[StageEntry]):
+def _sessions(bundle: Path, stages: list[StageEntry]) -> list[Any]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -41,7 +42,7 @@ def _left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 class _OrtChain:
     """Runs the stages in order, keeping every stage's padded KV cache (B, H, T, D)."""
 
-    def __init__(self, sessions, stages: list[StageEntry], batch: int, n_head: int, head_dim: int):
+    def __init__(self, sessions: list[Any], stages: list[StageEntry], batch: int, n_head: int, head_dim: int):
         self.sessions, self.stages = sessions, stages
         empty = np.zeros((batch, n_head, 0, head_dim), dtype=np.float32)
         self.past = [{n: empty for n in s.past_names()} for s in stages]
@@ -58,7 +59,15 @@ class _OrtChain:
         return x  # (B, V) logits of the last position
 
 
-def _run_set(model, sessions, stages, manifest_cfg, prompt_lens, steps, seed) -> dict:
+def _run_set(
+    model: Any,
+    sessions: list[Any],
+    stages: list[StageEntry],
+    manifest_cfg: dict[str, Any],
+    prompt_lens: list[int],
+    steps: int,
+    seed: int,
+) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     vocab = int(manifest_cfg["vocab_size"])
     prompts = [rng.integers(0, vocab, n).tolist() for n in prompt_lens]
@@ -101,8 +110,8 @@ def _run_set(model, sessions, stages, manifest_cfg, prompt_lens, steps, seed) ->
 
 
 def verify(
-    model, bundle: Path, stages: list[StageEntry], config: dict, steps: int = 20, seed: int = 0
-) -> dict:
+    model: Any, bundle: Path, stages: list[StageEntry], config: dict[str, Any], steps: int = 20, seed: int = 0
+) -> dict[str, Any]:
     sessions = _sessions(bundle, stages)
     results = {
         name: _run_set(model, sessions, stages, config, lens, steps, seed + i)

@@ -18,7 +18,6 @@ from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -30,7 +29,7 @@ from prometheus_client import (
 )
 
 from functions.errors import problem_details_handler, problem_response
-from functions.fastpath import FastRoute, FastRoutesApp
+from functions.fastpath import ASGIApp, FastRoute, FastRoutesApp, Message, Receive, Scope, Send
 from functions.settings import FunctionSettings
 from functions.telemetry import configure_tracing
 
@@ -143,7 +142,10 @@ def create_function_app(
         lifespan=list(lifespan or []),
         middleware=[
             DefineMiddleware(
-                HttpMetricsMiddleware, service=service_name, requests=requests, duration=duration
+                HttpMetricsMiddleware,  # type: ignore[arg-type]  # plain ASGI (functions.fastpath types)
+                service=service_name,
+                requests=requests,
+                duration=duration,
             )
         ],
         # Without an OTLP endpoint the plugin would only make non-recording spans: on a stage's hot

@@ -31,7 +31,7 @@ class StageResult:
     seconds: float  # time in the ONNX session
 
 
-def session_options(threads: int | None):
+def session_options(threads: int | None) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -20,13 +20,21 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client import Counter, Histogram
 
 from functions.errors import PROBLEM_JSON, PayloadTooLargeError, known_problem, unexpected_problem
 
-__all__ = ["FastHandler", "FastRoute", "FastRoutesApp"]
+__all__ = ["ASGIApp", "FastHandler", "FastRoute", "FastRoutesApp"]
+
+# Plain ASGI, loosely typed: these modules speak the raw protocol (Litestar's TypedDicts would
+# make every message a union to narrow).
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[..., Awaitable[None]]  # what a server runs: a Litestar app or a wrapper of one
 
 # (path match, lower-cased request headers, body) -> (response body, extra response headers, media type)
 FastHandler = Callable[[re.Match[str], dict[str, str], bytes], Awaitable[tuple[bytes, dict[str, str], str]]]

@@ -9,8 +9,8 @@ import os
 import signal
 
 import uvicorn
-from litestar.types import ASGIApp
 
+from functions.fastpath import ASGIApp
 from functions.settings import FunctionSettings
 
 __all__ = ["serve", "unpin_this_thread"]

@@ -220,7 +220,7 @@ def _from_json(data: Any, dtype: np.dtype[Any], shape: list[int], count: int, wh
     return np.array(flat, dtype=dtype).reshape(tuple(shape))
 
 
-_JSON_TYPES = {
+_JSON_TYPES: dict[str, tuple[set[type], str]] = {
     "b": ({bool}, "true/false"),
     "u": ({int}, "integers"),
     "i": ({int}, "integers"),

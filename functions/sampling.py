@@ -14,7 +14,8 @@ from functions.contract import Sampling
 def log_softmax(x: np.ndarray) -> np.ndarray:
     m = x.max(axis=-1, keepdims=True)
     z = x - m
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    out: np.ndarray = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return out
 
 
 def sample(

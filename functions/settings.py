@@ -45,7 +45,9 @@ class FunctionSettings:
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.fast_path not in FAST_PATH_CHOICES:
-            raise SettingsError(f"fast_path must be one of {', '.join(FAST_PATH_CHOICES)}, got {self.fast_path!r}")
+            raise SettingsError(
+                f"fast_path must be one of {', '.join(FAST_PATH_CHOICES)}, got {self.fast_path!r}"
+            )
         if self.loop_cpu is not None and self.loop_cpu not in usable_cpus():
             raise SettingsError(
                 f"TANDEM_LOOP_CPU must be one of this process's CPUs {sorted(usable_cpus())}, got {self.loop_cpu}"

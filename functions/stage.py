@@ -22,7 +22,6 @@ import anyio.to_thread
 import msgspec
 from litestar import Litestar, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
-from litestar.types import ASGIApp
 from prometheus_client import CollectorRegistry, Histogram
 
 from export.manifest import BundleError, load_manifest
@@ -30,7 +29,7 @@ from functions import protocol
 from functions.app import LATENCY_BUCKETS, create_function_app
 from functions.engine import StageEngine, StageResult
 from functions.errors import BadRequestError, NotFoundError, NotReadyError
-from functions.fastpath import FastRoute
+from functions.fastpath import ASGIApp, FastRoute
 from functions.process import serve
 from functions.settings import FunctionSettings, SettingsError
 from functions.stage_state import PROVIDERS, CacheCollector, Loader, StageSettings

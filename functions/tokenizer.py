@@ -15,12 +15,12 @@ from pathlib import Path
 import msgspec
 from litestar import Litestar, Response, get, post
 from litestar.params import JSONBody
-from litestar.types import ASGIApp
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from functions import contract
 from functions.app import LATENCY_BUCKETS, create_function_app
 from functions.errors import BadRequestError, NotReadyError
+from functions.fastpath import ASGIApp
 from functions.process import serve
 from functions.settings import FunctionSettings, SettingsError
 from functions.telemetry import get_tracer
@@ -153,8 +153,8 @@ def create_tokenizer_app(
             ids = core().encode_batch(texts, add_special_tokens=data.add_special_tokens)
             counts["tokens"] = sum(len(i) for i in ids)
         if batch:
-            return EncodeResponse(ids=ids, count=[len(i) for i in ids])
-        return EncodeResponse(ids=ids[0], count=len(ids[0]))
+            return EncodeResponse(ids=list(ids), count=[len(i) for i in ids])
+        return EncodeResponse(ids=list(ids[0]), count=len(ids[0]))
 
     @post("/v1/decode", status_code=200, sync_to_thread=False, tags=["tokenizer"])
     def decode(data: JSONBody[DecodeRequest]) -> DecodeResponse:

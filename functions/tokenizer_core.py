@@ -66,7 +66,8 @@ class TokenizerCore:
         return cls.from_file(path, eos_token_id=eos, model_id=model_id)
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
@@ -74,7 +75,8 @@ class TokenizerCore:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         self.check_ids(ids)
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text: str = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text
 
     def count(self, text: str) -> int:
         return len(self.encode(text))

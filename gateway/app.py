@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 from litestar import Litestar, Request, Response
-from litestar.types import ASGIApp
 from prometheus_client import CollectorRegistry
 
 from functions.app import create_function_app
 from functions.errors import problem_response
+from functions.fastpath import ASGIApp
 from functions.settings import FunctionSettings
 from gateway.clients import StagePoster
 from gateway.config import GatewayConfig

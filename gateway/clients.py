@@ -197,7 +197,9 @@ class Clients:
     async def tokenizer_json(self) -> tuple[bytes, int | None]:
         r = await self._request("tokenizer", "GET", f"{self.cfg.tokenizer_url}/v1/tokenizer")
         if r.status_code != 200:
-            raise StageUnavailableError(f"the tokenizer has no tokenizer to give ({r.status_code}): {_detail(r)}")
+            raise StageUnavailableError(
+                f"the tokenizer has no tokenizer to give ({r.status_code}): {_detail(r)}"
+            )
         eos = r.headers.get(contract.EOS_HEADER)
         return r.content, int(eos) if eos not in (None, "") else None
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from functions.app import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from gateway.replicas import Replicas
 
 TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5, 10)
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
@@ -73,10 +79,10 @@ class GatewayMetrics:
 class StageUpCollector:
     """tandem_stage_up{stage,replica}: 1 when the replica's last readiness check passed."""
 
-    def __init__(self, replicas):
+    def __init__(self, replicas: Replicas):
         self.replicas = replicas
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         m = GaugeMetricFamily(
             "tandem_stage_up", "Replica readiness (1 ready, 0 not).", labels=["stage", "replica"]
         )

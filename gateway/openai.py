@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 from typing import Any
 
 import msgspec
@@ -18,7 +19,7 @@ from litestar.response import Stream
 from opentelemetry import trace
 
 from gateway.errors import GatewayError, InvalidRequestError, NotFoundError
-from gateway.sequence import SamplingParams, Sequence
+from gateway.sequence import Event, SamplingParams, Sequence
 from gateway.service import Gateway, disconnected, sampling_from, trace_id
 
 logger = logging.getLogger("tandem.gateway")
@@ -77,12 +78,15 @@ def _prompts(data: CompletionRequest) -> tuple[list[str] | None, list[list[int]]
         return [p], None
     if not p:
         raise InvalidRequestError("prompt must not be empty", param="prompt")
-    if all(isinstance(x, str) for x in p):
-        return list(p), None  # type: ignore[arg-type]
-    if all(isinstance(x, int) for x in p):
-        return None, [list(p)]  # type: ignore[list-item]
-    if all(isinstance(x, list) for x in p):
-        return None, [list(x) for x in p]  # type: ignore[union-attr]
+    strs = [x for x in p if isinstance(x, str)]
+    ints = [x for x in p if isinstance(x, int)]
+    lists = [x for x in p if isinstance(x, list)]
+    if len(strs) == len(p):
+        return strs, None
+    if len(ints) == len(p):
+        return None, [ints]
+    if len(lists) == len(p):
+        return None, [list(x) for x in lists]
     raise InvalidRequestError(
         "prompt must be a string, a list of strings, a list of token ids, or a list of "
         "token-id lists, not a mix",
@@ -131,7 +135,7 @@ def _token_text(gw: Gateway, token: int) -> str:
     return gw.tokenizer.decode([token]) if gw.tokenizer is not None else ""
 
 
-def _logprobs_obj(tokens: list[str], lps: list[float]) -> dict[str, Any]:
+def _logprobs_obj(tokens: list[str], lps: Seq[float | None]) -> dict[str, Any]:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": []}
 
 
@@ -139,7 +143,7 @@ ROUTE = "/v1/completions"
 
 
 @post(ROUTE, status_code=200, tags=["openai"])
-async def completions(request: Request, data: JSONBody[CompletionRequest]) -> Any:
+async def completions(request: Request[Any, Any, Any], data: JSONBody[CompletionRequest]) -> Any:
     """OpenAI-compatible text completion (streaming with `stream: true`)."""
     gw: Gateway = request.app.state.gateway
     t0 = time.perf_counter()
@@ -174,7 +178,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
 
     async def events() -> AsyncIterator[bytes]:
         sched = gw.require_scheduler()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
         counts = [0] * len(seqs)
 
         async def pump(i: int, s: Sequence) -> None:
@@ -235,7 +239,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> An
 
 
 @get("/v1/models", tags=["openai"], sync_to_thread=False)
-def models(request: Request) -> dict[str, Any]:
+def models(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """The served model (OpenAI shape)."""
     gw: Gateway = request.app.state.gateway
     meta = {"max_model_len": gw.layout.n_positions, "root": gw.layout.model_id} if gw.layout else {}

@@ -67,8 +67,9 @@ class Replicas:
             pool.mark(r, ok, reason)
 
         tasks = [one(p, r) for p in self.pools for r in p.replicas]
-        tok = self.clients.ready(self.cfg.tokenizer_url)
-        *_, (self.tokenizer_up, self.tokenizer_reason) = await asyncio.gather(*tasks, tok)
+        _, (self.tokenizer_up, self.tokenizer_reason) = await asyncio.gather(
+            asyncio.gather(*tasks), self.clients.ready(self.cfg.tokenizer_url)
+        )
 
     async def run(self) -> None:
         while True:

@@ -17,7 +17,7 @@ from gateway.service import Gateway, disconnected, sampling_from, trace_id
 
 ROUTE = "/api/model/process"
 
-PARAMS = {
+PARAMS: dict[str, type | tuple[type, ...]] = {
     "max_tokens": int,
     "temperature": (int, float),
     "top_p": (int, float),

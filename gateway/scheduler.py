@@ -144,10 +144,10 @@ class Scheduler:
             for s, err in out.failed:
                 self._fail(s, err)
             alive = [s for s in alive if s.id in out.results]
-            x = out.results  # type: ignore[assignment]
+            x = out.results  # type: ignore[assignment]  # hidden states for the next stage
         for s in alive:
-            token, logprob = out.results[s.id]  # type: ignore[misc]
-            self._accept(s, token, logprob, ended_in_stages[s.id])
+            token, logprob = out.results[s.id]
+            self._accept(s, int(token), logprob, ended_in_stages[s.id])
 
     def _accept(self, s: Sequence, token: int, logprob: float | None, ended_in_stages: bool) -> None:
         now = time.perf_counter()

@@ -65,7 +65,7 @@ class Gateway:
         self.tokenizer: TokenizerCore | None = None
         self.layout: StageLayout | None = None
         self.status = "discovering the tokenizer and stages"
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -113,12 +113,12 @@ class Gateway:
         self.status = "ready"
         logger.info("gateway ready: %d stages, model %s", len(metas), self.layout.model_id)
 
-    async def _stage_metadata(self, name: str, urls: list[str]) -> dict:
+    async def _stage_metadata(self, name: str, urls: list[str]) -> dict[str, Any]:
         last_error = "no replica configured"
         for url in urls:
             try:
                 r = await self.clients.http.get(f"{url}/v2/models/{name}", timeout=2.0)
-                meta = r.json()
+                meta: dict[str, Any] = r.json()
                 if r.status_code == 200 and meta.get("inputs"):
                     return meta
                 last_error = f"{url}: {r.status_code} {meta.get('detail', 'not loaded yet')}"
@@ -205,12 +205,13 @@ class Gateway:
             async for ev in sched.stream(seq):
                 self._apply(out, ev)
 
-        consumer = asyncio.ensure_future(
+        consumer: asyncio.Future[list[None]] = asyncio.ensure_future(
             asyncio.gather(*(consume(s, o) for s, o in zip(seqs, outs, strict=True)))
         )
-        watcher = asyncio.create_task(wait_disconnect())
+        watcher: asyncio.Future[None] = asyncio.ensure_future(wait_disconnect())
         try:
-            done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            pair: set[asyncio.Future[Any]] = {consumer, watcher}
+            done, _ = await asyncio.wait(pair, return_when=asyncio.FIRST_COMPLETED)
             if consumer not in done:
                 consumer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

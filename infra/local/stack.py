@@ -327,7 +327,9 @@ def banner(args: argparse.Namespace, config: dict[str, Any], svcs: list[Service]
 def up(args: argparse.Namespace) -> int:
     pid_file = STATE_DIR / "pids.json"
     if pid_file.exists() and alive(json.loads(pid_file.read_text())["launcher"]):
-        print("[stack] a stack is already running; `python -m infra.local.stack down` stops it", file=sys.stderr)
+        print(
+            "[stack] a stack is already running; `python -m infra.local.stack down` stops it", file=sys.stderr
+        )
         return 1
     if args.no_export:
         if not (args.bundle / "manifest.json").is_file():
@@ -399,7 +401,8 @@ def up(args: argparse.Namespace) -> int:
 def read_pids() -> dict[str, Any] | None:
     path = STATE_DIR / "pids.json"
     if path.exists():
-        return json.loads(path.read_text())
+        state: dict[str, Any] = json.loads(path.read_text())
+        return state
     print(f"[stack] no stack running (no {_shown(path)})")
     return None
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from litestar.types import ASGIApp
 
 from functions import contract
 from functions.app import litestar_app
 from functions.engine import StageEngine
+from functions.fastpath import ASGIApp
 from functions.settings import FunctionSettings
 from functions.stage import create_stage_app
 from functions.stage_state import StageSettings
@@ -92,7 +92,9 @@ class InProcessStack:
         return self.engine(node_id).held()
 
     def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.gateway_app), base_url="http://gateway")
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.gateway_app), base_url="http://gateway"
+        )
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         """Run a coroutine on the stack's loop from the test's thread."""
