@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from functions import contract as c
 from functions import protocol
 from tests.helpers.stage_driver import StageEndpoint
 
@@ -20,6 +21,9 @@ MAX_BODY = 4 * 1024 * 1024
 # Key + value of the stage's 2 layers per position: 2 layers * 2 * n_embd * 4 bytes.
 KV_BYTES_PER_POSITION = 2 * 2 * N_EMBD * 4
 SMALL_CACHE = 20_000  # two 8-position sequences (8 KiB each) fit, a third does not
+# the tiny test model: 6 layers, 2 per stage
+STAGE_1, STAGE_2, STAGE_3 = (c.stage_name(k) for k in (1, 2, 3))
+HIDDEN_2, HIDDEN_4 = c.hidden_states(2), c.hidden_states(4)
 
 _ids = itertools.count(1_000)
 
@@ -30,14 +34,14 @@ def new_id() -> int:
 
 @dataclass
 class Stages:
-    urls: dict[str, str]  # "stage-1", "stage-2", "stage-3", "small" (stage-1 with SMALL_CACHE)
+    urls: dict[str, str]  # STAGE_1..STAGE_3 and "small" (stage 1 with SMALL_CACHE)
     client: httpx.Client
 
     def endpoints(self) -> list[StageEndpoint]:
         return [
-            StageEndpoint(self.urls["stage-1"], "stage-1", "input_ids", "hidden_states_2"),
-            StageEndpoint(self.urls["stage-2"], "stage-2", "hidden_states_2", "hidden_states_4"),
-            StageEndpoint(self.urls["stage-3"], "stage-3", "hidden_states_4", "token_ids"),
+            StageEndpoint(self.urls[STAGE_1], STAGE_1, c.INPUT_IDS, HIDDEN_2),
+            StageEndpoint(self.urls[STAGE_2], STAGE_2, HIDDEN_2, HIDDEN_4),
+            StageEndpoint(self.urls[STAGE_3], STAGE_3, HIDDEN_4, c.TOKEN_IDS),
         ]
 
 
@@ -49,7 +53,7 @@ def infer(
     model: str | None = None,
 ) -> httpx.Response:
     body, hlen = protocol.encode_request(inputs, outputs=outputs)
-    model = model or ("stage-1" if key == "small" else key)
+    model = model or (STAGE_1 if key == "small" else key)
     return stages.client.post(
         f"{stages.urls[key]}/v2/models/{model}/infer", content=body, headers={protocol.HEADER: str(hlen)}
     )
@@ -66,9 +70,9 @@ def first_inputs(
 ) -> dict[str, np.ndarray]:
     """A stage-1 batch, one row per sequence, all rows the same length."""
     return {
-        "sequence_ids": np.array(ids, dtype=np.int64),
-        "past_lengths": np.array(past or [0] * len(ids), dtype=np.int64),
-        "input_ids": np.array(tokens, dtype=np.int64),
+        c.SEQUENCE_IDS: np.array(ids, dtype=np.int64),
+        c.PAST_LENGTHS: np.array(past or [0] * len(ids), dtype=np.int64),
+        c.INPUT_IDS: np.array(tokens, dtype=np.int64),
     }
 
 
@@ -76,8 +80,8 @@ def hidden_inputs(
     name: str, ids: list[int], x: np.ndarray, past: list[int] | None = None
 ) -> dict[str, np.ndarray]:
     return {
-        "sequence_ids": np.array(ids, dtype=np.int64),
-        "past_lengths": np.array(past or [0] * len(ids), dtype=np.int64),
+        c.SEQUENCE_IDS: np.array(ids, dtype=np.int64),
+        c.PAST_LENGTHS: np.array(past or [0] * len(ids), dtype=np.int64),
         name: x.astype(np.float32),
     }
 
@@ -92,16 +96,16 @@ def metric(stages: Stages, key: str, sample: str, **labels: str) -> float:
 
 
 def held(stages: Stages, key: str) -> dict[int, int]:
-    model = "stage-1" if key == "small" else key
+    model = STAGE_1 if key == "small" else key
     r = stages.client.get(f"{stages.urls[key]}/v2/models/{model}/sequences")
     assert r.status_code == 200, r.text
     return {int(k): v for k, v in r.json()["sequences"].items()}
 
 
 def release(stages: Stages, key: str, ids: list[int]) -> None:
-    model = "stage-1" if key == "small" else key
+    model = STAGE_1 if key == "small" else key
     r = stages.client.post(
-        f"{stages.urls[key]}/v2/models/{model}/sequences/release", json={"sequence_ids": ids}
+        f"{stages.urls[key]}/v2/models/{model}/sequences/release", json={c.SEQUENCE_IDS: ids}
     )
     assert r.status_code == 200, r.text
 
@@ -116,13 +120,13 @@ def assert_problem(response: httpx.Response, status: int, *words: str) -> dict[s
     return body
 
 
-def assert_still_serving(stages: Stages, key: str = "stage-1") -> None:
+def assert_still_serving(stages: Stages, key: str = STAGE_1) -> None:
     assert stages.client.get(f"{stages.urls[key]}/v2/health/live").status_code == 200
     seq = new_id()
-    if key in ("stage-1", "small"):
+    if key in (STAGE_1, "small"):
         r = infer(stages, key, first_inputs([seq], [[1, 2, 3]]))
     else:
-        name = "hidden_states_2" if key == "stage-2" else "hidden_states_4"
+        name = HIDDEN_2 if key == STAGE_2 else HIDDEN_4
         r = infer(stages, key, hidden_inputs(name, [seq], np.ones((1, 3, N_EMBD))))
     assert r.status_code == 200, r.text
     release(stages, key, [seq])
