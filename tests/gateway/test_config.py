@@ -1,5 +1,6 @@
 """gateway/config.py: the original config.json shape, strict validation naming the offending key,
-TANDEM_* environment overrides, and `python -m gateway` refusing a bad file cleanly."""
+TANDEM_* environment overrides, and `python -m gateway` refusing a bad file cleanly. (Long because
+it is mostly tables of bad configurations, one case per rule.)"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The whole stack as real processes on 127.0.0.1: correctness against the PyTorch reference,
-streaming, the OpenAI SDK, cancellation on disconnect, replay, bad input and admission."""
+streaming, the OpenAI SDK, cancellation on disconnect, replay, bad input and admission. (Over 300
+lines: the tests share one stack process set, which is slow to start, so they stay in one module.)"""
 
 from __future__ import annotations
 

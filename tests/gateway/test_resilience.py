@@ -4,6 +4,7 @@ longer than `stage_wait`, admission control (429), and readiness with a stage th
 
 One set of functions (tokenizer, stage-1, two stage-2 replicas, stage-3) serves every test; the
 tests that need other gateway settings start their own gateway over (some of) those functions.
+(Over 300 lines for the same reason: one shared set of functions.)
 """
 
 from __future__ import annotations

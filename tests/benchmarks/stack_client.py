@@ -1,0 +1,285 @@
+"""The stack variant: the local stack started as a subprocess (or one given by URL), driven over
+its OpenAI-compatible streaming completions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tests.benchmarks.common import (
+    REPO_ROOT,
+    STACK_READY_TIMEOUT_S,
+    STACK_STOP_TIMEOUT_S,
+    BenchError,
+    Runner,
+    log,
+    timing,
+)
+
+# --------------------------------------------------------------------------------------------
+# stack: the gateway over HTTP (OpenAI-compatible streaming completions)
+
+
+def _stack_unreachable(url: str, err: Exception) -> BenchError:
+    return BenchError(
+        f"the tandem gateway at {url} is not reachable ({type(err).__name__}: {err}). Start the stack "
+        "with `python -m infra.local.stack up --bundle DIR`, or leave out --stack-url so that the benchmark "
+        "starts it, or leave the stack out with --variants monolith,hf."
+    )
+
+
+def stack_model_id(url: str) -> str:
+    import httpx
+
+    try:
+        r = httpx.get(f"{url}/v1/models", timeout=10.0)
+    except httpx.TransportError as e:
+        raise _stack_unreachable(url, e) from e
+    if r.status_code != 200:
+        raise BenchError(f"GET {url}/v1/models answered {r.status_code}: {r.text[:300]}")
+    try:
+        data = r.json()["data"]
+        return str(data[0]["id"])
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise BenchError(f"GET {url}/v1/models: no model in the answer {r.text[:300]!r}") from e
+
+
+def _chunk_tokens(choice: dict) -> int:
+    """How many tokens one streamed choice carries: token id lists if the gateway sends them,
+    else one per chunk with non-empty text."""
+    for key in ("token_ids", "tokens"):
+        v = choice.get(key)
+        if isinstance(v, list) and v:
+            return len(v)
+    lp = choice.get("logprobs")
+    if isinstance(lp, dict) and isinstance(lp.get("tokens"), list) and lp["tokens"]:
+        return len(lp["tokens"])
+    return 1 if choice.get("text") else 0
+
+
+async def _one_stream(client, url: str, model: str, prompt: list[int], new_tokens: int) -> dict:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    first = last = None
+    counted = 0
+    usage_tokens = None
+    finish = None
+    text: list[str] = []
+    done = False
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            detail = (await r.aread()).decode(errors="replace")[:500]
+            raise BenchError(f"POST {url}/v1/completions answered {r.status_code}: {detail}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            try:
+                obj = json.loads(data)
+            except ValueError as e:
+                raise BenchError(f"the gateway sent an SSE event that is not JSON: {data[:200]!r}") from e
+            if "error" in obj:
+                raise BenchError(f"the gateway streamed an error: {json.dumps(obj['error'])[:500]}")
+            now = time.perf_counter()
+            for ch in obj.get("choices") or []:
+                n = _chunk_tokens(ch)
+                if n:
+                    counted += n
+                    if first is None:
+                        first = now
+                    last = now
+                if ch.get("text"):
+                    text.append(ch["text"])
+                if ch.get("finish_reason"):
+                    finish = ch["finish_reason"]
+            usage = obj.get("usage")
+            if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+                usage_tokens = int(usage["completion_tokens"])
+    if not done:
+        raise BenchError("the gateway closed the stream without `data: [DONE]`")
+    if first is None:
+        raise BenchError("the gateway streamed no token")
+    return {
+        "first": first,
+        "last": last,
+        "end": time.perf_counter(),
+        "tokens": usage_tokens if usage_tokens is not None else counted,
+        "seen": counted,
+        "tokens_source": "usage" if usage_tokens is not None else "chunks",
+        "finish_reason": finish,
+        "text": "".join(text),
+    }
+
+
+async def _stack_run(url: str, model: str, prompts: np.ndarray, new_tokens: int) -> dict:
+    import httpx
+
+    c = prompts.shape[0]
+    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+    timeout = httpx.Timeout(300.0, connect=10.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        t0 = time.perf_counter()
+        try:
+            streams = await asyncio.gather(
+                *(_one_stream(client, url, model, prompts[i].tolist(), new_tokens) for i in range(c))
+            )
+        except httpx.ConnectError as e:
+            raise _stack_unreachable(url, e) from e
+        except httpx.TransportError as e:
+            raise BenchError(
+                f"the connection to the gateway at {url} failed during the run "
+                f"({type(e).__name__}: {e!r}) with {c} concurrent streams"
+            ) from e
+        t_end = max(s["end"] for s in streams)
+    short = [s["tokens"] for s in streams if s["tokens"] != new_tokens]
+    if short:
+        log(
+            f"[stack] WARNING: {len(short)} of {c} streams returned {sorted(set(short))} tokens, "
+            f"not {new_tokens} (is ignore_eos honoured?)"
+        )
+    r = timing(
+        t0,
+        [s["first"] for s in streams],
+        [s["last"] for s in streams],
+        t_end,
+        [s["tokens"] for s in streams],
+        [s["seen"] for s in streams],
+    )
+    # Chunk times tell the decode rate only if each chunk carries one token; usage counts the tokens.
+    r["tokens_source"] = streams[0]["tokens_source"]
+    r["texts"] = [s["text"] for s in streams]
+    return r
+
+
+class StackProcess:
+    """`python -m infra.local.stack up --bundle DIR --no-export` as a child process."""
+
+    def __init__(self, bundle: Path, port: int, command: list[str] | None = None):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = command or self.default_command(bundle, port)
+        self.proc: subprocess.Popen | None = None
+        self.log_file = None
+
+    @staticmethod
+    def default_command(bundle: Path, port: int) -> list[str]:
+        args = [
+            sys.executable,
+            "-m",
+            "infra.local.stack",
+            "up",
+            "--bundle",
+            str(bundle.resolve()),
+            "--no-export",
+        ]
+        if port != 8000:
+            args += ["--gateway-port", str(port)]
+        return args
+
+    def tail(self, lines: int = 40) -> str:
+        if self.log_file is None:
+            return ""
+        self.log_file.flush()
+        text = Path(self.log_file.name).read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self) -> str:
+        import httpx
+
+        try:  # something already on the gateway's port would answer instead of our stack
+            httpx.get(f"{self.url}/readyz", timeout=1.0)
+            raise BenchError(
+                f"something already listens on {self.url}; stop it, or pass "
+                f"--stack-url {self.url} to benchmark the stack that runs there"
+            )
+        except httpx.TransportError:
+            pass
+        args = self.command
+        self.log_file = tempfile.NamedTemporaryFile(prefix="tandem-bench-stack-", suffix=".log", delete=False)
+        log(f"[stack] starting: {' '.join(args[1:])} (output in {self.log_file.name})")
+        self.proc = subprocess.Popen(
+            args,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + STACK_READY_TIMEOUT_S
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(
+                    f"the stack exited with {self.proc.returncode} before it was ready; "
+                    f"output tail:\n{self.tail()}"
+                )
+            try:
+                r = httpx.get(f"{self.url}/readyz", timeout=2.0)
+                if r.status_code == 200:
+                    log(f"[stack] ready at {self.url}")
+                    return self.url
+                last = f"{r.status_code} {r.text[:200]}"
+            except httpx.TransportError as e:
+                last = repr(e)
+            time.sleep(0.5)
+        raise BenchError(
+            f"the stack was not ready at {self.url}/readyz after {STACK_READY_TIMEOUT_S:.0f} s "
+            f"(last: {last}); output tail:\n{self.tail()}"
+        )
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            log("[stack] stopping (SIGTERM)")
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STACK_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log(
+                    f"[stack] still running {STACK_STOP_TIMEOUT_S:.0f} s after SIGTERM: killing its process group"
+                )
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: only what we started
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        if self.log_file is not None:
+            self.log_file.close()
+            if self.proc.returncode not in (0, -signal.SIGTERM):
+                log(f"[stack] exited with {self.proc.returncode}; log kept at {self.log_file.name}")
+            else:
+                os.unlink(self.log_file.name)
+
+
+def open_stack(args, prompts: np.ndarray, bundle: Path, stack: list) -> Runner:
+    """The gateway to measure; a stack the benchmark starts itself goes into `stack` (to stop)."""
+    if args.stack_url:
+        url = args.stack_url.rstrip("/")
+    else:
+        launcher = StackProcess(bundle, args.stack_port)
+        stack.append(launcher)
+        url = launcher.start()
+    model = stack_model_id(url)
+    args.stack_used = {"url": url, "model": model, "started_by_bench": not args.stack_url}
+    log(f"[stack] gateway {url}, model {model!r}")
+    return lambda c: asyncio.run(_stack_run(url, model, prompts[:c], args.new_tokens))
