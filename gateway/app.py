@@ -1,7 +1,7 @@
 """The gateway app: the shared function factory (health, metrics, tracing, docs) plus the
-OpenAI-compatible routes and the original /api/model/process, with one error handler: every error
-becomes a GatewayError, is counted, and is answered in OpenAI's shape under /v1/ and as RFC 9457
-problem details elsewhere.
+OpenAI-compatible routes, vLLM's serving extras and the original /api/model/process, with one error
+handler: every error becomes a GatewayError, is counted, and is answered in OpenAI's shape under /v1/
+and on vLLM's routes, and as RFC 9457 problem details elsewhere.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from gateway.errors import as_gateway_error
 from gateway.openai import openai_error_body, openai_routes
 from gateway.routes import process
 from gateway.service import Gateway
+from gateway.vllm_extras import OPENAI_SHAPED, vllm_routes
 
 API_PREFIXES = ("/v1/", "/api/")  # routes counted in tandem_requests_total
 
@@ -35,7 +36,7 @@ def handle_error(request: Request[Any, Any, Any], exc: Exception) -> Response[An
     if path.startswith(API_PREFIXES):
         gw: Gateway = request.app.state.gateway
         gw.metrics.record_request(request.scope.get("path_template") or "unmatched", err.status_code)
-    if path.startswith("/v1/"):
+    if path.startswith("/v1/") or path in OPENAI_SHAPED:
         return Response(openai_error_body(err), status_code=err.status_code, headers=err.headers)
     return problem_response(
         err.status_code, err.message, instance=path, title=err.title, extra=err.extra, headers=err.headers
@@ -64,7 +65,7 @@ def create_gateway_app(
 
     return create_function_app(
         service_name="gateway",
-        route_handlers=[*openai_routes, process],
+        route_handlers=[*openai_routes, *vllm_routes, process],
         settings=settings,
         lifespan=[lifespan],
         is_ready=gw.readiness,

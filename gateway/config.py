@@ -46,6 +46,7 @@ class GatewayConfig:
     stage_wait: float = 30.0  # how long a sequence waits for a stage with no ready replica
     health_interval: float = 1.0
     default_max_tokens: int = 16
+    strict_fields: bool = False  # refuse unknown request fields (default: ignore them, named in a header)
     stages: int = field(default=0)  # derived: number of model parts
 
     @property
@@ -59,7 +60,7 @@ class GatewayConfig:
 _TUNABLE = {
     f.name: f.type
     for f in fields(GatewayConfig)
-    if f.name not in ("model_name", "tokenizer", "nodes", "stages")
+    if f.name not in ("model_name", "tokenizer", "nodes", "stages", "strict_fields")
 }
 
 
@@ -98,7 +99,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     if not isinstance(data, Mapping):
         raise ConfigError("the configuration must be a JSON object")
     env = os.environ if env is None else env
-    allowed = {"model_name", "tokenizer", "nodes", *_TUNABLE}
+    allowed = {"model_name", "tokenizer", "nodes", "strict_fields", *_TUNABLE}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"unknown configuration key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -152,8 +153,15 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         if raw is not None:
             name = var if from_env is not None else None
             tuned[key] = _number(key, raw, "int" if integer else "float", name)
+    strict = data.get("strict_fields", False)
+    if not isinstance(strict, bool):
+        raise ConfigError(f"strict_fields must be true or false, got {strict!r}")
+    try:
+        strict = e.flag("TANDEM_STRICT_FIELDS", strict)
+    except SettingsError as err:
+        raise ConfigError(str(err)) from None
     model = e.text("TANDEM_MODEL_NAME", data["model_name"])
-    return GatewayConfig(model, tok, tuple(nodes), stages=len(parts), **tuned)
+    return GatewayConfig(model, tok, tuple(nodes), stages=len(parts), strict_fields=strict, **tuned)
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:

@@ -18,6 +18,7 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 from opentelemetry import trace
 
+from gateway.bodies import decode_strict, unknown_fields
 from gateway.errors import GatewayError, InvalidRequestError, NotFoundError
 from gateway.sequence import Event, SamplingParams, Sequence
 from gateway.service import Gateway, disconnected, sampling_from, trace_id
@@ -27,9 +28,13 @@ logger = logging.getLogger("tandem.gateway")
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM extension: usage (so far) in every chunk
 
 
-class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
+class CompletionRequest(msgspec.Struct):
+    """Unknown fields are ignored and named in the IGNORED_HEADER response header (as vLLM does),
+    or refused when the gateway runs with strict_fields."""
+
     # a string, a list of strings, a list of token ids, or a list of token-id lists (msgspec allows
     # one array type per union, so the mixed forms are rejected in _prompts)
     prompt: str | list[str | int | list[int]]
@@ -49,6 +54,28 @@ class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
     frequency_penalty: float = 0.0
     user: str | None = None
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens
+    # known to OpenAI's API but not supported here: refused with a 400 that names them when set
+    suffix: str | None = None
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+IGNORED_HEADER = "X-Tandem-Ignored-Fields"
+_KNOWN_FIELDS = frozenset(CompletionRequest.__struct_fields__)
+_UNSUPPORTED = ("suffix", "best_of", "logit_bias")
+
+
+async def ignored_fields(request: Request[Any, Any, Any], strict: bool) -> list[str]:
+    """Unknown top-level fields: logged and returned (the caller names them in a header), or a 400
+    in strict mode."""
+    unknown = await unknown_fields(request, _KNOWN_FIELDS)
+    if unknown and strict:
+        raise InvalidRequestError(
+            f"unknown field(s) {unknown} (this gateway runs with strict_fields)", param=unknown[0]
+        )
+    if unknown:
+        logger.warning("ignored unknown request field(s) %s on %s", unknown, request.url.path)
+    return unknown
 
 
 class EventStream(Stream):
@@ -101,6 +128,9 @@ def _params(gw: Gateway, data: CompletionRequest) -> SamplingParams:
             f"model {data.model!r} is not served here; GET /v1/models lists {gw.cfg.model_name!r}",
             param="model",
         )
+    for name in _UNSUPPORTED:
+        if getattr(data, name) is not None and not (name == "best_of" and data.best_of == 1):
+            raise InvalidRequestError(f"{name} is not supported", param=name)
     if data.n != 1:
         raise InvalidRequestError("only n = 1 is supported", param="n")
     if data.echo:
@@ -147,12 +177,16 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
     """OpenAI-compatible text completion (streaming with `stream: true`)."""
     gw: Gateway = request.app.state.gateway
     t0 = time.perf_counter()
+    data = await decode_strict(request, CompletionRequest)
+    ignored = await ignored_fields(request, gw.cfg.strict_fields)
     params = _params(gw, data)
     texts, ids = _prompts(data)
     seqs = await gw.admit(params, texts=texts, ids=ids)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     tid = trace_id()
     headers = {"X-Trace-Id": tid} if tid else {}
+    if ignored:
+        headers[IGNORED_HEADER] = ", ".join(ignored)
     base = {"id": cid, "object": "text_completion", "created": created, "model": gw.cfg.model_name}
 
     if not data.stream:
@@ -174,6 +208,8 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
         return Response({**base, "choices": choices, "usage": usage}, headers=headers)
 
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
+    continuous = bool(include_usage and data.stream_options and data.stream_options.continuous_usage_stats)
+    prompt_tokens = sum(len(s.prompt) for s in seqs)
     span = trace.get_current_span()  # the request's span: still open while the stream is sent
 
     async def events() -> AsyncIterator[bytes]:
@@ -214,11 +250,11 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
                     choice["finish_reason"] = ev.finish_reason
                 chunk = {**base, "choices": [choice]}
                 if include_usage:
-                    chunk["usage"] = None
+                    chunk["usage"] = _usage(prompt_tokens, sum(counts)) if continuous else None
                 yield b"data: " + msgspec.json.encode(chunk) + b"\n\n"
             else:
                 if include_usage:
-                    usage = _usage(sum(len(s.prompt) for s in seqs), sum(counts))
+                    usage = _usage(prompt_tokens, sum(counts))
                     yield b"data: " + msgspec.json.encode({**base, "choices": [], "usage": usage}) + b"\n\n"
                 yield b"data: [DONE]\n\n"
                 status = 200

@@ -11,6 +11,7 @@ from litestar import Request, post
 from litestar.params import JSONBody
 from opentelemetry import trace
 
+from gateway.bodies import decode_strict
 from gateway.errors import InvalidRequestError
 from gateway.sequence import SamplingParams
 from gateway.service import Gateway, disconnected, sampling_from, trace_id
@@ -71,6 +72,7 @@ async def process(request: Request[Any, Any, Any], data: JSONBody[ProcessRequest
     """Generate a continuation of `text` (greedy unless temperature is given)."""
     gw: Gateway = request.app.state.gateway
     t0 = time.perf_counter()
+    data = await decode_strict(request, ProcessRequest)
     params = _params(data, gw.cfg.default_max_tokens)
     seqs = await gw.admit(params, texts=[data.text], param="text")
     (out,) = await gw.collect(seqs, disconnected(request))
