@@ -28,7 +28,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from functions.errors import problem_details_handler, problem_response
+from functions.errors import problem_details_handler, problem_media, problem_response
 from functions.fastpath import ASGIApp, FastRoute, FastRoutesApp, Message, Receive, Scope, Send
 from functions.settings import FunctionSettings
 from functions.telemetry import configure_tracing
@@ -126,7 +126,12 @@ def create_function_app(
         ok, reason = is_ready()
         if ok:
             return Response({"ready": True})
-        return problem_response(503, f"{service_name} is not ready: {reason}", instance=request.url.path)
+        return problem_response(
+            503,
+            f"{service_name} is not ready: {reason}",
+            instance=request.url.path,
+            media_type=problem_media(request.headers.get("accept")),
+        )
 
     @get("/metrics", include_in_schema=False, sync_to_thread=False)
     def metrics() -> Response[bytes]:

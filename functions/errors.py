@@ -1,5 +1,9 @@
 """The functions' exception tree and the one handler that turns any error into RFC 9457 JSON.
 
+Every problem body also carries `error` (the detail again), the one field the Open Inference
+Protocol defines for errors, and is sent as `application/json` unless the client's Accept names
+`application/problem+json`: OIP clients such as the KServe SDK read only `application/json` bodies.
+
     FunctionError (500)
     ├── BadRequestError (400)        also: protocol.ProtocolError, contract.ContractError -> 400
     ├── NotFoundError (404)
@@ -24,6 +28,7 @@ from functions.protocol import ProtocolError
 logger = logging.getLogger("tandem.functions")
 
 PROBLEM_JSON = "application/problem+json"
+JSON = "application/json"
 
 
 class FunctionError(Exception):
@@ -83,6 +88,7 @@ def problem_body(
         "status": status,
         "detail": detail,
         "instance": instance,
+        "error": detail,  # Open Inference Protocol's error field
     }
     body.update(extra or {})
     return msgspec.json.encode(body)
@@ -96,10 +102,16 @@ def problem_response(
     title: str | None = None,
     extra: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
+    media_type: str = PROBLEM_JSON,
 ) -> Response[bytes]:
-    """An RFC 9457 `application/problem+json` response."""
+    """An RFC 9457 problem response."""
     body = problem_body(status, detail, instance=instance, title=title, extra=extra)
-    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    return Response(body, status_code=status, media_type=media_type, headers=headers)
+
+
+def problem_media(accept: str | None) -> str:
+    """The media type of a function's problem body for a client with this Accept header."""
+    return PROBLEM_JSON if accept and PROBLEM_JSON in accept.lower() else JSON
 
 
 def known_problem(exc: Exception, path: str) -> tuple[int, bytes] | None:
@@ -129,18 +141,21 @@ def validation_detail(exc: HTTPException) -> str:
 def problem_details_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Litestar exception handler for every exception type (register it for `Exception`)."""
     path = request.scope.get("path", "")
+    media = problem_media(request.headers.get("accept"))
     known = known_problem(exc, path)
     if known is not None:
-        return Response(known[1], status_code=known[0], media_type=PROBLEM_JSON)
+        return Response(known[1], status_code=known[0], media_type=media)
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         status = exc.status_code
         template = _HTTP_DETAILS.get(status)
         detail = template.format(method=request.method, path=path) if template else validation_detail(exc)
         extra = {"errors": exc.extra} if status == 400 and exc.extra else None
-        return problem_response(status, detail, instance=path, extra=extra, headers=exc.headers)
+        return problem_response(
+            status, detail, instance=path, extra=extra, headers=exc.headers, media_type=media
+        )
     if isinstance(exc, HTTPException) and exc.status_code == 503:
-        return problem_response(503, exc.detail, instance=path, headers=exc.headers)
-    return Response(unexpected_problem(request.method, path), status_code=500, media_type=PROBLEM_JSON)
+        return problem_response(503, exc.detail, instance=path, headers=exc.headers, media_type=media)
+    return Response(unexpected_problem(request.method, path), status_code=500, media_type=media)
 
 
 def unexpected_problem(method: str, path: str) -> bytes:

@@ -24,7 +24,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from functions.errors import PROBLEM_JSON, PayloadTooLargeError, known_problem, unexpected_problem
+from functions.errors import PayloadTooLargeError, known_problem, problem_media, unexpected_problem
 
 __all__ = ["ASGIApp", "FastHandler", "FastRoute", "FastRoutesApp"]
 
@@ -93,7 +93,7 @@ class FastRoutesApp:
         except Exception as e:  # noqa: BLE001 - every error becomes a response, never a crash
             known = known_problem(e, path)
             status, out = known if known is not None else (500, unexpected_problem(scope["method"], path))
-            media, extra = PROBLEM_JSON, {}
+            media, extra = problem_media(headers.get("accept")), {}
         if status != 499:
             raw = [(b"content-type", media.encode()), (b"content-length", str(len(out)).encode())]
             raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]

@@ -1,7 +1,8 @@
 """The gateway app: the shared function factory (health, metrics, tracing, docs) plus the
 OpenAI-compatible routes, vLLM's serving extras and the original /api/model/process, with one error
 handler: every error becomes a GatewayError, is counted, and is answered in OpenAI's shape under /v1/
-and on vLLM's routes, and as RFC 9457 problem details elsewhere.
+and on vLLM's routes, and as RFC 9457 problem details elsewhere
+(functions/errors.py says how their media type is chosen).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from litestar import Litestar, Request, Response
 from prometheus_client import CollectorRegistry
 
 from functions.app import create_function_app
-from functions.errors import problem_response
+from functions.errors import problem_media, problem_response
 from functions.fastpath import ASGIApp
 from functions.settings import FunctionSettings
 from gateway.clients import StagePoster
@@ -39,7 +40,13 @@ def handle_error(request: Request[Any, Any, Any], exc: Exception) -> Response[An
     if path.startswith("/v1/") or path in OPENAI_SHAPED:
         return Response(openai_error_body(err), status_code=err.status_code, headers=err.headers)
     return problem_response(
-        err.status_code, err.message, instance=path, title=err.title, extra=err.extra, headers=err.headers
+        err.status_code,
+        err.message,
+        instance=path,
+        title=err.title,
+        extra=err.extra,
+        headers=err.headers,
+        media_type=problem_media(request.headers.get("accept")),
     )
 
 

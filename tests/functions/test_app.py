@@ -12,7 +12,7 @@ from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
 from functions.app import create_function_app
-from functions.errors import PROBLEM_JSON, BadRequestError
+from functions.errors import JSON, PROBLEM_JSON, BadRequestError
 from functions.settings import FunctionSettings, SettingsError
 
 
@@ -49,7 +49,8 @@ def client(ready_flag: list[bool]) -> Iterator[TestClient]:
 
 def assert_problem(response, status: int, path: str) -> dict:
     assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM_JSON)
+    assert response.headers["content-type"].startswith(JSON)
+    assert response.json()["error"] == response.json()["detail"]
     body = response.json()
     assert body["type"] == "about:blank" and body["status"] == status
     assert body["instance"] == path and body["title"] and body["detail"]
@@ -108,6 +109,18 @@ def test_problem_details(client: TestClient) -> None:
     assert body["detail"] == "thing 'bad' is not allowed" and body["thing"] == "bad"
     assert_problem(client.post("/things/a", content=b"{not json"), 400, "/things/a")
     assert_problem(client.post("/things/a", json=[1]), 400, "/things/a")
+
+
+def test_problem_media_type_follows_accept(client: TestClient) -> None:
+    """application/json by default (what Open Inference Protocol clients read), RFC 9457's own media
+    type for a client that asks for it; the same body either way."""
+    plain = client.post("/things/bad", json={})
+    asked = client.post("/things/bad", json={}, headers={"Accept": f"{PROBLEM_JSON}, {JSON};q=0.5"})
+    assert plain.headers["content-type"].startswith(JSON)
+    assert asked.headers["content-type"].startswith(PROBLEM_JSON)
+    assert plain.json() == asked.json() and asked.json()["error"] == "thing 'bad' is not allowed"
+    not_ready = client.get("/v2/health/ready", headers={"Accept": PROBLEM_JSON})
+    assert not_ready.status_code == 503 and not_ready.headers["content-type"].startswith(PROBLEM_JSON)
 
 
 def test_body_too_large(client: TestClient) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.helpers.stage_calls import N_EMBD, VOCAB, Stages, new_id
+from functions import contract as c
+from tests.helpers.stage_calls import N_EMBD, STAGE_1, VOCAB, Stages, new_id
 
 pytestmark = pytest.mark.slow
 
@@ -62,5 +63,28 @@ def test_tritonclient_binary_and_json(stages: Stages) -> None:
         assert tokens.shape == (3,) and tokens.dtype == np.int64
         assert ((tokens >= 0) & (tokens < VOCAB)).all()
         assert result.as_numpy("logits") is None
+    finally:
+        client.close()
+
+
+def test_tritonclient_reads_the_stage_s_error_message(stages: Stages) -> None:
+    """A refused batch surfaces in the reference client with the stage's reason (tritonclient reads
+    the Open Inference Protocol's `error` field of an application/json body)."""
+    import tritonclient.http as tc
+    from tritonclient.utils import InferenceServerException
+
+    client = tc.InferenceServerClient(url=stages.urls[STAGE_1].removeprefix("http://"))
+    try:
+        ids = np.array([new_id(), new_id()], dtype=np.int64)
+        inputs = []
+        for name, arr in ((c.SEQUENCE_IDS, ids), (c.PAST_LENGTHS, np.zeros(3, dtype=np.int64))):
+            inp = tc.InferInput(name, list(arr.shape), "INT64")
+            inp.set_data_from_numpy(arr, binary_data=True)
+            inputs.append(inp)
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(STAGE_1, inputs)
+        assert err.value.status() == "400"
+        message = err.value.message()
+        assert c.PAST_LENGTHS in message or c.INPUT_IDS in message, message
     finally:
         client.close()

@@ -158,7 +158,8 @@ BAD_REQUESTS = [
 def test_http_bad_requests(http: httpx.Client, path: str, body: bytes) -> None:
     response = http.post(path, content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.headers["content-type"].startswith("application/json")  # problem JSON, OIP-readable
+    assert response.json()["error"] == response.json()["detail"]
     assert response.json()["detail"]
 
 

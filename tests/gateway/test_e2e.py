@@ -287,7 +287,7 @@ def test_bad_completion_parameters(stack: Stack, body: dict, fragment: str) -> N
 def test_bad_process_parameters(stack: Stack, body: dict, fragment: str) -> None:
     r = httpx.post(f"{stack.gateway_url}/api/model/process", json=body, timeout=10)
     assert r.status_code == 400, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.headers["content-type"].startswith("application/json")
     assert fragment in r.json()["detail"], r.json()
 
 

@@ -299,5 +299,5 @@ def test_refused_requests_are_counted_with_their_status(
     if route.startswith("/v1/"):
         assert body["error"]["code"] == status and body["error"]["message"]
     else:
-        assert media.startswith("application/problem+json") and body["status"] == status and body["detail"]
+        assert media.startswith("application/json") and body["status"] == status and body["detail"]
     assert sample(stack, "tandem_requests_total", route=route, status=str(status)) == before + 1

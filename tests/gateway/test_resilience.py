@@ -232,7 +232,7 @@ def test_stage_down_longer_than_stage_wait(stack: Stack, short_wait_gw: str, exp
         r = asyncio.run(main())
         assert r.status_code == 503, r.text
         assert time.monotonic() - t0 < 15
-        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.headers["content-type"].startswith("application/json")
         assert "stage-2" in r.json()["detail"], r.json()
 
         # the gateway stays alive and says what is missing
@@ -319,6 +319,6 @@ def test_not_ready_while_a_stage_is_missing(stack: Stack) -> None:
     err = r.json()["error"]
     assert err["code"] == 503 and err["type"] == "server_error" and "stage-3" in err["message"], err
     p = httpx.post(f"{gw}/api/model/process", json={"text": PROMPT, "max_tokens": 5}, timeout=10)
-    assert p.status_code == 503 and p.headers["content-type"].startswith("application/problem+json"), p.text
+    assert p.status_code == 503 and p.headers["content-type"].startswith("application/json"), p.text
     assert metric(gw, "tandem_stage_up", 'stage="stage-3"') == 0
     assert httpx.get(f"{gw}/healthz", timeout=5).status_code == 200

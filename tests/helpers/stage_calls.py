@@ -112,7 +112,8 @@ def release(stages: Stages, key: str, ids: list[int]) -> None:
 
 def assert_problem(response: httpx.Response, status: int, *words: str) -> dict[str, Any]:
     assert response.status_code == status, f"{response.status_code}: {response.text[:500]}"
-    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.headers["content-type"].startswith("application/json")  # problem JSON, OIP-readable
+    assert response.json()["error"] == response.json()["detail"]
     body = response.json()
     assert body["status"] == status and body["detail"]
     for w in words:
