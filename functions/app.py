@@ -14,6 +14,7 @@ from typing import Any
 from litestar import Litestar, Request, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.exceptions import NotAuthorizedException
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
@@ -28,6 +29,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from functions.auth import CHALLENGE, Authenticator
 from functions.errors import problem_details_handler, problem_media, problem_response
 from functions.fastpath import ASGIApp, FastRoute, FastRoutesApp, Message, Receive, Scope, Send
 from functions.settings import FunctionSettings
@@ -89,6 +91,7 @@ def create_function_app(
     fast_path: bool | None = None,
     cors: CORSConfig | None = None,
     exception_handler: Callable[[Request[Any, Any, Any], Exception], Response[Any]] = problem_details_handler,
+    api_keys: bool = False,
 ) -> ASGIApp:
     """Build a function's app and return the ASGI callable to serve; `registry` must be fresh per
     app (never the global default).
@@ -96,8 +99,21 @@ def create_function_app(
     `fast_routes` are served in front of Litestar (functions.fastpath) when `fast_path` is True;
     when it is None, as `settings.fast_path` says ("auto": unless tracing is on, since the Litestar
     routes add the server spans).
+
+    Callers authenticate (functions.auth) with the service token, or with one of the client API
+    keys when `api_keys` is set (the gateway); open when none is configured.
     """
     logging.getLogger("tandem").setLevel(settings.log_level.upper())
+    if api_keys:
+        auth = Authenticator.of(settings.api_keys, "an API key of this gateway")
+    else:
+        auth = Authenticator.of([settings.auth_token or ""], "the service token (TANDEM_AUTH_TOKEN)")
+
+    def authenticate(request: Request[Any, Any, Any]) -> None:
+        why = auth.refusal(request.url.path, request.headers.get("authorization")) if auth else None
+        if why is not None:
+            raise NotAuthorizedException(detail=why, headers=CHALLENGE)
+
     tracing = configure_tracing(service_name)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
@@ -163,6 +179,7 @@ def create_function_app(
             render_plugins=[SwaggerRenderPlugin()],
         ),
         exception_handlers={Exception: exception_handler},
+        before_request=authenticate if auth else None,
         request_max_body_size=settings.max_body_bytes,
         cors_config=cors,
         state=State(state or {}),
@@ -180,6 +197,7 @@ def create_function_app(
         requests=requests,
         duration=duration,
         max_body_bytes=settings.max_body_bytes,
+        auth=auth,
     )
 
 

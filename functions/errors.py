@@ -6,6 +6,7 @@ Protocol defines for errors, and is sent as `application/json` unless the client
 
     FunctionError (500)
     ├── BadRequestError (400)        also: protocol.ProtocolError, contract.ContractError -> 400
+    ├── UnauthorizedError (401)      no or a wrong bearer token (functions.auth)
     ├── NotFoundError (404)
     ├── ConflictError (409)
     ├── PayloadTooLargeError (413)
@@ -48,6 +49,11 @@ class BadRequestError(FunctionError):
     title = "Bad Request"
 
 
+class UnauthorizedError(FunctionError):
+    status_code = 401
+    title = "Unauthorized"
+
+
 class NotFoundError(FunctionError):
     status_code = 404
     title = "Not Found"
@@ -74,7 +80,13 @@ _HTTP_DETAILS = {
     405: "{method} is not allowed on {path}; see /docs for the API",
     413: "the request body is larger than this service accepts (TANDEM_MAX_BODY_BYTES)",
 }
-_TITLES = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict"}
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+}
 _TITLES |= {413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 

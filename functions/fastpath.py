@@ -24,7 +24,14 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from functions.errors import PayloadTooLargeError, known_problem, problem_media, unexpected_problem
+from functions.auth import CHALLENGE, Authenticator
+from functions.errors import (
+    PayloadTooLargeError,
+    UnauthorizedError,
+    known_problem,
+    problem_media,
+    unexpected_problem,
+)
 
 __all__ = ["ASGIApp", "FastHandler", "FastRoute", "FastRoutesApp"]
 
@@ -64,8 +71,9 @@ class FastRoutesApp:
         requests: Counter,
         duration: Histogram,
         max_body_bytes: int,
+        auth: Authenticator | None = None,
     ):
-        self.app, self.routes, self.service = app, tuple(routes), service
+        self.app, self.routes, self.service, self.auth = app, tuple(routes), service, auth
         self.requests, self.duration, self.max_body_bytes = requests, duration, max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -85,6 +93,8 @@ class FastRoutesApp:
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
+            if self.auth is not None and (why := self.auth.refusal(path, headers.get("authorization"))):
+                raise UnauthorizedError(why)
             body = await self._read_body(headers, receive)
             out, extra, media = await route.handler(match, headers, body)
             status = 200
@@ -93,7 +103,7 @@ class FastRoutesApp:
         except Exception as e:  # noqa: BLE001 - every error becomes a response, never a crash
             known = known_problem(e, path)
             status, out = known if known is not None else (500, unexpected_problem(scope["method"], path))
-            media, extra = problem_media(headers.get("accept")), {}
+            media, extra = problem_media(headers.get("accept")), dict(CHALLENGE) if status == 401 else {}
         if status != 499:
             raw = [(b"content-type", media.encode()), (b"content-length", str(len(out)).encode())]
             raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]

@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from functions.auth import MIN_TOKEN_LENGTH
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 FAST_PATH_CHOICES = ("auto", "on", "off")
@@ -36,6 +38,10 @@ class FunctionSettings:
     # The per-token routes straight on ASGI in front of Litestar (functions.fastpath): "auto" (on
     # unless tracing is on), "on" or "off" (every request through Litestar's routing).
     fast_path: str = "auto"
+    # TANDEM_AUTH_TOKEN: the functions require it from callers, the gateway sends it (functions.auth)
+    auth_token: str | None = field(default=None, repr=False)  # never in logs
+    # TANDEM_API_KEYS (comma-separated): the keys the gateway accepts from clients
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -48,6 +54,14 @@ class FunctionSettings:
             raise SettingsError(
                 f"fast_path must be one of {', '.join(FAST_PATH_CHOICES)}, got {self.fast_path!r}"
             )
+        for name, secret in (
+            ("TANDEM_AUTH_TOKEN", self.auth_token),
+            *(("TANDEM_API_KEYS", k) for k in self.api_keys),
+        ):
+            if secret is not None and len(secret) < MIN_TOKEN_LENGTH:
+                raise SettingsError(
+                    f"{name}: a token must be at least {MIN_TOKEN_LENGTH} characters, got {len(secret)}"
+                )
         if self.loop_cpu is not None and self.loop_cpu not in usable_cpus():
             raise SettingsError(
                 f"TANDEM_LOOP_CPU must be one of this process's CPUs {sorted(usable_cpus())}, got {self.loop_cpu}"
@@ -58,7 +72,8 @@ class FunctionSettings:
         cls, default_port: int, env: Mapping[str, str] | None = None, **overrides: Any
     ) -> FunctionSettings:
         """Settings from `PORT`, `TANDEM_HOST`, `TANDEM_MAX_BODY_BYTES`, `TANDEM_LOG_LEVEL`,
-        `TANDEM_LOOP_CPU` (a CPU number; empty or unset: no pinning).
+        `TANDEM_LOOP_CPU` (a CPU number; empty or unset: no pinning), `TANDEM_FAST_PATH`,
+        `TANDEM_AUTH_TOKEN` and `TANDEM_API_KEYS`.
 
         Overrides (e.g. command-line flags) win over the environment; None means "not given".
         """
@@ -70,6 +85,8 @@ class FunctionSettings:
             log_level=e.choice("TANDEM_LOG_LEVEL", "info", LOG_LEVELS),
             loop_cpu=e.integer("TANDEM_LOOP_CPU", None),
             fast_path=e.choice("TANDEM_FAST_PATH", "auto", FAST_PATH_CHOICES),
+            auth_token=e.text("TANDEM_AUTH_TOKEN", None),
+            api_keys=tuple(e.items("TANDEM_API_KEYS", [])),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -60,7 +60,7 @@ def create_gateway_app(
     """The gateway's ASGI app. `transport` carries every call to the functions when given (tests
     pass ASGI apps in-process); `poster` replaces only the stage infer calls."""
     registry = CollectorRegistry()
-    gw = Gateway(cfg, registry, transport, poster)
+    gw = Gateway(cfg, registry, transport, poster, auth_token=settings.auth_token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -80,4 +80,5 @@ def create_gateway_app(
         openapi_title="tandem gateway",
         state={"gateway": gw},
         exception_handler=handle_error,
+        api_keys=True,
     )

@@ -102,13 +102,16 @@ class Clients:
         cfg: GatewayConfig,
         transport: httpx.AsyncBaseTransport | None = None,
         poster: StagePoster | None = None,
+        *,
+        auth_token: str | None = None,
     ):
         """`transport` carries every call when given (e.g. ASGI apps in-process); `poster` replaces
-        only the stage infer calls."""
+        only the stage infer calls. `auth_token` goes with every call to the functions."""
         self.cfg = cfg
         timeout = httpx.Timeout(cfg.call_timeout, connect=cfg.connect_timeout)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        self.http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+        self.auth = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
+        self.http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport, headers=self.auth)
         if poster is None:
             poster = HttpxPoster(self.http) if transport is not None else None
         self.poster: StagePoster = poster or WirePoster(cfg.connect_timeout, cfg.call_timeout, self.http)
@@ -152,7 +155,12 @@ class Clients:
     ) -> dict[str, np.ndarray]:
         body, hlen = protocol.encode_request(inputs, outputs=outputs, binary_outputs=True)
         url = f"{node.url}/v2/models/{stage}/infer"
-        h = {protocol.HEADER: str(hlen), "Content-Type": "application/octet-stream", **(headers or {})}
+        h = {
+            protocol.HEADER: str(hlen),
+            "Content-Type": "application/octet-stream",
+            **self.auth,
+            **(headers or {}),
+        }
         desc = f"{stage} replica {node.id!r}"
         status, rh, content = await self._retrying(
             desc, f"POST {url}", lambda: self.poster.post(url, body, h)

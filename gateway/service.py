@@ -55,9 +55,11 @@ class Gateway:
         registry: CollectorRegistry,
         transport: httpx.AsyncBaseTransport | None = None,
         poster: StagePoster | None = None,
+        *,
+        auth_token: str | None = None,
     ):
         self.cfg = cfg
-        self.clients = Clients(cfg, transport, poster)
+        self.clients = Clients(cfg, transport, poster, auth_token=auth_token)
         self.replicas = Replicas(cfg, self.clients)
         self.metrics = GatewayMetrics(registry)
         registry.register(StageUpCollector(self.replicas))

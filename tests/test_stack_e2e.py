@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from functions import contract as c
 from tests.helpers.procs import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -69,6 +70,7 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
             "2",
             "--loop-cpu",
             str(LOOP_CPU),
+            "--auth",
         ],
         tmp_path,
     )
@@ -90,6 +92,16 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
             f"http://127.0.0.1:{gw}/v1/completions", json={"prompt": "hello", "max_tokens": 3}, timeout=30
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+        # --auth: the functions want the generated service token, which the gateway sends
+        token = (tmp_path / "auth-token").read_text().strip()
+        assert len(token) >= 32 and token not in out
+        assert oct((tmp_path / "auth-token").stat().st_mode & 0o777) == "0o600"
+        sequences = f"http://127.0.0.1:{base}/v2/models/{c.stage_name(1)}/sequences"
+        refused = httpx.get(sequences)
+        assert refused.status_code == 401 and "TANDEM_AUTH_TOKEN" in refused.json()["detail"]
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert httpx.get(sequences, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{base}/metrics").status_code == 200  # scrapers carry no token
         status = subprocess.run(
             [sys.executable, "-m", "infra.local.stack", "status"],
             cwd=REPO_ROOT,

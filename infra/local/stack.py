@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from infra.local.procs import (
 
 # logs, pid file and generated config; TANDEM_STATE_DIR moves them (tests use a temp dir)
 STATE_DIR = Path(os.environ.get("TANDEM_STATE_DIR") or REPO_ROOT / ".tandem" / "stack")
+AUTH_TOKEN_FILE = "auth-token"  # in STATE_DIR, while a stack with --auth runs
 AUTO_PIN_MAX_CPUS = 4  # --loop-cpu auto pins on machines this small, where the processes share the cores
 
 
@@ -85,6 +87,12 @@ def parse(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -
     )
     opt("--ready-timeout", 120.0, type=float, help="seconds to wait for readiness (default 120)")
     opt("--no-export", action="store_true", help="use the bundle as it is; never run the export")
+    opt(
+        "--auth",
+        action="store_true",
+        help="functions accept only calls with the service token (TANDEM_AUTH_TOKEN if set, else one "
+        f"generated for this run, in {AUTH_TOKEN_FILE}); always on when --host is not loopback",
+    )
     args = p.parse_args(argv)
     if args.replicas < 1:
         p.error("--replicas must be at least 1")
@@ -175,6 +183,22 @@ def banner(args: argparse.Namespace, config: dict[str, Any], svcs: list[Service]
     )
 
 
+def service_token(args: argparse.Namespace, given: str | None) -> dict[str, str]:
+    """TANDEM_AUTH_TOKEN for the services: the one given, or a fresh one when --auth asks for it or
+    the stack listens beyond loopback; written (mode 0600) where `AUTH_TOKEN_FILE` says, for
+    calling a function directly. Empty when the functions stay open."""
+    path = STATE_DIR / AUTH_TOKEN_FILE
+    path.unlink(missing_ok=True)
+    loopback = args.host in ("127.0.0.1", "::1", "localhost")
+    if not given and not args.auth and loopback:
+        return {}
+    token = given or secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    print(f"[stack] functions require the service token ({shown(path)})", flush=True)
+    return {"TANDEM_AUTH_TOKEN": token}
+
+
 def up(args: argparse.Namespace) -> int:
     pid_file = STATE_DIR / "pids.json"
     if pid_file.exists() and alive(json.loads(pid_file.read_text())["launcher"]):
@@ -201,6 +225,7 @@ def up(args: argparse.Namespace) -> int:
 
     urls = {s.name: f"http://{client_host(args.host)}:{s.port}{s.ready_path}" for s in svcs}
     child_env = {k: v for k, v in os.environ.items() if k != "TANDEM_LOOP_CPU"}
+    child_env |= service_token(args, child_env.get("TANDEM_AUTH_TOKEN"))
     if args.loop_cpu is not None:
         child_env["TANDEM_LOOP_CPU"] = str(args.loop_cpu)
         print(

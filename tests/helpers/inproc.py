@@ -115,14 +115,21 @@ async def _wait_ready(client: httpx.AsyncClient, url: str, timeout: float = 30.0
 
 @contextlib.contextmanager
 def in_process_stack(
-    bundle: Path, *, replicas: tuple[int, ...] = (1, 1, 1), config: dict[str, Any] | None = None
+    bundle: Path,
+    *,
+    replicas: tuple[int, ...] = (1, 1, 1),
+    config: dict[str, Any] | None = None,
+    auth_token: str | None = None,
+    api_keys: tuple[str, ...] = (),
 ) -> Iterator[InProcessStack]:
-    """Tokenizer, stage replicas and gateway apps on a background event loop, ready to serve."""
+    """Tokenizer, stage replicas and gateway apps on a background event loop, ready to serve.
+    With `auth_token` the functions require it (and the gateway sends it); with `api_keys` the
+    gateway requires one of them from clients."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="inproc-stack", daemon=True)
     thread.start()
     router = HostRouter()
-    fn = FunctionSettings(port=0)
+    fn = FunctionSettings(port=0, auth_token=auth_token)
     router.add("tokenizer:8100", create_tokenizer_app(bundle, fn))
     stage_apps: dict[str, ASGIApp] = {}
     hosts: dict[str, str] = {}
@@ -138,7 +145,8 @@ def in_process_stack(
             nodes.append({"id": node_id, "address": host, "model_part": k})
     cfg = {"model_name": "gpt2", "tokenizer": {"address": "tokenizer:8100"}, "nodes": nodes}
     cfg |= {"health_interval": 0.05, "stage_wait": 1, "backoff": 0.001, **(config or {})}
-    gateway_app = create_gateway_app(parse_config(cfg, env={}), fn, router)
+    gw_settings = FunctionSettings(port=0, auth_token=auth_token, api_keys=api_keys)
+    gateway_app = create_gateway_app(parse_config(cfg, env={}), gw_settings, router)
     router.add("gateway:8000", gateway_app)
     stack = InProcessStack(router, gateway_app, stage_apps, loop, hosts)
 
