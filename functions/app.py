@@ -14,7 +14,7 @@ from typing import Any
 from litestar import Litestar, Request, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
@@ -109,10 +109,19 @@ def create_function_app(
     else:
         auth = Authenticator.of([settings.auth_token or ""], "the service token (TANDEM_AUTH_TOKEN)")
 
-    def authenticate(request: Request[Any, Any, Any]) -> None:
+    def before(request: Request[Any, Any, Any]) -> None:
+        """Authentication first, then: a route that reads a JSON body takes only JSON (no header
+        at all is read as JSON too, for hand-written clients)."""
         why = auth.refusal(request.url.path, request.headers.get("authorization")) if auth else None
         if why is not None:
             raise NotAuthorizedException(detail=why, headers=CHALLENGE)
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media and "data" in request.route_handler.parsed_fn_signature.parameters and not is_json(media):
+            raise HTTPException(
+                status_code=415,
+                detail=f"{request.method} {request.url.path} takes a JSON body "
+                f"(Content-Type: application/json), not {media}",
+            )
 
     tracing = configure_tracing(service_name)
     ProcessCollector(registry=registry)
@@ -179,7 +188,7 @@ def create_function_app(
             render_plugins=[SwaggerRenderPlugin()],
         ),
         exception_handlers={Exception: exception_handler},
-        before_request=authenticate if auth else None,
+        before_request=before,
         request_max_body_size=settings.max_body_bytes,
         cors_config=cors,
         state=State(state or {}),
@@ -199,6 +208,10 @@ def create_function_app(
         max_body_bytes=settings.max_body_bytes,
         auth=auth,
     )
+
+
+def is_json(media: str) -> bool:
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def litestar_app(entry: ASGIApp) -> Litestar:

@@ -87,7 +87,8 @@ _TITLES = {
     405: "Method Not Allowed",
     409: "Conflict",
 }
-_TITLES |= {413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+_TITLES |= {413: "Payload Too Large", 415: "Unsupported Media Type", 500: "Internal Server Error"}
+_TITLES |= {503: "Service Unavailable"}
 
 
 def problem_body(
@@ -133,6 +134,19 @@ def known_problem(exc: Exception, path: str) -> tuple[int, bytes] | None:
         return exc.status_code, body
     if isinstance(exc, ProtocolError | ContractError):
         return 400, problem_body(400, str(exc), instance=path)
+    undecodable = body_problem(exc)
+    if undecodable is not None:
+        return 400, problem_body(400, undecodable, instance=path)
+    return None
+
+
+def body_problem(exc: BaseException) -> str | None:
+    """What is wrong with a request body that failed to decode in a way no validator reports
+    (msgspec and the JSON readers raise these while parsing): None for any other exception."""
+    if isinstance(exc, RecursionError):
+        return "the JSON body is nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 (byte {exc.start})"
     return None
 
 

@@ -195,8 +195,9 @@ def _shape(shape: list[Any], where: str) -> list[int]:
     for dim in shape:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
             raise ProtocolError(f"{where} has shape {shape}; dimensions must be integers >= 0")
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise ProtocolError(f"{where} has shape {shape}: more than {MAX_ELEMENTS} elements")
+    # each dimension too: [2**63 - 1, 0] has no elements but no array can have that shape
+    if math.prod(shape) > MAX_ELEMENTS or any(dim > MAX_ELEMENTS for dim in shape):
+        raise ProtocolError(f"{where} has shape {shape}: more than {MAX_ELEMENTS} elements or per dimension")
     return shape
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from litestar.exceptions import HTTPException
 
-from functions.errors import validation_detail
+from functions.errors import body_problem, validation_detail
 
 logger = logging.getLogger("tandem.gateway")
 
@@ -129,6 +129,9 @@ def as_gateway_error(exc: BaseException, method: str, path: str) -> GatewayError
     """Any exception raised while answering `method path`, as the gateway error to answer with."""
     if isinstance(exc, GatewayError):
         return exc
+    undecodable = body_problem(exc)
+    if undecodable is not None:
+        return InvalidRequestError(undecodable)
     if isinstance(exc, HTTPException):
         status = exc.status_code
         headers = dict(exc.headers or {})
