@@ -43,7 +43,7 @@ class GatewayConfig:
     call_timeout: float = 60.0  # one stage call, prefill included
     retries: int = 3  # transport-level retries per stage call, with backoff
     backoff: float = 0.05  # seconds, doubled per retry
-    stage_wait: float = 30.0  # how long a sequence waits for a stage with no ready replica
+    stage_wait: float = 10.0  # how long a batch waits for a stage with no ready replica (one wait for all)
     health_interval: float = 1.0
     default_max_tokens: int = 16
     strict_fields: bool = False  # refuse unknown request fields (default: ignore them, named in a header)

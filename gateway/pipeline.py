@@ -71,10 +71,12 @@ class Pipeline:
         start = {s.id: s.held[k] for s in rows}  # past length to send; lowered by 409s
         pending = list(rows)
         out = StageOutcome()
+        # one wait for the whole batch when the stage has no replica up: every row fails together
+        deadline = asyncio.get_running_loop().time() + self.cfg.stage_wait
         for _attempt in range(MAX_REPLAYS + 1):
             groups: dict[str, tuple[Replica, list[Sequence]]] = {}
             for s in pending:
-                rep = await self._replica_for(k, s, out)
+                rep = await self._replica_for(k, s, out, deadline)
                 if rep is not None:
                     groups.setdefault(rep.node.id, (rep, []))[1].append(s)
             calls = [self._call(k, rep, grp, x, start) for rep, grp in groups.values()]
@@ -104,13 +106,13 @@ class Pipeline:
         out.failed += [(s, err) for s in pending]
         return out
 
-    async def _replica_for(self, k: int, s: Sequence, out: StageOutcome) -> Replica | None:
+    async def _replica_for(self, k: int, s: Sequence, out: StageOutcome, deadline: float) -> Replica | None:
         """The replica the sequence sticks to, or a new one when that is down (None: failed)."""
         pool = self.replicas.pools[k]
         rep = s.replica[k]
         if rep is not None and rep.up:
             return rep
-        new_rep = await self.replicas.wait_for(pool, s.id, self.cfg.stage_wait)
+        new_rep = await self.replicas.wait_for(pool, s.id, deadline)
         if new_rep is None:
             why = self.replicas.readiness()[1]
             msg = f"{pool.name} has no ready replica (waited {self.cfg.stage_wait:.0f} s): {why}"
@@ -177,9 +179,21 @@ class Pipeline:
             span.set_attribute("tandem.replica", rep.node.id)
         if spans:
             inject(headers, context=trace.set_span_in_context(spans[0]))
+        task = asyncio.current_task()
+        assert task is not None  # run() gathers the calls: each is a task of its own
+        rep.calls.add(task)
         try:
             out = await self.clients.infer(rep.node, pool.name, inputs, outputs, headers)
+        except asyncio.CancelledError:
+            if task not in rep.abandoned:
+                raise  # cancelled from outside (shutdown): not this replica's doing
+            task.uncancel()
+            raise StageUnavailableError(
+                f"{pool.name} replica {rep.node.id!r} went down during the call"
+            ) from None
         finally:
+            rep.calls.discard(task)
+            rep.abandoned.discard(task)
             for span in spans:
                 span.end()
         dt = time.perf_counter() - t0

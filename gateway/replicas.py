@@ -22,6 +22,16 @@ class Replica:
     node: Node
     up: bool = False
     reason: str = "not checked yet"
+    # the stage calls waiting on this replica: cancelled when it is marked down (a frozen replica
+    # accepts connections and never answers; its calls must not wait out the call timeout)
+    calls: set[asyncio.Task[object]] = field(default_factory=set)
+    abandoned: set[asyncio.Task[object]] = field(default_factory=set)
+
+    def abandon_calls(self) -> None:
+        for task in self.calls:
+            if not task.done():
+                self.abandoned.add(task)
+                task.cancel(f"{self.node.id} is down")
 
 
 @dataclass
@@ -50,6 +60,8 @@ class StagePool:
             )
             self.changed.set()
         replica.up, replica.reason = up, reason
+        if not up:
+            replica.abandon_calls()
 
 
 class Replicas:
@@ -89,9 +101,8 @@ class Replicas:
             missing.append(f"tokenizer is not ready ({self.tokenizer_reason})")
         return (not missing, "; ".join(missing) or "ready")
 
-    async def wait_for(self, pool: StagePool, seq_id: int, timeout: float) -> Replica | None:
-        """A replica for this sequence, waiting up to `timeout` for one to come back."""
-        deadline = asyncio.get_running_loop().time() + timeout
+    async def wait_for(self, pool: StagePool, seq_id: int, deadline: float) -> Replica | None:
+        """A replica for this sequence, waiting until `deadline` (loop time) for one to come back."""
         while True:
             r = pool.choose(seq_id)
             if r is not None:

@@ -150,6 +150,9 @@ class Gateway:
         """The one admission path: encode the texts (or take token ids), check every prompt against
         the model, then queue all of them or none (429). `param` names the field in errors."""
         sched = self.require_scheduler()
+        ready, why = self.replicas.readiness()
+        if not ready:  # new work would only wait for a stage that is not there
+            raise StageUnavailableError(f"not accepting requests now: {why}", headers={"Retry-After": "5"})
         if texts is not None:
             if any(t == "" for t in texts):
                 raise InvalidRequestError(f"{param} must not be empty", param=param)

@@ -1,6 +1,7 @@
 """Failure handling with real processes on 127.0.0.1: a stage replica killed mid-generation
 (failover to another replica, or a restart of the only one, both with replay), a stage down for
-longer than `stage_wait`, admission control (429), and readiness with a stage that never came up.
+longer than `stage_wait`, admission control (429), readiness with a stage that never came up, a
+frozen (SIGSTOPped) replica, and a stage with no replica left.
 
 One set of functions (tokenizer, stage-1, two stage-2 replicas, stage-3) serves every test; the
 tests that need other gateway settings start their own gateway over (some of) those functions.
@@ -10,6 +11,7 @@ tests that need other gateway settings start their own gateway over (some of) th
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -186,7 +188,7 @@ def test_killed_replica_comes_back(stack: Stack, failover: Failover, expected: l
 # ---- 2. the only replica of a stage dies ----
 @pytest.fixture(scope="module")
 def single_gw(stack: Stack) -> str:
-    """A gateway that knows one replica per stage (stage-2-r1 only), default stage_wait (30 s)."""
+    """A gateway that knows one replica per stage (stage-2-r1 only), default stage_wait (10 s)."""
     return stack.start_gateway("gateway-single", single_replica_config(stack))
 
 
@@ -322,3 +324,81 @@ def test_not_ready_while_a_stage_is_missing(stack: Stack) -> None:
     assert p.status_code == 503 and p.headers["content-type"].startswith("application/json"), p.text
     assert metric(gw, "tandem_stage_up", 'stage="stage-3"') == 0
     assert httpx.get(f"{gw}/healthz", timeout=5).status_code == 200
+
+
+# ---- 5. a frozen replica, and a stage with no replica left ----
+def test_frozen_replica_does_not_stall_the_streams(stack: Stack, expected: list[int]) -> None:
+    """8 greedy streams; the stage-2 replica holding some of them is SIGSTOPped (it keeps its
+    sockets, answers nothing). Its calls are abandoned when the health check marks it down, the rows
+    move to the other replica and replay: every stream ends as a fault-free one does, none waits
+    more than a few seconds."""
+    gw = stack.gateway_url
+    n = 120
+    frozen: list[str] = []
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            body = {"text": PROMPT, "max_tokens": n, "ignore_eos": True}
+            started = time.monotonic()
+            tasks = [asyncio.create_task(c.post(f"{gw}/api/model/process", json=body)) for _ in range(8)]
+            while not frozen and time.monotonic() - started < 30:
+                for node_id in ("stage-2-r1", "stage-2-r2"):
+                    url, _ = node(stack, node_id)
+                    held = (await c.get(f"{url}/v2/models/stage-2/sequences")).json()["sequences"]
+                    if any(length >= 20 for length in held.values()):
+                        stack.procs[node_id].process.send_signal(signal.SIGSTOP)
+                        frozen.append(node_id)
+                        break
+                await asyncio.sleep(0.005)
+            return await asyncio.gather(*tasks)
+
+    t0 = time.monotonic()
+    try:
+        responses = asyncio.run(main())
+        took = time.monotonic() - t0
+    finally:
+        for node_id in frozen:
+            stack.procs[node_id].process.send_signal(signal.SIGCONT)
+    assert frozen, "no stage-2 replica held a sequence long enough to freeze it"
+    for r in responses:
+        assert r.status_code == 200, r.text
+        assert r.json()["token_ids"] == expected[:n]
+    assert took < 20, f"8 x {n} tokens took {took:.1f} s with a frozen replica (call timeout 60 s)"
+    eventually(lambda: up(gw, frozen[0]) == 1, 10, f"{frozen[0]} back after SIGCONT")
+
+
+def test_no_replica_left_fails_everything_at_once(stack: Stack) -> None:
+    """Both stage-2 replicas killed under 4 running requests: all of them fail together with a 503
+    within stage_wait (2 s here) + a health interval, new requests are refused at once, and the
+    restarted stage brings the service back."""
+    gw = stack.start_gateway("gateway-none-left", stack.config(), env={"TANDEM_STAGE_WAIT": "2"})
+    body = {"text": PROMPT, "max_tokens": N, "ignore_eos": True}
+
+    async def main() -> tuple[list[httpx.Response], float]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            tasks = [asyncio.create_task(c.post(f"{gw}/api/model/process", json=body)) for _ in range(4)]
+            await kill_once_running(c, stack, ["stage-2-r1", "stage-2-r2"], tasks[0])
+            for node_id in ("stage-2-r1", "stage-2-r2"):
+                if stack.procs[node_id].process.poll() is None:
+                    kill(stack, node_id)
+            killed_at = time.monotonic()
+            responses = await asyncio.gather(*tasks)
+            return responses, time.monotonic() - killed_at
+
+    try:
+        responses, took = asyncio.run(main())
+        assert [r.status_code for r in responses] == [503] * 4, [r.text[:200] for r in responses]
+        assert all("stage-2" in r.json()["detail"] for r in responses)
+        assert took < 8, f"the running requests took {took:.1f} s to fail"
+        t0 = time.monotonic()
+        refused = httpx.post(f"{gw}/v1/completions", json={"prompt": PROMPT, "max_tokens": 5}, timeout=30)
+        assert refused.status_code == 503 and time.monotonic() - t0 < 1, refused.text
+        assert "not accepting" in refused.json()["error"]["message"] and refused.headers["retry-after"]
+    finally:
+        restart(stack, "stage-2-r1")
+        restart(stack, "stage-2-r2")
+    eventually(
+        lambda: httpx.get(f"{gw}/readyz", timeout=5).status_code == 200, 10, "ready after the restarts"
+    )
+    r = httpx.post(f"{gw}/api/model/process", json={**body, "max_tokens": 10}, timeout=30)
+    assert r.status_code == 200, r.text
