@@ -143,7 +143,9 @@ def create_tokenizer_app(
                 f"text has {total} characters; this tokenizer accepts at most {max_text_chars}"
             )
 
-    @post("/v1/encode", status_code=200, sync_to_thread=False, tags=["tokenizer"])
+    # In a worker thread: a few megabyte-sized prompts would otherwise hold the event loop (and every
+    # other request, health checks included) for seconds; the Rust tokenizer releases the GIL.
+    @post("/v1/encode", status_code=200, sync_to_thread=True, tags=["tokenizer"])
     def encode(data: JSONBody[EncodeRequest]) -> EncodeResponse:
         """Text (or a batch of texts) to token ids."""
         batch = isinstance(data.text, list)

@@ -141,8 +141,9 @@ class Clients:
         raise AssertionError("unreachable")
 
     async def _request(self, node_desc: str, method: str, url: str, **kw: Any) -> httpx.Response:
+        # messages name the path only: internal addresses stay out of what clients see
         return await self._retrying(
-            node_desc, f"{method} {url}", lambda: self.http.request(method, url, **kw)
+            node_desc, f"{method} {urlsplit(url).path}", lambda: self.http.request(method, url, **kw)
         )
 
     async def infer(
@@ -163,7 +164,7 @@ class Clients:
         }
         desc = f"{stage} replica {node.id!r}"
         status, rh, content = await self._retrying(
-            desc, f"POST {url}", lambda: self.poster.post(url, body, h)
+            desc, f"POST /v2/models/{stage}/infer", lambda: self.poster.post(url, body, h)
         )
         if status == 200:
             raw = rh.get(protocol.HEADER.lower())  # wire's headers are lower-cased; httpx's match any case

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from functions import contract
 from functions.tokenizer_core import TokenizerCore
 from gateway.clients import Clients, StagePoster
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, Node
 from gateway.errors import ClientClosedError, GatewayError, InvalidRequestError, StageUnavailableError
 from gateway.metrics import GatewayMetrics, StageUpCollector
 from gateway.pipeline import Pipeline, StageLayout
@@ -90,7 +90,7 @@ class Gateway:
                 tok = TokenizerCore(Tokenizer.from_str(raw.decode()), eos_token_id=eos, raw_json=raw)
                 metas = []
                 for pool in self.replicas.pools:
-                    metas.append(await self._stage_metadata(pool.name, [r.node.url for r in pool.replicas]))
+                    metas.append(await self._stage_metadata(pool.name, [r.node for r in pool.replicas]))
                 break
             except Exception as e:  # keep trying: functions may start after the gateway
                 self.status = f"waiting for the functions: {e}"
@@ -115,17 +115,17 @@ class Gateway:
         self.status = "ready"
         logger.info("gateway ready: %d stages, model %s", len(metas), self.layout.model_id)
 
-    async def _stage_metadata(self, name: str, urls: list[str]) -> dict[str, Any]:
+    async def _stage_metadata(self, name: str, nodes: list[Node]) -> dict[str, Any]:
         last_error = "no replica configured"
-        for url in urls:
+        for node in nodes:  # errors name the replica by id: addresses stay out of /readyz
             try:
-                r = await self.clients.http.get(f"{url}/v2/models/{name}", timeout=2.0)
+                r = await self.clients.http.get(f"{node.url}/v2/models/{name}", timeout=2.0)
                 meta: dict[str, Any] = r.json()
                 if r.status_code == 200 and meta.get("inputs"):
                     return meta
-                last_error = f"{url}: {r.status_code} {meta.get('detail', 'not loaded yet')}"
+                last_error = f"{node.id}: {r.status_code} {meta.get('detail', 'not loaded yet')}"
             except (httpx.HTTPError, ValueError) as e:
-                last_error = f"{url}: {type(e).__name__}"
+                last_error = f"{node.id}: {type(e).__name__}"
         raise StageUnavailableError(f"{name} metadata unavailable ({last_error})")
 
     def readiness(self) -> tuple[bool, str]:

@@ -183,3 +183,29 @@ def test_zz_sigterm_exits_zero(server: tuple[str, ProcessHandle]) -> None:
     _, handle = server
     code = stop_process(handle, timeout=5)
     assert code == 0, f"exit code {code}; output tail:\n{handle.stderr_tail()}"
+
+
+def test_large_prompts_do_not_hold_the_event_loop(server: tuple[str, ProcessHandle]) -> None:
+    """Four ~1 MB prompts encode in worker threads: a health check sent meanwhile answers at once."""
+    import asyncio
+    import time
+
+    base = server[0]
+    text = "lorem ipsum dolor sit amet, " * 35_000  # ~1 MB
+
+    async def main() -> tuple[float, float]:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as c:
+            t0 = time.monotonic()
+            encodes = [asyncio.create_task(c.post("/v1/encode", json={"text": text})) for _ in range(4)]
+            worst = 0.0
+            for _ in range(3):  # while the encodes run (together about 2 s per prompt here)
+                await asyncio.sleep(0.4)
+                h0 = time.monotonic()
+                assert (await c.get("/v2/health/live")).status_code == 200
+                worst = max(worst, time.monotonic() - h0)
+            assert all(r.status_code == 200 for r in await asyncio.gather(*encodes))
+            return worst, time.monotonic() - t0
+
+    health, encoding = asyncio.run(main())
+    assert encoding > 2.0, f"the prompts encoded in {encoding:.2f} s: too fast to show anything"
+    assert health < 0.5, f"a health check waited {health:.2f} s behind the encodes ({encoding:.2f} s)"
