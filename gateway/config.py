@@ -43,6 +43,7 @@ class GatewayConfig:
     call_timeout: float = 60.0  # one stage call, prefill included
     retries: int = 3  # transport-level retries per stage call, with backoff
     backoff: float = 0.05  # seconds, doubled per retry
+    request_timeout: float = 600.0  # a request running longer fails with 504 (its stages are freed)
     stage_wait: float = 10.0  # how long a batch waits for a stage with no ready replica (one wait for all)
     health_interval: float = 1.0
     default_max_tokens: int = 16
@@ -71,6 +72,7 @@ _POSITIVE = {
     "connect_timeout",
     "call_timeout",
     "health_interval",
+    "request_timeout",
 }  # zero would make no sense; the rest may be zero
 
 

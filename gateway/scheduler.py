@@ -19,7 +19,7 @@ import numpy as np
 from functions.tokenizer_core import IncrementalDecoder, TokenizerCore
 from gateway.clients import Clients
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, OverloadedError
+from gateway.errors import GatewayError, OverloadedError, StageTimeoutError
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from gateway.replicas import Replicas
@@ -123,6 +123,7 @@ class Scheduler:
         self.steps += 1
 
     def _drop_cancelled(self) -> None:
+        """Drop what was cancelled, and fail (504) what ran past the request deadline."""
         for s in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(s)
             s.finish(None)
@@ -130,6 +131,13 @@ class Scheduler:
         for s in [s for s in self.running if s.cancelled]:
             self.metrics.cancelled.inc()
             self._finish(s, None)
+        limit = self.cfg.request_timeout
+        late = time.perf_counter() - limit
+        for s in [s for s in self.waiting if s.t_arrival < late]:
+            self.waiting.remove(s)
+            s.fail(StageTimeoutError(f"the request ran longer than request_timeout ({limit:g} s)"))
+        for s in [s for s in self.running if s.t_arrival < late]:
+            self._fail(s, StageTimeoutError(f"the request ran longer than request_timeout ({limit:g} s)"))
         self.running = [s for s in self.running if not s.finished]
 
     async def _step(self, rows: list[Sequence], phase: str) -> None:

@@ -6,6 +6,7 @@ boundaries, cancellation freeing every stage, atomic admission, and request coun
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -301,3 +302,34 @@ def test_refused_requests_are_counted_with_their_status(
     else:
         assert media.startswith("application/json") and body["status"] == status and body["detail"]
     assert sample(stack, "tandem_requests_total", route=route, status=str(status)) == before + 1
+
+
+def test_request_deadline_is_a_504_and_frees_the_stages(stack: InProcessStack) -> None:
+    gw = stack.gateway
+    sched = gw.require_scheduler()
+    cfg = sched.cfg
+    sched.cfg = dataclasses.replace(cfg, request_timeout=0.2)
+
+    async def go() -> tuple[Any, Any, int]:
+        async with stack.client() as c:
+            body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+            slow = greedy(40)
+            (seq,) = sched.submit_all([PROMPT], slow)
+
+            def stall(n: int) -> None:
+                if n == 2:
+                    time.sleep(0.3)  # the loop is held past the deadline mid-generation
+
+            events = await run_to_end(gw, seq, stall)
+            sched.cfg = dataclasses.replace(cfg, request_timeout=1e-6)
+            return events, await c.post("/v1/completions", json=body), seq.id
+
+    try:
+        events, r, seq_id = stack.run(go())
+    finally:
+        sched.cfg = cfg
+    assert events[-1].kind == "error" and events[-1].error is not None
+    assert events[-1].error.status_code == 504 and "request_timeout (0.2 s)" in events[-1].error.message
+    assert 0 < len(tokens_of(events)) < 40
+    assert r.status_code == 504 and "request_timeout" in r.json()["error"]["message"], r.text
+    wait_freed(stack, seq_id)
