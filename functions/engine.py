@@ -18,7 +18,7 @@ import numpy as np
 from export.manifest import Manifest, StageEntry
 from functions import contract as c
 from functions.contract import StageBatch, StageIO
-from functions.errors import ConflictError
+from functions.errors import ConflictError, PayloadTooLargeError
 from functions.kvcache import Entry, Group, KVCache
 from functions.sampling import sample
 
@@ -29,6 +29,10 @@ class StageResult:
     phase: str  # "prefill" (some row brings more than one position) or "decode"
     batch_size: int
     seconds: float  # time in the ONNX session
+
+
+DEFAULT_MAX_BATCH_TOKENS = 4096  # rows x new positions per call: a full 1,024-token prompt x 4
+SHRINK_ABOVE = 8192  # rows x (past + new) positions: calls this large give their arena memory back
 
 
 def session_options(threads: int | None) -> Any:
@@ -55,6 +59,7 @@ class StageEngine:
         threads: int | None = None,
         cache_bytes: int = 2 << 30,
         idle_seconds: float = 600.0,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     ):
         import onnxruntime as ort
 
@@ -81,6 +86,10 @@ class StageEngine:
         self.providers = self.session.get_providers()
         self.cache = KVCache(cache_bytes, idle_seconds)
         self.lock = threading.Lock()  # one batch at a time: the 409 check and the update are atomic
+        self.max_batch_tokens = max_batch_tokens
+        # after a large call, ONNX Runtime hands the arena memory it grew for it back
+        self.shrink = ort.RunOptions()
+        self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     # ---- wire description (the stage's Open Inference Protocol model metadata) ----
     def wire_inputs(self) -> list[dict[str, Any]]:
@@ -93,6 +102,11 @@ class StageEngine:
     def infer(self, inputs: dict[str, np.ndarray], want: set[str] | None = None) -> StageResult:
         """Check and run one batch; `want` names the outputs asked for (None: the defaults)."""
         batch = StageBatch.from_tensors(inputs, self.io)
+        if batch.size * batch.width > self.max_batch_tokens:  # before any allocation for it
+            raise PayloadTooLargeError(
+                f"{batch.size} rows x {batch.width} positions = {batch.size * batch.width} per call; this "
+                f"stage takes at most {self.max_batch_tokens} (TANDEM_MAX_BATCH_TOKENS): split the batch"
+            )
         with self.lock:
             return self._infer_locked(batch, want)
 
@@ -132,7 +146,7 @@ class StageEngine:
             pos[b, S - n_new[b] :] = np.arange(past[b], past[b] + n_new[b])
         feeds.update({self.x_name: x, c.ATTENTION_MASK: full_mask, c.POSITION_IDS: pos})
         t0 = time.perf_counter()
-        outs = self.session.run(None, feeds)
+        outs = self.session.run(None, feeds, self.shrink if B * (P + S) > SHRINK_ABOVE else None)
         seconds = time.perf_counter() - t0
         self._store(batch, P, outs[1:])
         result = {}

@@ -102,6 +102,7 @@ def create_stage_app(
                 "n_positions": manifest.n_positions,
                 "vocab_size": manifest.vocab_size,
                 "providers": e.providers if e else [],
+                "max_batch_tokens": settings.max_batch_tokens,  # rows x new positions per call
             },
         }
 

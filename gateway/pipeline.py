@@ -37,6 +37,7 @@ class StageLayout:
     n_positions: int
     vocab_size: int
     model_id: str
+    max_batch_tokens: int = 1 << 62  # rows x new positions a stage takes per call (the smallest)
 
 
 @dataclass
@@ -79,10 +80,11 @@ class Pipeline:
                 rep = await self._replica_for(k, s, out, deadline)
                 if rep is not None:
                     groups.setdefault(rep.node.id, (rep, []))[1].append(s)
-            calls = [self._call(k, rep, grp, x, start) for rep, grp in groups.values()]
+            batches = [(rep, part) for rep, grp in groups.values() for part in self._split(k, grp, x, start)]
+            calls = [self._call(k, rep, part, x, start) for rep, part in batches]
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             pending = []
-            for (rep, grp), outcome in zip(groups.values(), outcomes, strict=True):
+            for (rep, grp), outcome in zip(batches, outcomes, strict=True):
                 if isinstance(outcome, StageConflict):
                     for s in grp:
                         h = outcome.held.get(s.id)
@@ -123,6 +125,28 @@ class Pipeline:
             s.left.append((k, rep))
         s.replica[k] = new_rep
         return new_rep
+
+    def _split(
+        self, k: int, grp: list[Sequence], x: dict[int, np.ndarray], start: dict[int, int]
+    ) -> list[list[Sequence]]:
+        """The rows for one replica as calls within the stages' rows x positions bound: as they are
+        when they fit (decode steps keep their order, which lets a stage reuse its last batch), else
+        longest first, each call as full as the bound allows."""
+        limit = self.layout.max_batch_tokens
+        length = {s.id: self._row_length(k, s, x, start[s.id]) for s in grp}
+        if len(grp) * max(length.values()) <= limit:
+            return [grp]
+        parts: list[list[Sequence]] = [[]]
+        for s in sorted(grp, key=lambda s: -length[s.id]):
+            if parts[-1] and (len(parts[-1]) + 1) * length[parts[-1][0].id] > limit:
+                parts.append([])
+            parts[-1].append(s)
+        return parts
+
+    def _row_length(self, k: int, s: Sequence, x: dict[int, np.ndarray], start: int) -> int:
+        if k == 0:
+            return len(s.tokens) - start
+        return s.held[k] - start + len(x[s.id])
 
     def _row_input(self, k: int, s: Sequence, x: dict[int, np.ndarray], start: int) -> np.ndarray:
         if k == 0:

@@ -23,7 +23,13 @@ from functions import contract
 from functions.tokenizer_core import TokenizerCore
 from gateway.clients import Clients, StagePoster
 from gateway.config import GatewayConfig, Node
-from gateway.errors import ClientClosedError, GatewayError, InvalidRequestError, StageUnavailableError
+from gateway.errors import (
+    ClientClosedError,
+    GatewayError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    StageUnavailableError,
+)
 from gateway.metrics import GatewayMetrics, StageUpCollector
 from gateway.pipeline import Pipeline, StageLayout
 from gateway.replicas import Replicas
@@ -103,6 +109,7 @@ class Gateway:
             n_positions=int(p0["n_positions"]),
             vocab_size=int(p0["vocab_size"]),
             model_id=str(p0["model_id"]),
+            max_batch_tokens=min(int(m["parameters"].get("max_batch_tokens", 1 << 62)) for m in metas),
         )
         if self.layout.output_names[-1] != contract.TOKEN_IDS:
             raise RuntimeError(
@@ -188,6 +195,12 @@ class Gateway:
         if bad:
             raise InvalidRequestError(
                 f"token id {bad[0]} is outside the vocabulary [0, {layout.vocab_size})", param=param
+            )
+        if len(ids) > layout.max_batch_tokens:
+            raise PayloadTooLargeError(
+                f"the prompt has {len(ids)} tokens; the stages take at most {layout.max_batch_tokens} "
+                "positions per call (TANDEM_MAX_BATCH_TOKENS)",
+                param=param,
             )
         if len(ids) + params.max_tokens > layout.n_positions:
             raise InvalidRequestError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -121,6 +122,7 @@ def in_process_stack(
     config: dict[str, Any] | None = None,
     auth_token: str | None = None,
     api_keys: tuple[str, ...] = (),
+    max_batch_tokens: int | None = None,
 ) -> Iterator[InProcessStack]:
     """Tokenizer, stage replicas and gateway apps on a background event loop, ready to serve.
     With `auth_token` the functions require it (and the gateway sends it); with `api_keys` the
@@ -139,6 +141,8 @@ def in_process_stack(
             node_id = f"{contract.stage_name(k + 1)}-r{r + 1}"
             host = f"{node_id}:{8101 + k}"
             settings = StageSettings(bundle=bundle, stage=contract.stage_name(k + 1), threads=1)
+            if max_batch_tokens is not None:
+                settings = dataclasses.replace(settings, max_batch_tokens=max_batch_tokens)
             stage_apps[node_id] = create_stage_app(settings, fn)
             router.add(host, stage_apps[node_id])
             hosts[node_id] = host
