@@ -10,16 +10,18 @@ describe("settings", () => {
     expect(defaultGatewayUrl(LOC, false)).toBe("http://10.1.2.3:8000");
     expect(defaultGatewayUrl({ protocol: "http:", hostname: "::1" }, false)).toBe("http://[::1]:8000");
     expect(defaultGatewayUrl(LOC, true)).toBe("");
-    expect(loadSettings(LOC, store(null), {})).toEqual({
+    expect(loadSettings(LOC, store(null), {}, undefined)).toEqual({
       gatewayUrl: "http://10.1.2.3:8000",
       jaegerUrl: "http://localhost:16686",
     });
   });
 
-  it("takes the query over saved settings over the build's variables", () => {
+  it("takes the query over saved settings over the served meta tag over the build's variables", () => {
     const env = { VITE_GATEWAY_URL: "http://built:1", VITE_JAEGER_URL: "http://j-built" };
-    expect(loadSettings(LOC, store(null), env)).toEqual({ gatewayUrl: "http://built:1", jaegerUrl: "http://j-built" });
+    expect(loadSettings(LOC, store(null), env, undefined)).toEqual({ gatewayUrl: "http://built:1", jaegerUrl: "http://j-built" });
+    expect(loadSettings(LOC, store(null), env, "http://served:4").gatewayUrl).toBe("http://served:4");
     const saved = store({ gatewayUrl: "http://saved:2" });
+    expect(loadSettings(LOC, saved, env, "http://served:4").gatewayUrl).toBe("http://saved:2");
     expect(loadSettings(LOC, saved, env).gatewayUrl).toBe("http://saved:2");
     const q = { ...LOC, search: "?gateway=http://q:3&jaeger=http://jq" };
     expect(loadSettings(q, saved, env)).toEqual({ gatewayUrl: "http://q:3", jaegerUrl: "http://jq" });

@@ -1,6 +1,7 @@
 // Where the UI finds the gateway and Jaeger. The page is served on :5173, the gateway on :8000, so
 // the gateway is another origin (it allows this one through CORS, TANDEM_CORS_ORIGINS). Order:
-// the URL's ?gateway= / ?jaeger=, then what was saved in Settings, then the build's
+// the URL's ?gateway= / ?jaeger=, then what was saved in Settings, then the page's
+// <meta name="tandem-gateway-url"> (filled in by the local stack's server), then the build's
 // VITE_GATEWAY_URL / VITE_JAEGER_URL, then the defaults: under `npm run dev` the page's own origin
 // (Vite proxies /v1 and /api), else this page's host on port 8000; Jaeger on localhost:16686.
 
@@ -17,10 +18,16 @@ export function defaultGatewayUrl(loc: Pick<Location, "protocol" | "hostname">, 
   return `${loc.protocol}//${host}:8000`;
 }
 
+export function servedGatewayUrl(doc: Pick<Document, "querySelector"> = document): string | undefined {
+  const content = doc.querySelector('meta[name="tandem-gateway-url"]')?.getAttribute("content");
+  return content ? content : undefined;
+}
+
 export function loadSettings(
   loc: Pick<Location, "protocol" | "hostname" | "search"> = window.location,
   storage: Pick<Storage, "getItem"> = window.localStorage,
   env: Record<string, string | boolean | undefined> = import.meta.env,
+  served: string | undefined = servedGatewayUrl(),
 ): Settings {
   const query = new URLSearchParams(loc.search);
   let saved: Partial<Settings> = {};
@@ -34,6 +41,7 @@ export function loadSettings(
     gatewayUrl:
       query.get("gateway") ??
       saved.gatewayUrl ??
+      served ??
       text(env.VITE_GATEWAY_URL) ??
       defaultGatewayUrl(loc, Boolean(env.DEV)),
     jaegerUrl: query.get("jaeger") ?? saved.jaegerUrl ?? text(env.VITE_JAEGER_URL) ?? "http://localhost:16686",
