@@ -145,7 +145,12 @@ async function narrow(browser) {
   return out;
 }
 
-const browser = await chromium.launch({ executablePath: cfg.chromium, args: ["--no-sandbox"] });
+// no sandbox as root; the rest keeps Chromium off the network (this machine's is closed)
+const FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"];
+const browser = await chromium.launch({
+  executablePath: cfg.chromium,
+  args: [...FLAGS, "--disable-component-update", "--disable-sync"],
+});
 const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
 try {
   await page.goto(cfg.ui);
