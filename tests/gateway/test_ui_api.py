@@ -1,6 +1,6 @@
-"""GET /api/nodes (the UI's node health panel) and CORS for the UI's origin, against a real stack:
-replicas up and down with the reason, KV cache use while a stream runs and after it ends, the
-OpenAPI schema, and which origins the browser may call from."""
+"""What the web UI needs from the gateway, against a real stack: GET /api/nodes (replicas up and
+down with the reason, KV cache use while a stream runs and after it ends, the OpenAPI schema), the
+time per stage on a stream's usage chunk, and CORS: which origins the browser may call from."""
 
 from __future__ import annotations
 
@@ -72,6 +72,18 @@ def test_kv_use_shows_a_running_stream_and_its_release(stack: Stack) -> None:
     while any(kv_sequences(nodes(stack)).values()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(kv_sequences(nodes(stack)).values())
+
+
+def test_stream_usage_chunk_carries_time_per_stage(stack: Stack) -> None:
+    body = {"prompt": "Hello", "max_tokens": 6, "ignore_eos": True, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", f"{stack.gateway_url}/v1/completions", json=body, timeout=30) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6
+    stage_ms = last["metrics"]["stage_ms"]
+    assert list(stage_ms) == list(stack.stage_urls) and all(ms > 0 for ms in stage_ms.values())
+    assert all("metrics" not in c for c in chunks[:-1])
 
 
 def test_openapi_documents_the_route(stack: Stack) -> None:
