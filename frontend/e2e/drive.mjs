@@ -84,6 +84,19 @@ async function generate(page) {
   };
 }
 
+/** Each stage's KV line in the node health panel, once it shows the cache empty (or 5 s on). */
+async function panelKV(page) {
+  const shown = [];
+  for (const name of Object.keys(cfg.stages)) {
+    const kv = page.getByTestId(`node-${name}`).locator(".kv");
+    await until(`${name}'s panel to show the cache freed`, async () =>
+      (await kv.innerText()).includes(" 0 sequences"),
+    ).catch(() => {}); // reported as it is; the caller judges
+    shown.push(await kv.innerText());
+  }
+  return shown;
+}
+
 async function stopMidway(page) {
   await fill(page, { "Max tokens": 1000, [IGNORE_EOS]: true });
   await page.getByRole("button", { name: "Process Input" }).click();
@@ -102,6 +115,7 @@ async function stopMidway(page) {
     // reported as it is; the caller judges
   }
   return {
+    kvShown: await panelKV(page),
     heldDuring: during,
     heldAfter: after,
     freedMs: Date.now() - t0,
@@ -158,6 +172,7 @@ try {
   results.unlabelled = await unlabelled(page);
   await fill(page, { "Input text": "Hello the model", "Max tokens": 48, Temperature: 0, [IGNORE_EOS]: true });
   results.generation = await generate(page);
+  results.generation.kvShown = await panelKV(page);
   await page.screenshot({ path: join(cfg.out, "desktop.png"), fullPage: true });
   results.stop = await stopMidway(page);
   results.refused = await refusedParameter(page);

@@ -73,6 +73,9 @@ describe("App", () => {
     await user.type(screen.getByLabelText("Stop sequences"), "END{Enter}STOP");
     await user.click(screen.getByRole("button", { name: "Process Input" }));
     await waitFor(() => expect(screen.getByTestId("status").textContent).toMatch(/Finished \(length\)/));
+    const polls = () => calls.filter((c) => c.url.endsWith("/api/nodes")).length;
+    const atEnd = polls();
+    await waitFor(() => expect(polls()).toBe(atEnd + 1)); // asked again at once, not 2 s later
     expect(screen.getByTestId("output").textContent).toBe(" one two three");
     expect(screen.getByTestId("metric-generated").textContent).toBe("3");
     expect(screen.getByTestId("metric-prompt").textContent).toBe("4");
@@ -135,6 +138,8 @@ describe("App", () => {
     expect(alert.textContent).toBe(
       "The gateway refused the request (400): temperature must be between 0 and 100, got 1000.0 (parameter: temperature)",
     );
+    expect(screen.getByText("Metrics appear once a request runs.")).toBeTruthy();
+    expect(screen.queryByTestId("metric-ttft")).toBeNull();
   });
 
   it("refuses a malformed field before sending anything", async () => {

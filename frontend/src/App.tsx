@@ -19,7 +19,7 @@ function statusLine(phase: Phase, result: StreamResult | null, tokens: number): 
     case "done":
       return `Finished (${result?.finishReason ?? "unknown reason"}) after ${tokens} tokens`;
     case "stopped":
-      return `Stopped after ${tokens} tokens; the gateway freed the sequence in every stage`;
+      return `Stopped after ${tokens} tokens; the gateway frees the sequence's KV cache in every stage`;
     case "failed":
       return "Failed";
     default:
@@ -79,10 +79,13 @@ export function App({ nodesIntervalMs = 2000 }: { nodesIntervalMs?: number }) {
       setError(e instanceof GatewayError ? e.message : `Unexpected error: ${String(e)}`);
       setPhase("failed");
     } finally {
-      setMetrics(computeMetrics(start, times, performance.now(), res?.usage?.prompt_tokens ?? null));
+      // a request refused before any token has no figures worth showing (nor a trace id)
+      const figures = res || times.length ? computeMetrics(start, times, performance.now()) : null;
+      setMetrics(figures && { ...figures, promptTokens: res?.usage?.prompt_tokens ?? null });
       abort.current = null;
+      setTimeout(nodes.refresh, 250); // show the KV cache freed soon, not at the next tick
     }
-  }, [fields, settings.gatewayUrl]);
+  }, [fields, settings.gatewayUrl, nodes.refresh]);
 
   const stop = useCallback(() => abort.current?.abort(), []);
   const save = (s: Settings) => {

@@ -1,6 +1,6 @@
 // The gateway's GET /api/nodes (gateway/nodes.py), polled for the node health panel.
 
-import { useEffect, useState } from "react";
+import { useCallback, useEffect, useState } from "react";
 
 export interface KVUse {
   sequences: number;
@@ -31,6 +31,10 @@ export interface NodesState {
   updatedAt: Date | null;
 }
 
+export interface LiveNodes extends NodesState {
+  refresh: () => void; // ask now (e.g. right after a generation ended) instead of at the next tick
+}
+
 export async function fetchNodes(gatewayUrl: string, fetchImpl: typeof fetch = fetch): Promise<NodesStatus> {
   const url = `${gatewayUrl.replace(/\/+$/, "")}/api/nodes`;
   let response: Response;
@@ -43,10 +47,12 @@ export async function fetchNodes(gatewayUrl: string, fetchImpl: typeof fetch = f
   return (await response.json()) as NodesStatus;
 }
 
-/** The last node status, refreshed every `intervalMs`; the last good one stays on screen (marked
- * stale by `error`) while the gateway does not answer. */
-export function useNodes(gatewayUrl: string, intervalMs = 2000, fetchImpl: typeof fetch = fetch): NodesState {
+/** The last node status, refreshed every `intervalMs` and on `refresh()`; the last good one stays
+ * on screen (marked stale by `error`) while the gateway does not answer. */
+export function useNodes(gatewayUrl: string, intervalMs = 2000, fetchImpl: typeof fetch = fetch): LiveNodes {
   const [state, setState] = useState<NodesState>({ status: null, error: null, updatedAt: null });
+  const [asked, setAsked] = useState(0);
+  const refresh = useCallback(() => setAsked((n) => n + 1), []);
   useEffect(() => {
     let live = true;
     const poll = async () => {
@@ -63,6 +69,6 @@ export function useNodes(gatewayUrl: string, intervalMs = 2000, fetchImpl: typeo
       live = false;
       clearInterval(timer);
     };
-  }, [gatewayUrl, intervalMs, fetchImpl]);
-  return state;
+  }, [gatewayUrl, intervalMs, fetchImpl, asked]);
+  return { ...state, refresh };
 }

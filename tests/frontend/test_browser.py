@@ -145,6 +145,7 @@ def test_tokens_stream_in_and_metrics_fill(seen: dict[str, Any]) -> None:
     for name, shown in g["stageTimes"].items():
         assert re.search(r"\d+(\.\d+)? (ms|s)$", shown), (name, shown)
     assert g["chart"].startswith("Inter-token latency over 47 gaps")
+    assert all(t.startswith("KV cache: 0 sequences") for t in g["kvShown"]), g["kvShown"]  # freed at the end
 
 
 def test_trace_link_points_at_the_request_trace(seen: dict[str, Any], otlp: OtlpReceiver) -> None:
@@ -161,6 +162,7 @@ def test_stop_frees_the_kv_cache_in_every_stage(seen: dict[str, Any], launched: 
     assert s["heldDuring"] == dict.fromkeys(launched["stages"], 1), s  # generating when stopped
     assert s["status"].startswith("Stopped after") and 10 <= s["generated"] < 1000, s
     assert s["heldAfter"] == dict.fromkeys(launched["stages"], 0), s
+    assert len(s["kvShown"]) == 3 and all(t.startswith("KV cache: 0 sequences") for t in s["kvShown"]), s
 
 
 def test_refused_parameter_shows_the_gateways_reason(seen: dict[str, Any]) -> None:
