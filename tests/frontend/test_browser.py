@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ import pytest
 from functions import contract
 from infra.local import frontend
 from tests.helpers.otlp import OtlpReceiver
-from tests.helpers.procs import REPO_ROOT, free_port
+from tests.helpers.procs import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -47,20 +49,26 @@ def otlp() -> Iterator[OtlpReceiver]:
         yield receiver
 
 
-def _ports(n: int) -> list[int]:
-    """n distinct free ports, the last `stages` of them consecutive (the launcher's stage ports)."""
+def _port_run(n: int) -> list[int]:
+    """n consecutive ports, each free a moment ago, below the kernel's ephemeral range (from 32768),
+    where no client connection can take one as its source port before the launcher binds it."""
+    rng = random.Random()
     while True:
-        base = free_port()
-        others = [free_port() for _ in range(n - 3)]
-        if not {base, base + 1, base + 2} & set(others) and len(set(others)) == len(others):
-            return [*others, base]
+        base = rng.randrange(20000, 32000 - n)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return list(range(base, base + n))
 
 
 @pytest.fixture(scope="module")
 def launched(
     tiny_bundle: Path, built_ui: Path, otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    gw, tok, ui, base = _ports(6)
+    gw, tok, ui, base = _port_run(6)[:4]  # the stages take base, base + 1, base + 2
     state = tmp_path_factory.mktemp("ui-stack")
     args = [
         "--bundle",
