@@ -162,7 +162,10 @@ def test_trace_link_points_at_the_request_trace(seen: dict[str, Any], otlp: Otlp
     trace_id = link.rsplit("/", 1)[1]
     assert re.fullmatch(r"[0-9a-f]{32}", trace_id)
     spans = otlp.wait_for(lambda s: any(x.service == "gateway" for x in s), trace_id=trace_id, timeout=10)
-    assert any(x.service == "gateway" for x in spans)
+    assert any(x.service == "gateway" and "/v1/completions" in x.name for x in spans)
+    # the node panel's polling (every 2 s) opens no traces of its own
+    polled = [x.name for x in otlp.spans() if "/api/nodes" in x.name]
+    assert polled == []
 
 
 def test_stop_frees_the_kv_cache_in_every_stage(seen: dict[str, Any], launched: dict[str, Any]) -> None:
