@@ -44,6 +44,6 @@ lint: ## ruff check, ruff format --check, mypy (strict on the packages)
 bench: ## distributed vs monolithic benchmark
 	$(PY) -m tests.benchmarks.bench $(ARGS)
 
-clean: ## remove exported bundles, stack logs and caches (keeps .venv and .tandem/npm)
-	rm -rf bundles .tandem/stack .pytest_cache .ruff_cache .mypy_cache
+clean: ## remove exported bundles, stack logs, the built UI and caches (keeps .venv, .tandem/npm, node_modules)
+	rm -rf bundles .tandem/stack frontend/dist .pytest_cache .ruff_cache .mypy_cache
 	find $(SOURCES) -name __pycache__ -type d -prune -exec rm -rf {} +

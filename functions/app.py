@@ -164,7 +164,15 @@ def create_function_app(
 
     otel = OpenTelemetryConfig(
         # control-plane calls (releases, discovery) would each open a trace of their own
-        exclude=["^/metrics$", "^/v2/health/", "^/healthz$", "^/readyz$", "/sequences", "^/v1/tokenizer$"],
+        exclude=[
+            "^/metrics$",
+            "^/v2/health/",
+            "^/healthz$",
+            "^/readyz$",
+            "/sequences",
+            "^/v1/tokenizer$",
+            "^/api/nodes$",  # the UI polls it every 2 s
+        ],
         exclude_spans=["receive", "send"],
     )
     app = Litestar(

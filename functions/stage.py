@@ -168,10 +168,11 @@ def create_stage_app(
 
     @get("/v2/models/{model:str}/sequences", sync_to_thread=False, tags=["sequences"])
     def sequences(model: FromPath[str]) -> dict[str, Any]:
-        """The sequences whose KV cache this stage holds, with their lengths."""
+        """The sequences whose KV cache this stage holds, with their lengths; the bytes they take
+        and the cache's budget."""
         engine = engine_for(model)
         held = {str(s): n for s, n in engine.held().items()}
-        return {"sequences": held, "bytes": engine.cache.bytes}
+        return {"sequences": held, "bytes": engine.cache.bytes, "capacity_bytes": engine.cache.max_bytes}
 
     @delete(
         "/v2/models/{model:str}/sequences/{seq_id:int}",

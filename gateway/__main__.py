@@ -9,6 +9,7 @@ from functions.process import serve
 from functions.settings import FunctionSettings, SettingsError
 from gateway.app import create_gateway_app
 from gateway.config import ConfigError, load_config
+from gateway.cors import cors_origins
 
 DEFAULT_PORT = 8000
 
@@ -22,10 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         settings = FunctionSettings.from_env(DEFAULT_PORT, port=args.port, host=args.host)
+        origins = cors_origins()
     except (ConfigError, SettingsError) as e:
         print(f"gateway: error: {e}", file=sys.stderr)
         return 2
-    return serve(create_gateway_app(cfg, settings), settings)
+    return serve(create_gateway_app(cfg, settings, cors_origins=origins), settings)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ and on vLLM's routes, and as RFC 9457 problem details elsewhere
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -21,7 +21,9 @@ from functions.fastpath import ASGIApp
 from functions.settings import FunctionSettings
 from gateway.clients import StagePoster
 from gateway.config import GatewayConfig
+from gateway.cors import cors_config
 from gateway.errors import as_gateway_error
+from gateway.nodes import nodes
 from gateway.openai import openai_error_body, openai_routes
 from gateway.routes import process
 from gateway.service import Gateway
@@ -56,9 +58,11 @@ def create_gateway_app(
     transport: httpx.AsyncBaseTransport | None = None,
     *,
     poster: StagePoster | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> ASGIApp:
     """The gateway's ASGI app. `transport` carries every call to the functions when given (tests
-    pass ASGI apps in-process); `poster` replaces only the stage infer calls."""
+    pass ASGI apps in-process); `poster` replaces only the stage infer calls; `cors_origins` are the
+    browser origins allowed to call it (gateway.cors)."""
     registry = CollectorRegistry()
     gw = Gateway(cfg, registry, transport, poster, auth_token=settings.auth_token)
 
@@ -72,7 +76,7 @@ def create_gateway_app(
 
     return create_function_app(
         service_name="gateway",
-        route_handlers=[*openai_routes, *vllm_routes, process],
+        route_handlers=[*openai_routes, *vllm_routes, process, nodes],
         settings=settings,
         lifespan=[lifespan],
         is_ready=gw.readiness,
@@ -81,4 +85,5 @@ def create_gateway_app(
         state={"gateway": gw},
         exception_handler=handle_error,
         api_keys=True,
+        cors=cors_config(cors_origins),
     )

@@ -255,7 +255,13 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
             else:
                 if include_usage:
                     usage = _usage(prompt_tokens, sum(counts))
-                    yield b"data: " + msgspec.json.encode({**base, "choices": [], "usage": usage}) + b"\n\n"
+                    # extension: time spent in each stage's calls, as /api/model/process reports it
+                    stage_ms = {
+                        p.name: round(sum(s.stage_seconds[p.index] for s in seqs) * 1000, 2)
+                        for p in gw.replicas.pools
+                    }
+                    last = {**base, "choices": [], "usage": usage, "metrics": {"stage_ms": stage_ms}}
+                    yield b"data: " + msgspec.json.encode(last) + b"\n\n"
                 yield b"data: [DONE]\n\n"
                 status = 200
         finally:

@@ -60,6 +60,7 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
             "--bundle",
             str(tiny_bundle),
             "--no-export",
+            "--no-frontend",  # the web UI's serving is tested in tests/frontend
             "--gateway-port",
             str(gw),
             "--tokenizer-port",

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from functions.settings import Env, SettingsError
+from infra.local import frontend
 from infra.local.export_step import run_export
 from infra.local.procs import (
     REPO_ROOT,
@@ -87,6 +88,8 @@ def parse(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -
     )
     opt("--ready-timeout", 120.0, type=float, help="seconds to wait for readiness (default 120)")
     opt("--no-export", action="store_true", help="use the bundle as it is; never run the export")
+    opt("--frontend-port", frontend.DEFAULT_PORT, type=int, help="the web UI's port (default 5173)")
+    opt("--no-frontend", action="store_true", help="neither build nor serve the web UI")
     opt(
         "--auth",
         action="store_true",
@@ -169,14 +172,29 @@ def services(args: argparse.Namespace, config: dict[str, Any], config_path: Path
     return out
 
 
-def banner(args: argparse.Namespace, config: dict[str, Any], svcs: list[Service]) -> str:
+def frontend_service(args: argparse.Namespace) -> Service | None:
+    """The web UI's static server, building the UI first when needed; None (and why) without it."""
+    if args.no_frontend:
+        return None
+    if (why := frontend.build_if_missing()) is not None:
+        print(f"[stack] no web UI: {why}; --no-frontend skips it", file=sys.stderr, flush=True)
+        return None
+    gw = ["--gateway-url", f"http://{client_host(args.host)}:{args.gateway_port}"]
+    cmd = [sys.executable, "-m", "infra.local.frontend", *gw, "--port", str(args.frontend_port)]
+    return Service("frontend", args.frontend_port, [*cmd, "--host", args.host], "/")
+
+
+def banner(
+    args: argparse.Namespace, config: dict[str, Any], svcs: list[Service], ui: Service | None = None
+) -> str:
     h = client_host(args.host)
     gw = f"http://{h}:{args.gateway_port}"
     metrics = "\n".join(f"    {s.name:<12} http://{h}:{s.port}/metrics" for s in svcs)
     body = json.dumps({"model": config["model_name"], "prompt": "Hello, my name is", "max_tokens": 20})
     return (
         f"\ntandem is up: {config['model_name']}, {len(svcs) - 2} stage processes. Ctrl-C stops everything.\n"
-        f"  gateway API   {gw}/v1/completions  (OpenAI-compatible), {gw}/api/model/process\n"
+        + (f"  web UI        http://{h}:{ui.port}/\n" if ui else "")
+        + f"  gateway API   {gw}/v1/completions  (OpenAI-compatible), {gw}/api/model/process\n"
         f"  models        {gw}/v1/models\n  OpenAPI docs  {gw}/docs\n  metrics\n{metrics}\n"
         f"  logs          {shown(STATE_DIR / 'logs')}/\n  try\n"
         f"    curl -s {gw}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
@@ -218,14 +236,17 @@ def up(args: argparse.Namespace) -> int:
     config_path = STATE_DIR / "config.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     svcs = services(args, config, config_path)
-    busy = [f"{s.name} port {s.port}" for s in svcs if port_in_use(args.host, s.port)]
+    ui = frontend_service(args)
+    everything = svcs + ([ui] if ui else [])
+    busy = [f"{s.name} port {s.port}" for s in everything if port_in_use(args.host, s.port)]
     if busy:
         print(f"[stack] in use: {', '.join(busy)}; free them or choose other ports", file=sys.stderr)
         return 1
 
-    urls = {s.name: f"http://{client_host(args.host)}:{s.port}{s.ready_path}" for s in svcs}
+    urls = {s.name: f"http://{client_host(args.host)}:{s.port}{s.ready_path}" for s in everything}
     child_env = {k: v for k, v in os.environ.items() if k != "TANDEM_LOOP_CPU"}
     child_env |= service_token(args, child_env.get("TANDEM_AUTH_TOKEN"))
+    child_env.setdefault("TANDEM_CORS_ORIGINS", frontend.cors_origins(args.frontend_port))
     if args.loop_cpu is not None:
         child_env["TANDEM_LOOP_CPU"] = str(args.loop_cpu)
         print(
@@ -237,7 +258,7 @@ def up(args: argparse.Namespace) -> int:
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     try:
         Signals.defer = True
-        for s in svcs:
+        for s in everything:
             with open(STATE_DIR / "logs" / f"{s.name}.log", "wb") as log:
                 # Own session, so own process group: the terminal's Ctrl-C reaches only the
                 # launcher, which then stops every group itself.
@@ -255,7 +276,7 @@ def up(args: argparse.Namespace) -> int:
         Signals.resume()
         if wait_ready(procs, urls, args.ready_timeout, STATE_DIR / "logs") is not None:
             return 1
-        print(banner(args, config, svcs), flush=True)
+        print(banner(args, config, svcs, ui), flush=True)
         while True:  # foreground: a service that dies later takes the stack down with it
             for name, p in procs.items():
                 if p.poll() is not None:

@@ -1,0 +1,188 @@
+// Drives the real UI in Debian's Chromium (playwright-core, no browser download) against a running
+// stack, as a person would, and writes what it saw to OUT/results.json plus screenshots; the
+// pytest test tests/frontend/test_browser.py starts the stack, runs this and judges the results.
+//
+//   node e2e/drive.mjs '{"ui": URL, "chromium": PATH, "out": DIR, "stages": {NAME: URL, ...}}'
+//
+// It fails (exit 1, failure.png) when a step does not happen in time; the figures are judged
+// by the caller.
+
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+const cfg = JSON.parse(process.argv[2]);
+const results = {};
+const STEP_MS = 30_000;
+
+/** Sequences each stage holds now (GET /v2/models/{stage}/sequences). */
+async function held() {
+  const out = {};
+  for (const [name, url] of Object.entries(cfg.stages)) {
+    const r = await fetch(`${url}/v2/models/${name}/sequences`);
+    out[name] = Object.keys((await r.json()).sequences).length;
+  }
+  return out;
+}
+
+async function until(what, check, ms = 5000) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+async function fill(page, fields) {
+  for (const [label, value] of Object.entries(fields)) {
+    const control = page.getByLabel(label, { exact: true });
+    if (typeof value === "boolean") await control.setChecked(value);
+    else await control.fill(String(value));
+  }
+}
+
+const text = (page, id) => page.getByTestId(id).innerText();
+const IGNORE_EOS = "Ignore end of text (generate exactly max tokens)";
+
+async function nodeHealth(page) {
+  const seen = {};
+  for (const name of Object.keys(cfg.stages)) {
+    const item = page.getByTestId(`node-${name}`);
+    await item.getByText("up", { exact: true }).first().waitFor({ timeout: STEP_MS });
+    seen[name] = await item.innerText();
+  }
+  return seen;
+}
+
+async function generate(page) {
+  await page.evaluate(() => {
+    const el = document.querySelector('[data-testid="output"]');
+    window.__lengths = [];
+    new MutationObserver(() => window.__lengths.push([...el.textContent].length)).observe(el, {
+      childList: true,
+      characterData: true,
+      subtree: true,
+    });
+  });
+  await page.getByRole("button", { name: "Process Input" }).click();
+  await page.getByTestId("status").getByText(/^Finished/).waitFor({ timeout: STEP_MS });
+  const metrics = {};
+  for (const id of ["ttft", "rate", "total", "prompt", "generated"]) metrics[id] = await text(page, `metric-${id}`);
+  const stageTimes = {};
+  for (const name of Object.keys(cfg.stages)) stageTimes[name] = await text(page, `stage-time-${name}`);
+  const link = page.getByTestId("trace-link");
+  return {
+    output: await page.getByTestId("output").textContent(),
+    status: await text(page, "status"),
+    lengths: await page.evaluate(() => window.__lengths),
+    metrics,
+    stageTimes,
+    chart: await page.getByRole("img", { name: /Inter-token latency/ }).getAttribute("aria-label"),
+    traceLink: (await link.count()) ? await link.getAttribute("href") : null,
+  };
+}
+
+/** Each stage's KV line in the node health panel, once it shows the cache empty (or 5 s on). */
+async function panelKV(page) {
+  const shown = [];
+  for (const name of Object.keys(cfg.stages)) {
+    const kv = page.getByTestId(`node-${name}`).locator(".kv");
+    await until(`${name}'s panel to show the cache freed`, async () =>
+      (await kv.innerText()).includes(" 0 sequences"),
+    ).catch(() => {}); // reported as it is; the caller judges
+    shown.push(await kv.innerText());
+  }
+  return shown;
+}
+
+async function stopMidway(page) {
+  await fill(page, { "Max tokens": 1000, [IGNORE_EOS]: true });
+  await page.getByRole("button", { name: "Process Input" }).click();
+  await until("10 tokens on screen", async () => Number(await text(page, "metric-generated")) >= 10, STEP_MS);
+  const during = await held();
+  await page.getByRole("button", { name: "Stop" }).click();
+  await page.getByTestId("status").getByText(/^Stopped/).waitFor({ timeout: STEP_MS });
+  const t0 = Date.now();
+  let after = await held();
+  try {
+    after = await until("every stage to free the sequence", async () => {
+      const now = await held();
+      return Object.values(now).every((n) => n === 0) ? now : null;
+    });
+  } catch {
+    // reported as it is; the caller judges
+  }
+  return {
+    kvShown: await panelKV(page),
+    heldDuring: during,
+    heldAfter: after,
+    freedMs: Date.now() - t0,
+    generated: Number(await text(page, "metric-generated")),
+    status: await text(page, "status"),
+  };
+}
+
+async function refusedParameter(page) {
+  await fill(page, { "Max tokens": 5, Temperature: 1000, [IGNORE_EOS]: false });
+  await page.getByRole("button", { name: "Process Input" }).click();
+  const alert = page.getByRole("alert");
+  await alert.waitFor({ timeout: STEP_MS });
+  return alert.innerText();
+}
+
+/** Every form control has an accessible name (a label or aria-label). */
+function unlabelled(page) {
+  return page.evaluate(() =>
+    [...document.querySelectorAll("input, textarea, select, button")]
+      .filter((el) => !(el.labels?.length || el.getAttribute("aria-label") || (el.tagName === "BUTTON" && el.textContent.trim())))
+      .map((el) => el.outerHTML.slice(0, 80)),
+  );
+}
+
+async function narrow(browser) {
+  const page = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  await page.goto(cfg.ui);
+  await nodeHealth(page);
+  // keyboard only: Tab to the input text, type, Ctrl+Enter runs it
+  await page.keyboard.press("Tab");
+  const focused = await page.evaluate(() => document.activeElement?.id);
+  await page.keyboard.press("Control+A");
+  await page.keyboard.type("Keyboard only");
+  await page.keyboard.press("Control+Enter");
+  await page.getByTestId("status").getByText(/^Finished/).waitFor({ timeout: STEP_MS });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  await page.screenshot({ path: join(cfg.out, "narrow.png"), fullPage: true });
+  const out = { focused, overflowPx: overflow, output: await text(page, "output") };
+  await page.close();
+  return out;
+}
+
+// no sandbox as root; the rest keeps Chromium off the network (this machine's is closed)
+const FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"];
+const browser = await chromium.launch({
+  executablePath: cfg.chromium,
+  args: [...FLAGS, "--disable-component-update", "--disable-sync"],
+});
+const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+try {
+  await page.goto(cfg.ui);
+  results.nodes = await nodeHealth(page);
+  results.unlabelled = await unlabelled(page);
+  await fill(page, { "Input text": "Hello the model", "Max tokens": 48, Temperature: 0, [IGNORE_EOS]: true });
+  results.generation = await generate(page);
+  results.generation.kvShown = await panelKV(page);
+  await page.screenshot({ path: join(cfg.out, "desktop.png"), fullPage: true });
+  results.stop = await stopMidway(page);
+  results.refused = await refusedParameter(page);
+  await page.screenshot({ path: join(cfg.out, "desktop-error.png"), fullPage: true });
+  results.narrow = await narrow(browser);
+} catch (e) {
+  await page.screenshot({ path: join(cfg.out, "failure.png"), fullPage: true }).catch(() => {});
+  results.failure = String(e?.stack ?? e);
+  process.exitCode = 1;
+} finally {
+  writeFileSync(join(cfg.out, "results.json"), JSON.stringify(results, null, 2));
+  await browser.close();
+}

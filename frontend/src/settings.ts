@@ -1,0 +1,57 @@
+// Where the UI finds the gateway and Jaeger. The page is served on :5173, the gateway on :8000, so
+// the gateway is another origin (it allows this one through CORS, TANDEM_CORS_ORIGINS). Order:
+// the URL's ?gateway= / ?jaeger=, then what was saved in Settings, then the page's
+// <meta name="tandem-gateway-url"> (filled in by the local stack's server), then the build's
+// VITE_GATEWAY_URL / VITE_JAEGER_URL, then the defaults: under `npm run dev` the page's own origin
+// (Vite proxies /v1 and /api), else this page's host on port 8000; Jaeger on localhost:16686.
+
+export interface Settings {
+  gatewayUrl: string;
+  jaegerUrl: string;
+}
+
+const KEY = "tandem.settings";
+
+export function defaultGatewayUrl(loc: Pick<Location, "protocol" | "hostname">, dev: boolean): string {
+  if (dev) return "";
+  const host = loc.hostname.includes(":") ? `[${loc.hostname}]` : loc.hostname;
+  return `${loc.protocol}//${host}:8000`;
+}
+
+export function servedGatewayUrl(doc: Pick<Document, "querySelector"> = document): string | undefined {
+  const content = doc.querySelector('meta[name="tandem-gateway-url"]')?.getAttribute("content");
+  return content ? content : undefined;
+}
+
+export function loadSettings(
+  loc: Pick<Location, "protocol" | "hostname" | "search"> = window.location,
+  storage: Pick<Storage, "getItem"> = window.localStorage,
+  env: Record<string, string | boolean | undefined> = import.meta.env,
+  served: string | undefined = servedGatewayUrl(),
+): Settings {
+  const query = new URLSearchParams(loc.search);
+  let saved: Partial<Settings> = {};
+  try {
+    saved = JSON.parse(storage.getItem(KEY) ?? "{}") as Partial<Settings>;
+  } catch {
+    saved = {};
+  }
+  const text = (v: unknown) => (typeof v === "string" ? v : undefined);
+  return {
+    gatewayUrl:
+      query.get("gateway") ??
+      saved.gatewayUrl ??
+      served ??
+      text(env.VITE_GATEWAY_URL) ??
+      defaultGatewayUrl(loc, Boolean(env.DEV)),
+    jaegerUrl: query.get("jaeger") ?? saved.jaegerUrl ?? text(env.VITE_JAEGER_URL) ?? "http://localhost:16686",
+  };
+}
+
+export function saveSettings(s: Settings, storage: Pick<Storage, "setItem"> = window.localStorage): void {
+  storage.setItem(KEY, JSON.stringify(s));
+}
+
+export function traceUrl(jaegerUrl: string, traceId: string): string {
+  return `${jaegerUrl.replace(/\/+$/, "")}/trace/${traceId}`;
+}

@@ -1,0 +1,190 @@
+"""The web UI end to end: `python -m infra.local.stack up` (what `make up` runs) serves the built UI
+next to the real stack on the tiny random bundle, with traces exported to a test OTLP receiver;
+Debian's Chromium, driven by frontend/e2e/drive.mjs (playwright-core), uses the page as a person
+would. Screenshots (desktop, narrow, the error) land in this test's tmp directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from functions import contract
+from infra.local import frontend
+from tests.helpers.otlp import OtlpReceiver
+from tests.helpers.procs import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+DRIVER = frontend.FRONTEND_DIR / "e2e" / "drive.mjs"
+
+
+@pytest.fixture(scope="module")
+def built_ui() -> Path:
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; CI installs it)")
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("Node 20 with npm is needed to build and drive the UI")
+    why = frontend.build_if_missing()
+    assert why is None, why
+    return frontend.DIST
+
+
+@pytest.fixture(scope="module")
+def otlp() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+def _port_run(n: int) -> list[int]:
+    """n consecutive ports, each free a moment ago, below the kernel's ephemeral range (from 32768),
+    where no client connection can take one as its source port before the launcher binds it."""
+    rng = random.Random()
+    while True:
+        base = rng.randrange(20000, 32000 - n)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return list(range(base, base + n))
+
+
+@pytest.fixture(scope="module")
+def launched(
+    tiny_bundle: Path, built_ui: Path, otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    gw, tok, ui, base = _port_run(6)[:4]  # the stages take base, base + 1, base + 2
+    state = tmp_path_factory.mktemp("ui-stack")
+    args = [
+        "--bundle",
+        str(tiny_bundle),
+        "--no-export",
+        "--gateway-port",
+        str(gw),
+        "--tokenizer-port",
+        str(tok),
+    ]
+    args += ["--stage-port-base", str(base), "--frontend-port", str(ui), "--threads", "1"]
+    env = {**os.environ, "TANDEM_STATE_DIR": str(state), "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint}
+    env.pop("TANDEM_CORS_ORIGINS", None)  # the launcher's default: the UI's own origins
+    p = subprocess.Popen(
+        [sys.executable, "-m", "infra.local.stack", "up", *args],
+        cwd=REPO_ROOT,
+        env={**env, "OTEL_BSP_SCHEDULE_DELAY": "200"},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    lines: list[str] = []
+    try:
+        assert p.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("/docs" in line for line in lines):
+            line = p.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        banner = "".join(lines)
+        assert "/docs" in banner, banner
+        stages = {contract.stage_name(k + 1): f"http://127.0.0.1:{base + k}" for k in range(3)}
+        yield {"ui": f"http://127.0.0.1:{ui}/", "banner": banner, "stages": stages}
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def seen(launched: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What the browser saw, once for every test below (one browser run covers them all)."""
+    out = tmp_path_factory.mktemp("browser")
+    cfg = {"ui": launched["ui"], "chromium": str(CHROMIUM), "out": str(out), "stages": launched["stages"]}
+    done = subprocess.run(
+        ["node", str(DRIVER), json.dumps(cfg)],
+        cwd=frontend.FRONTEND_DIR,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    results: dict[str, Any] = json.loads((out / "results.json").read_text())
+    assert done.returncode == 0, f"{results.get('failure')}\n{done.stdout}\n{done.stderr}\nscreens in {out}"
+    results["out"] = out
+    return results
+
+
+def test_banner_names_the_web_ui(launched: dict[str, Any]) -> None:
+    assert f"web UI        {launched['ui']}" in launched["banner"]
+
+
+def test_every_control_is_labelled(seen: dict[str, Any]) -> None:
+    assert seen["unlabelled"] == []
+
+
+def test_node_health_for_every_stage(seen: dict[str, Any], launched: dict[str, Any]) -> None:
+    assert list(seen["nodes"]) == list(launched["stages"])
+    for name, text in seen["nodes"].items():
+        assert re.search(r"\bup\b", text) and "KV cache:" in text, (name, text)
+
+
+def test_tokens_stream_in_and_metrics_fill(seen: dict[str, Any]) -> None:
+    g = seen["generation"]
+    assert g["status"].startswith("Finished (length) after 48 tokens")
+    assert g["metrics"]["generated"] == "48" and int(g["metrics"]["prompt"]) > 0
+    for key in ("ttft", "total"):
+        assert re.fullmatch(r"\d+(\.\d+)? (ms|s)", g["metrics"][key]), g["metrics"]
+    assert float(g["metrics"]["rate"]) > 0
+    # the text grew on screen step by step, not all at once at the end
+    growth = sorted(set(g["lengths"]))
+    assert len(growth) >= 10 and growth[-1] == len(g["output"]), growth
+    for name, shown in g["stageTimes"].items():
+        assert re.search(r"\d+(\.\d+)? (ms|s)$", shown), (name, shown)
+    assert g["chart"].startswith("Inter-token latency over 47 gaps")
+    assert all(t.startswith("KV cache: 0 sequences") for t in g["kvShown"]), g["kvShown"]  # freed at the end
+
+
+def test_trace_link_points_at_the_request_trace(seen: dict[str, Any], otlp: OtlpReceiver) -> None:
+    link = seen["generation"]["traceLink"]
+    assert link is not None and link.startswith("http://localhost:16686/trace/")
+    trace_id = link.rsplit("/", 1)[1]
+    assert re.fullmatch(r"[0-9a-f]{32}", trace_id)
+    spans = otlp.wait_for(lambda s: any(x.service == "gateway" for x in s), trace_id=trace_id, timeout=10)
+    assert any(x.service == "gateway" and "/v1/completions" in x.name for x in spans)
+    # the node panel's polling (every 2 s) opens no traces of its own
+    polled = [x.name for x in otlp.spans() if "/api/nodes" in x.name]
+    assert polled == []
+
+
+def test_stop_frees_the_kv_cache_in_every_stage(seen: dict[str, Any], launched: dict[str, Any]) -> None:
+    s = seen["stop"]
+    assert s["heldDuring"] == dict.fromkeys(launched["stages"], 1), s  # generating when stopped
+    assert s["status"].startswith("Stopped after") and 10 <= s["generated"] < 1000, s
+    assert s["heldAfter"] == dict.fromkeys(launched["stages"], 0), s
+    assert len(s["kvShown"]) == 3 and all(t.startswith("KV cache: 0 sequences") for t in s["kvShown"]), s
+
+
+def test_refused_parameter_shows_the_gateways_reason(seen: dict[str, Any]) -> None:
+    assert seen["refused"].startswith("The gateway refused the request (400): temperature must be")
+    assert "(parameter: temperature)" in seen["refused"]
+
+
+def test_narrow_screen_and_keyboard(seen: dict[str, Any]) -> None:
+    n = seen["narrow"]
+    assert n["focused"] == "prompt"  # the first Tab lands on the input text
+    assert n["overflowPx"] <= 0  # nothing wider than the phone's screen
+    assert n["output"]  # Ctrl+Enter ran it
+    for shot in ("desktop.png", "narrow.png", "desktop-error.png"):
+        assert (seen["out"] / shot).stat().st_size > 10_000, shot
