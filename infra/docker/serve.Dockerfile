@@ -2,17 +2,25 @@
 #   docker build -f infra/docker/serve.Dockerfile --target function -t tandem-function .
 #   docker build -f infra/docker/serve.Dockerfile --target gateway  -t tandem-gateway .
 # `function` runs the tokenizer or a stage, chosen by the command (see docker-compose.yml).
+# The CUDA variant of `function` swaps ONNX Runtime for onnxruntime-gpu with NVIDIA's CUDA and cuDNN
+# pip packages (no CUDA base image needed; the host's driver comes in through the NVIDIA runtime):
+#   docker build -f infra/docker/serve.Dockerfile --target function -t tandem-function-cuda \
+#     --build-arg ONNXRUNTIME='onnxruntime-gpu[cuda,cudnn]==1.31.1' .
+# and run it with TANDEM_PROVIDER=cuda.
 # BASE_IMAGE: any image with python3 (>= 3.11) and its venv module. PIP_ARGS: extra pip arguments;
 # an offline build puts wheels in build/wheels and passes PIP_ARGS=--no-index.
 ARG BASE_IMAGE=python:3.12-slim
 
 FROM ${BASE_IMAGE} AS deps
 ARG PIP_ARGS=""
+# empty: the onnxruntime pinned in requirements/serve.txt; else the requirement that replaces it
+ARG ONNXRUNTIME=""
 # the pattern keeps build/wheels optional: it is copied when it exists
 COPY requirements/serve.txt build/wheel[s] /tmp/wheels/
 # PIP_ARGS is a list of arguments: word splitting is wanted
 # hadolint ignore=SC2086
-RUN python3 -m venv /opt/venv \
+RUN if [ -n "$ONNXRUNTIME" ]; then sed -i "s|^onnxruntime==.*|$ONNXRUNTIME|" /tmp/wheels/serve.txt; fi \
+ && python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
       --find-links /tmp/wheels ${PIP_ARGS} -r /tmp/wheels/serve.txt \
  && /opt/venv/bin/pip uninstall --yes pip \
