@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import json
 import subprocess
 import sys
 import threading
@@ -17,12 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from export.manifest import FORMAT_VERSION, BundleError
+from export.manifest import BundleError
 from functions.bundle_fetch import TOKENIZER_ROLE, fetch_bundle, prepare_bundle
-from tests.helpers.bundles import make_tokenizer_bundle
+from tests.helpers.bundles import make_fake_bundle
 from tests.helpers.procs import REPO_ROOT, free_port
-
-STAGES = 3
 
 
 def _sha(data: bytes) -> str:
@@ -31,40 +28,8 @@ def _sha(data: bytes) -> str:
 
 @pytest.fixture
 def published(tmp_path: Path) -> Path:
-    """A bundle directory as an object store would hold it: a manifest (the export's format) and
-    files with distinct contents, each listed with its sha256."""
-    src = make_tokenizer_bundle(tmp_path / "published", manifest=False)
-    stages = []
-    for k in range(1, STAGES + 1):
-        data = f"stage {k} weights ".encode() * 1000
-        (src / f"stage{k}.onnx").write_bytes(data)
-        stages.append(
-            {
-                "index": k - 1,
-                "name": f"stage-{k}",
-                "file": f"stage{k}.onnx",
-                "layers": [k - 1, k],
-                "inputs": [],
-                "outputs": [],
-                "files": {f"stage{k}.onnx": _sha(data)},
-            }
-        )
-    tok = (src / "tokenizer.json").read_bytes()
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "model": {"id": "tiny"},
-        "config": {"n_layer": STAGES},
-        "dtype": "float32",
-        "quantization": None,
-        "opset": 18,
-        "stages": stages,
-        "tokenizer": {"file": "tokenizer.json", "sha256": _sha(tok), "eos_token_id": 0},
-        "versions": {},
-        "parity": {},
-        "export_args": {},
-    }
-    (src / "manifest.json").write_text(json.dumps(manifest))
-    return src
+    """A bundle directory as an object store would hold it: the manifest and the files it lists."""
+    return make_fake_bundle(tmp_path / "published")
 
 
 class _Recording(http.server.SimpleHTTPRequestHandler):
