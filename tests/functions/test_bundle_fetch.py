@@ -5,12 +5,9 @@ corrupt file, a manifest that is not the pinned one, or an unreachable location 
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from export.manifest import BundleError
 from functions.bundle_fetch import TOKENIZER_ROLE, fetch_bundle, prepare_bundle
 from tests.helpers.bundles import make_fake_bundle
 from tests.helpers.procs import REPO_ROOT, free_port
+from tests.helpers.static_server import serve_directory
 
 
 def _sha(data: bytes) -> str:
@@ -32,26 +30,11 @@ def published(tmp_path: Path) -> Path:
     return make_fake_bundle(tmp_path / "published")
 
 
-class _Recording(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:
-        self.server.paths.append(self.path)  # type: ignore[attr-defined]
-        super().do_GET()
-
-
 @pytest.fixture
 def server(published: Path) -> Iterator[tuple[str, list[str]]]:
-    """An HTTP server for the published directory; yields its URL and the paths it was asked for."""
-    handler = functools.partial(_Recording, directory=str(published))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    httpd.paths = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/", httpd.paths  # type: ignore[attr-defined]
-    httpd.shutdown()
-    httpd.server_close()
+    """The published directory over HTTP; yields its URL and the paths it was asked for."""
+    with serve_directory(published) as served:
+        yield served
 
 
 def test_fetches_only_the_stages_files_over_http(

@@ -6,6 +6,7 @@ the classic builder. Needs root, dockerd, docker, docker-compose and mmdebstrap 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -38,6 +39,13 @@ def missing_tools() -> str | None:
 class DockerEngine:
     def __init__(self, data_root: Path = CACHE / "data"):
         data_root.mkdir(parents=True, exist_ok=True)
+        # two engines on one data root corrupt it: a second test run fails here, saying why
+        self.lock = open(data_root.parent / "data.lock", "w")  # noqa: SIM115  # closed in stop()
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            raise AssertionError(f"another test run's dockerd uses {data_root}; wait for it to end") from None
         # exec root and socket in a short path: unix socket paths are limited to 108 bytes
         self.run_dir = Path(tempfile.mkdtemp(prefix="tdk-"))
         self.socket = self.run_dir / "docker.sock"
@@ -70,12 +78,13 @@ class DockerEngine:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"dockerd exited with {self.process.returncode}:\n{self.log_tail()}")
+                break
             if self.socket.exists() and self.run("version", check=False).returncode == 0:
                 return
             time.sleep(0.5)
+        tail = self.log_tail()
         self.stop()
-        raise AssertionError(f"dockerd did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+        raise AssertionError(f"dockerd did not come up within {timeout:.0f} s:\n{tail}")
 
     def log_tail(self, lines: int = 30) -> str:
         self.log.flush()
@@ -129,6 +138,7 @@ class DockerEngine:
                 self.process.kill()
                 self.process.wait(10)
         self.log.close()
+        self.lock.close()  # releases the data root
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 

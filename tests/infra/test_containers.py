@@ -1,6 +1,7 @@
 """The deployment images really build and run: a private dockerd (host networking only) builds the
 serving and gateway images on a Debian base made here, docker-compose starts docker-compose.yml
-with infra/compose/host-network.yml and the tiny random-weight bundle mounted, and a completion
+with infra/compose/host-network.yml and the tiny random-weight bundle mounted (the stage-2
+replica instead fetches its file over HTTP at start, as from an object store), and a completion
 comes back through the containers, token for token what PyTorch generates. The images run as
 non-root and every container's HEALTHCHECK reports healthy.
 """
@@ -21,6 +22,7 @@ import yaml
 from tests.conftest import Reference
 from tests.helpers.docker import DockerEngine, ensure_base_image, missing_tools, wheelhouse
 from tests.helpers.procs import REPO_ROOT, free_port
+from tests.helpers.static_server import serve_directory
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -31,6 +33,7 @@ DOCKERFILE = "infra/docker/serve.Dockerfile"
 IMAGES = {"function": "tandem-function:latest", "gateway": "tandem-gateway:latest"}
 PROJECT = "tandemtest"
 NON_ROOT = "10001"
+FETCHING = "stage-2-b"  # this replica fetches its bundle (TANDEM_BUNDLE_URL) instead of mounting it
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +50,12 @@ def engine() -> Iterator[DockerEngine]:
 
 @pytest.fixture(scope="module")
 def images(engine: DockerEngine) -> dict[str, str]:
+    started = time.monotonic()
     base = ensure_base_image(engine)
+    print(f"\n[docker] base image {base} ready in {time.monotonic() - started:.0f} s")
+    started = time.monotonic()
     wheelhouse(engine, base)
+    print(f"[docker] wheels for the images downloaded in {time.monotonic() - started:.0f} s")
     for target, tag in IMAGES.items():
         started = time.monotonic()
         engine.run(
@@ -75,7 +82,9 @@ def readable_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
     return bundle
 
 
-def host_network_stack(engine: DockerEngine, bundle: Path, workdir: Path) -> tuple[Path, dict[str, int]]:
+def host_network_stack(
+    engine: DockerEngine, bundle: Path, bundle_url: str, workdir: Path
+) -> tuple[Path, dict[str, int]]:
     """docker-compose.yml + host-network.yml merged, on free ports (other stacks may hold 8000-8112).
 
     docker-compose 1.29 cannot drop `ports` in an override, and Docker refuses published ports
@@ -88,6 +97,10 @@ def host_network_stack(engine: DockerEngine, bundle: Path, workdir: Path) -> tup
     for name, service in doc["services"].items():
         service.pop("ports", None)
         service.setdefault("environment", {})["PORT"] = str(ports[name])
+    fetching = doc["services"][FETCHING]
+    fetching.pop("volumes")
+    fetching["tmpfs"] = [f"/bundle:uid={NON_ROOT},gid={NON_ROOT}"]
+    fetching["environment"]["TANDEM_BUNDLE_URL"] = bundle_url
     config["tokenizer"]["address"] = f"tokenizer:{ports['tokenizer']}"
     for node in config["nodes"]:
         host = node["address"].split(":")[0]
@@ -103,13 +116,22 @@ def host_network_stack(engine: DockerEngine, bundle: Path, workdir: Path) -> tup
 
 
 @pytest.fixture(scope="module")
+def bundle_store(tiny_bundle: Path) -> Iterator[tuple[str, list[str]]]:
+    """The bundle over HTTP on the host, as an object store would serve it."""
+    with serve_directory(tiny_bundle) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
 def stack(
     engine: DockerEngine,
     images: dict[str, str],
     readable_bundle: Path,
+    bundle_store: tuple[str, list[str]],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Path, dict[str, int]]]:
-    path, ports = host_network_stack(engine, readable_bundle, tmp_path_factory.mktemp("compose"))
+    url, _ = bundle_store
+    path, ports = host_network_stack(engine, readable_bundle, url, tmp_path_factory.mktemp("compose"))
     started = time.monotonic()
     try:
         # compose starts the gateway only once every function reports healthy
@@ -152,6 +174,17 @@ def test_images_run_as_non_root_without_torch(engine: DockerEngine, images: dict
         probe = "import importlib.util as u, os; print(os.getuid(), u.find_spec('torch') is None)"
         out = engine.run("run", "--rm", "--network=host", tag, "python", "-c", probe).stdout.split()
         assert out == [NON_ROOT, "True"], f"{tag}: uid and torch-free check gave {out}"
+
+
+def test_a_replica_fetched_and_verified_its_bundle_at_start(
+    engine: DockerEngine, stack: tuple[Path, dict[str, int]], bundle_store: tuple[str, list[str]]
+) -> None:
+    compose_file, ports = stack
+    _, requested = bundle_store
+    # the manifest and this stage's file only, before the container reported healthy
+    assert sorted(set(requested)) == ["/manifest.json", "/stage2.onnx"]
+    r = httpx.get(f"http://127.0.0.1:{ports[FETCHING]}/v2/models/stage-2")
+    assert r.status_code == 200 and r.json()["name"] == "stage-2"
 
 
 def test_compose_stack_serves_a_completion(
