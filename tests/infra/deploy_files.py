@@ -113,11 +113,13 @@ def compose_containers() -> Iterator[Container]:
                 env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
             test = (svc.get("healthcheck") or {}).get("test") or []
             probes = [(test[-1], None)] if "functions.healthcheck" in test else []
+            published = [str(p).rsplit(":", 1)[-1] for p in svc.get("ports") or []]  # "8000:8000"
             yield Container(
                 where=f"{path.name} service {name}",
                 platform="compose",
                 role=role_of(command, image),
                 env={k: None if v is None else str(v) for k, v in env.items()},
+                ports={f"published {i}": int(p) for i, p in enumerate(published)},
                 probes=probes,
             )
 
@@ -141,11 +143,15 @@ def dockerfile_stages(path: Path) -> dict[str, dict[str, Any]]:
         if word == "FROM":
             parts = rest.split()
             name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else str(len(stages))
-            current = stages.setdefault(name, {"env": {}, "healthcheck": None, "from": parts[0]})
+            current = stages.setdefault(
+                name, {"env": {}, "healthcheck": None, "from": parts[0], "expose": []}
+            )
         elif word == "ENV":
             for pair in shlex.split(rest):
                 key, _, value = pair.partition("=")
                 current["env"][key] = value
+        elif word == "EXPOSE":
+            current["expose"] += [int(p.split("/")[0]) for p in rest.split()]
         elif word == "HEALTHCHECK":
             current["healthcheck"] = rest
     return stages

@@ -28,6 +28,7 @@ from tests.helpers.procs import REPO_ROOT
 from tests.infra.deploy_files import (
     K8S_FILES,
     KNATIVE_FILES,
+    SERVE_DOCKERFILE,
     Container,
     compose_containers,
     dockerfile_stages,
@@ -147,8 +148,22 @@ def listen_port(c: Container) -> int | None:
     return int(image_env(target)["PORT"]) if target else None
 
 
-def test_containers_listen_where_they_declare_and_are_probed() -> None:
+def test_images_expose_the_port_they_listen_on() -> None:
+    stages = dockerfile_stages(SERVE_DOCKERFILE)
+    for target in ("function", "gateway"):
+        assert stages[target]["expose"] == [int(image_env(target)["PORT"])], target
     assert image_env("function")["PORT"] == "8080" and image_env("gateway")["PORT"] == "8000"
+
+
+def test_compose_publishes_the_ports_the_services_listen_on() -> None:
+    published = [c for c in compose_containers() if c.ports]
+    assert {c.role for c in published} == {"gateway", "frontend"}
+    for c in published:
+        port = 5173 if c.role == "frontend" else listen_port(c)  # nginx.conf: listen 5173
+        assert list(c.ports.values()) == [port], f"{c.where}: publishes {c.ports}, listens on {port}"
+
+
+def test_containers_listen_where_they_declare_and_are_probed() -> None:
     checked = 0
     for c in manifest_containers():
         port = listen_port(c)
