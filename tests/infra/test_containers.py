@@ -64,7 +64,7 @@ def images(engine: DockerEngine) -> dict[str, str]:
             "--tag", tag, ".",
         )  # fmt: skip
         print(
-            f"\n[docker] built {tag} in {time.monotonic() - started:.0f} s: {engine.image_size_mb(tag):.0f} MB"
+            f"[docker] built {tag} in {time.monotonic() - started:.0f} s: {engine.image_size_mb(tag):.0f} MB"
         )
     print(f"[docker] base {base}: {engine.image_size_mb(base):.0f} MB")
     return IMAGES
@@ -179,7 +179,7 @@ def test_images_run_as_non_root_without_torch(engine: DockerEngine, images: dict
 def test_a_replica_fetched_and_verified_its_bundle_at_start(
     engine: DockerEngine, stack: tuple[Path, dict[str, int]], bundle_store: tuple[str, list[str]]
 ) -> None:
-    compose_file, ports = stack
+    _, ports = stack
     _, requested = bundle_store
     # the manifest and this stage's file only, before the container reported healthy
     assert sorted(set(requested)) == ["/manifest.json", "/stage2.onnx"]
