@@ -139,6 +139,10 @@ class DockerEngine:
                 self.process.wait(10)
         self.log.close()
         self.lock.close()  # releases the data root
+        # dockerd leaves its default network namespace mounted in the exec root
+        netns = self.run_dir / "exec" / "netns" / "default"
+        if netns.exists():
+            subprocess.run(["umount", str(netns)], capture_output=True, check=False)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
