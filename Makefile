@@ -25,7 +25,7 @@ install: $(STAMP) ## create .venv, install the pinned requirements and OpenAI's 
 	    || echo "warning: npm install failed; random-weight bundles will use a BPE trained on the spot"; \
 	else echo "note: npm not found; random-weight bundles will use a BPE trained on the spot"; fi
 
-$(STAMP): requirements/serve.txt requirements/dev.txt
+$(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install $(PIP_ARGS) -r requirements/dev.txt
 	@touch $@

@@ -80,6 +80,10 @@ class StageEngine:
             if provider == "cuda"
             else ["CPUExecutionProvider"]
         )
+        if provider == "cuda" and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds the CUDA and cuDNN libraries of NVIDIA's pip packages only when
+            # asked to (the CUDA image, infra/docker/serve.Dockerfile, has no system CUDA)
+            ort.preload_dlls()
         self.session = ort.InferenceSession(
             str(Path(bundle) / stage.file), session_options(threads), providers=providers
         )

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from export.manifest import BundleError, load_manifest
 from functions import protocol
 from functions.app import LATENCY_BUCKETS, create_function_app
+from functions.bundle_fetch import prepare_bundle
 from functions.engine import StageEngine, StageResult
 from functions.errors import BadRequestError, NotFoundError, NotReadyError
 from functions.fastpath import ASGIApp, FastRoute
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = StageSettings.from_env(
             bundle=args.bundle, stage=args.stage, provider=args.provider, threads=args.threads
         )
+        # fetched when TANDEM_BUNDLE_URL says so; a bundle in place is verified by the loader
+        prepare_bundle(settings.bundle, settings.stage, verify_in_place=False)
         manifest = load_manifest(settings.bundle)
         index = manifest.stage(settings.stage).index
         fn = FunctionSettings.from_env(DEFAULT_PORT_BASE + index + 1, port=args.port, host=args.host)

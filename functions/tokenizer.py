@@ -17,8 +17,10 @@ from litestar import Litestar, Response, get, post
 from litestar.params import JSONBody
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from export.manifest import BundleError
 from functions import contract
 from functions.app import LATENCY_BUCKETS, create_function_app
+from functions.bundle_fetch import TOKENIZER_ROLE, prepare_bundle
 from functions.errors import BadRequestError, NotReadyError
 from functions.fastpath import ASGIApp
 from functions.process import serve
@@ -233,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="default: $TANDEM_HOST or 127.0.0.1")
     parser.add_argument("--max-text-chars", type=int, default=DEFAULT_MAX_TEXT_CHARS)
     args = parser.parse_args(argv)
+    try:
+        # TANDEM_BUNDLE_URL: fetched and checked; TANDEM_VERIFY_HASHES: checked in place
+        prepare_bundle(args.bundle, TOKENIZER_ROLE)
+    except (BundleError, SettingsError) as e:
+        print(f"tokenizer: error: {e}", file=sys.stderr)
+        return 2
     if not (args.bundle / "tokenizer.json").is_file():
         parser.error(f"{args.bundle / 'tokenizer.json'} does not exist; pass a bundle directory")
     try:

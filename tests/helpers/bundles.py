@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -34,4 +35,49 @@ def make_tokenizer_bundle(directory: Path, *, manifest: bool = True, model_id: s
         eos = tokenizer.token_to_id(EOS)
         doc = {"model": {"id": model_id}, "tokenizer": {"eos_token_id": eos}}
         (directory / "manifest.json").write_text(json.dumps(doc))
+    return directory
+
+
+def make_fake_bundle(directory: Path, stages: int = 3) -> Path:
+    """A bundle in the export's manifest format whose stage files are placeholder bytes (distinct
+    per stage, listed with their sha256): for what reads the manifest and files but never runs
+    ONNX (fetching, verifying, building an app). Returns the directory."""
+    from export.manifest import FORMAT_VERSION
+    from functions import contract
+
+    make_tokenizer_bundle(directory, manifest=False)
+    entries = []
+    for k in range(1, stages + 1):
+        data = f"stage {k} weights ".encode() * 1000
+        (directory / f"stage{k}.onnx").write_bytes(data)
+        entries.append(
+            {
+                "index": k - 1,
+                "name": contract.stage_name(k),
+                "file": f"stage{k}.onnx",
+                "layers": [k - 1, k],
+                "inputs": [],
+                "outputs": [],
+                "files": {f"stage{k}.onnx": hashlib.sha256(data).hexdigest()},
+            }
+        )
+    tokenizer = (directory / "tokenizer.json").read_bytes()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model": {"id": "fake"},
+        "config": {"n_layer": stages, "n_embd": 8, "n_head": 2, "n_positions": 64, "vocab_size": 400},
+        "dtype": "float32",
+        "quantization": None,
+        "opset": 18,
+        "stages": entries,
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "sha256": hashlib.sha256(tokenizer).hexdigest(),
+            "eos_token_id": 0,
+        },
+        "versions": {},
+        "parity": {},
+        "export_args": {},
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
