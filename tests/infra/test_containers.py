@@ -27,6 +27,7 @@ from tests.helpers.static_server import serve_directory
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
+SERVICE_TOKEN = "container-test-service-token-0123456789"
 HOST_NETWORK = REPO_ROOT / "infra" / "compose" / "host-network.yml"
 CONFIG = REPO_ROOT / "infra" / "compose" / "config.json"
 DOCKERFILE = "infra/docker/serve.Dockerfile"
@@ -90,7 +91,8 @@ def host_network_stack(
     docker-compose 1.29 cannot drop `ports` in an override, and Docker refuses published ports
     with host networking, so the merged file leaves them out. Returns the file and the ports.
     """
-    merged = engine.compose([COMPOSE, HOST_NETWORK], PROJECT, "config", env={"BUNDLE": str(bundle)}).stdout
+    env = {"BUNDLE": str(bundle), "TANDEM_AUTH_TOKEN": SERVICE_TOKEN}  # the functions want a token
+    merged = engine.compose([COMPOSE, HOST_NETWORK], PROJECT, "config", env=env).stdout
     doc: dict[str, Any] = yaml.safe_load(merged)
     config = json.loads(CONFIG.read_text())
     ports = {name: free_port() for name in doc["services"]}
@@ -183,7 +185,8 @@ def test_a_replica_fetched_and_verified_its_bundle_at_start(
     _, requested = bundle_store
     # the manifest and this stage's file only, before the container reported healthy
     assert sorted(set(requested)) == ["/manifest.json", "/stage2.onnx"]
-    r = httpx.get(f"http://127.0.0.1:{ports[FETCHING]}/v2/models/stage-2")
+    auth = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+    r = httpx.get(f"http://127.0.0.1:{ports[FETCHING]}/v2/models/stage-2", headers=auth)
     assert r.status_code == 200 and r.json()["name"] == "stage-2"
 
 
@@ -197,7 +200,11 @@ def test_compose_stack_serves_a_completion(
         assert engine.run("exec", c, "id", "-u").stdout.strip() == NON_ROOT
     gateway = f"http://127.0.0.1:{ports['gateway']}"
     prompt = "Hello, how are you?"
-    ids = httpx.post(f"http://127.0.0.1:{ports['tokenizer']}/v1/encode", json={"text": prompt}).json()["ids"]
+    tokenizer = f"http://127.0.0.1:{ports['tokenizer']}/v1/encode"
+    refused = httpx.post(tokenizer, json={"text": prompt})  # the service token is on (functions.auth)
+    assert refused.status_code == 401 and "TANDEM_AUTH_TOKEN" in refused.json()["detail"], refused.text
+    auth = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+    ids = httpx.post(tokenizer, json={"text": prompt}, headers=auth).json()["ids"]
     r = httpx.post(
         f"{gateway}/api/model/process",
         json={"text": prompt, "metadata": {"max_tokens": 8, "ignore_eos": True}},

@@ -96,10 +96,18 @@ def test_every_variable_set_is_read_by_the_code() -> None:
     assert not unread, f"set but never read: {unread}"
 
 
-def test_planned_auth_variables_are_not_set_before_the_code_reads_them() -> None:
-    read, set_names = names_in_code(), set(set_env_names())
-    for name in ("TANDEM_AUTH_TOKEN", "TANDEM_API_KEYS"):
-        assert name in read or name not in set_names
+def test_every_function_and_gateway_takes_the_service_token() -> None:
+    """functions.auth on every platform: each tokenizer, stage and gateway container gets
+    TANDEM_AUTH_TOKEN (from a secret, or the host's environment in compose), the gateway also
+    TANDEM_API_KEYS, and no other container either."""
+    read = names_in_code()
+    assert {"TANDEM_AUTH_TOKEN", "TANDEM_API_KEYS"} <= read
+    whole = [c for c in all_containers() if not c.where.startswith("host-network.yml")]  # not overrides
+    served = [c for c in whole if c.role in ("tokenizer", "stage", "gateway")]
+    assert {c.platform for c in served} == {"compose", "k8s", "knative", "cloudrun"}
+    for c in whole:
+        assert ("TANDEM_AUTH_TOKEN" in c.env) == (c in served), c.where
+        assert ("TANDEM_API_KEYS" in c.env) == (c.role == "gateway"), c.where
 
 
 @pytest.fixture(scope="module")
