@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from functions.settings import Env, SettingsError
+from infra.local import prometheus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # logs, pid file and generated config; TANDEM_STATE_DIR moves them (tests use a temp dir)
@@ -103,6 +104,8 @@ def parse(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -
     )
     opt("--ready-timeout", 120.0, type=float, help="seconds to wait for readiness (default 120)")
     opt("--no-export", action="store_true", help="use the bundle as it is; never run the export")
+    opt("--no-prometheus", action="store_true", help="do not start Prometheus (infra/local/prometheus.py)")
+    opt("--prometheus-port", 9090, type=int, help="Prometheus on 127.0.0.1 (default 9090)")
     args = p.parse_args(argv)
     if args.replicas < 1:
         p.error("--replicas must be at least 1")
@@ -316,7 +319,7 @@ def banner(args: argparse.Namespace, config: dict[str, Any], svcs: list[Service]
     metrics = "\n".join(f"    {s.name:<12} http://{h}:{s.port}/metrics" for s in svcs)
     body = json.dumps({"model": config["model_name"], "prompt": "Hello, my name is", "max_tokens": 20})
     return (
-        f"\ntandem is up: {config['model_name']}, {len(svcs) - 2} stage processes. Ctrl-C stops everything.\n"
+        f"\ntandem is up: {config['model_name']}, {len(config['nodes'])} stage processes. Ctrl-C stops everything.\n"
         f"  gateway API   {gw}/v1/completions  (OpenAI-compatible), {gw}/api/model/process\n"
         f"  models        {gw}/v1/models\n  OpenAPI docs  {gw}/docs\n  metrics\n{metrics}\n"
         f"  logs          {_shown(STATE_DIR / 'logs')}/\n  try\n"
@@ -343,6 +346,9 @@ def up(args: argparse.Namespace) -> int:
     config_path = STATE_DIR / "config.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     svcs = services(args, config, config_path)
+    stage_names = [s["name"] for s in manifest["stages"]]
+    if prom := prometheus.plan(args, config, stage_names, STATE_DIR / "prometheus"):
+        svcs.append(Service("prometheus", prom.port, prom.args, prometheus.READY_PATH))
     busy = [f"{s.name} port {s.port}" for s in svcs if port_in_use(args.host, s.port)]
     if busy:
         print(f"[stack] in use: {', '.join(busy)}; free them or choose other ports", file=sys.stderr)
@@ -380,6 +386,11 @@ def up(args: argparse.Namespace) -> int:
         if wait_ready(procs, urls, args.ready_timeout) is not None:
             return 1
         print(banner(args, config, svcs), flush=True)
+        if prom:
+            print(
+                f"  prometheus    {prom.url}  (targets {prom.url}/targets, alerts {prom.url}/alerts)\n",
+                flush=True,
+            )
         while True:  # foreground: a service that dies later takes the stack down with it
             for name, p in procs.items():
                 if p.poll() is not None:
