@@ -4,8 +4,8 @@ long generation get stage-call spans.
 
 The id: with tracing on, the request's trace id (32 hex digits), under which Jaeger finds the whole
 trace. With tracing off (no OTEL_* endpoint) or on a route that is not traced (health, metrics), a
-random id of the same form, new for every response: it names the request for the client and the
-logs, and no trace is stored under it.
+random id of the same form, new for every response: the client can still quote it, but no trace
+is stored under it.
 
 Long generations: every step of a sequence's first TRACED_STEPS (the prefill and the first decode
 steps) gets one call span per stage; after that one step in TRACE_EVERY does. The untraced steps'
