@@ -30,7 +30,6 @@ MISSING = (
 class PrometheusPlan:
     args: list[str]
     port: int
-    url: str
 
 
 def scrape_targets(
@@ -89,4 +88,4 @@ def plan(args: Any, config: dict[str, Any], stage_names: list[str], folder: Path
     )
     config_path = prepare(folder, targets)
     port = args.prometheus_port
-    return PrometheusPlan(command(binary, config_path, port), port, f"http://127.0.0.1:{port}")
+    return PrometheusPlan(command(binary, config_path, port), port)

@@ -318,10 +318,11 @@ def banner(args: argparse.Namespace, config: dict[str, Any], svcs: list[Service]
     gw = f"http://{h}:{args.gateway_port}"
     metrics = "\n".join(f"    {s.name:<12} http://{h}:{s.port}/metrics" for s in svcs)
     body = json.dumps({"model": config["model_name"], "prompt": "Hello, my name is", "max_tokens": 20})
+    prom = "".join(f"  prometheus    http://127.0.0.1:{s.port}\n" for s in svcs if s.name == "prometheus")
     return (
         f"\ntandem is up: {config['model_name']}, {len(config['nodes'])} stage processes. Ctrl-C stops everything.\n"
         f"  gateway API   {gw}/v1/completions  (OpenAI-compatible), {gw}/api/model/process\n"
-        f"  models        {gw}/v1/models\n  OpenAPI docs  {gw}/docs\n  metrics\n{metrics}\n"
+        f"  models        {gw}/v1/models\n  OpenAPI docs  {gw}/docs\n  metrics\n{metrics}\n{prom}"
         f"  logs          {_shown(STATE_DIR / 'logs')}/\n  try\n"
         f"    curl -s {gw}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
     )
@@ -386,11 +387,6 @@ def up(args: argparse.Namespace) -> int:
         if wait_ready(procs, urls, args.ready_timeout) is not None:
             return 1
         print(banner(args, config, svcs), flush=True)
-        if prom:
-            print(
-                f"  prometheus    {prom.url}  (targets {prom.url}/targets, alerts {prom.url}/alerts)\n",
-                flush=True,
-            )
         while True:  # foreground: a service that dies later takes the stack down with it
             for name, p in procs.items():
                 if p.poll() is not None:
