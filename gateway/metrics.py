@@ -68,6 +68,13 @@ class GatewayMetrics:
             "tandem_sequences_cancelled", "Sequences cancelled (client went away).", registry=r
         )
 
+    def init_stages(self, stages: list[str]) -> None:
+        """Export the per-stage counters at 0 from the start, so rate() reads 0 before the first
+        replay instead of nothing."""
+        for name in stages:
+            self.replays.labels(name)
+            self.failovers.labels(name)
+
     def record_request(self, route: str, status: int, seconds: float | None = None) -> None:
         """One finished API request: its route template and the status it ended with (for a stream,
         the status of the error that ended it, or 200; 499 when the client went away)."""

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from gateway.bodies import decode_strict, unknown_fields
 from gateway.errors import GatewayError, InvalidRequestError, NotFoundError
 from gateway.sequence import Event, SamplingParams, Sequence
-from gateway.service import Gateway, disconnected, sampling_from, trace_id
+from gateway.service import Gateway, disconnected, sampling_from
 
 logger = logging.getLogger("tandem.gateway")
 
@@ -183,10 +183,7 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
     texts, ids = _prompts(data)
     seqs = await gw.admit(params, texts=texts, ids=ids)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    tid = trace_id()
-    headers = {"X-Trace-Id": tid} if tid else {}
-    if ignored:
-        headers[IGNORED_HEADER] = ", ".join(ignored)
+    headers = {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
     base = {"id": cid, "object": "text_completion", "created": created, "model": gw.cfg.model_name}
 
     if not data.stream:
@@ -203,7 +200,8 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
             for i, o in enumerate(outs)
         ]
         usage = _usage(sum(o.prompt_tokens for o in outs), sum(len(o.token_ids) for o in outs))
-        trace.get_current_span().set_attribute("gen_ai.usage.output_tokens", usage["completion_tokens"])
+        reasons = [o.finish_reason for o in outs]
+        gw.annotate_response(trace.get_current_span(), seqs, usage["completion_tokens"], reasons)
         gw.metrics.record_request(ROUTE, 200, time.perf_counter() - t0)
         return Response({**base, "choices": choices, "usage": usage}, headers=headers)
 
@@ -216,6 +214,7 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
         sched = gw.require_scheduler()
         queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
         counts = [0] * len(seqs)
+        reasons: list[str | None] = [None] * len(seqs)
 
         async def pump(i: int, s: Sequence) -> None:
             async for ev in sched.stream(s):
@@ -247,7 +246,7 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
                     if params.logprobs:
                         choice["logprobs"] = _logprobs_obj([_token_text(gw, ev.token_id)], [ev.logprob])
                 else:
-                    choice["finish_reason"] = ev.finish_reason
+                    choice["finish_reason"] = reasons[i] = ev.finish_reason
                 chunk = {**base, "choices": [choice]}
                 if include_usage:
                     chunk["usage"] = _usage(prompt_tokens, sum(counts)) if continuous else None
@@ -270,7 +269,7 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
                 sched.cancel(s)
             for p in pumps:
                 p.cancel()
-            span.set_attribute("gen_ai.usage.output_tokens", sum(counts))
+            gw.annotate_response(span, seqs, sum(counts), reasons)
             gw.metrics.record_request(ROUTE, status, time.perf_counter() - t0)
 
     return EventStream(

@@ -21,6 +21,7 @@ from gateway.errors import GatewayError, StageError, StageUnavailableError
 from gateway.metrics import GatewayMetrics
 from gateway.replicas import Replica, Replicas
 from gateway.sequence import Sequence
+from gateway.tracing import step_traced, unsampled
 
 logger = logging.getLogger("tandem.gateway")
 tracer = trace.get_tracer("tandem.gateway")
@@ -192,17 +193,21 @@ class Pipeline:
         headers: dict[str, str] = {}
         t0 = time.perf_counter()
         # One span per request in the batch, each in its own request's trace (one trace per
-        # request); the stage's server span hangs under the first.
+        # request); the stage's server span hangs under the first. Long generations trace only
+        # some steps (gateway.tracing); an untraced call tells the stage not to record either.
+        parents = [(s.parent, s.n_generated) for s in grp if s.parent is not None and s.parent.is_recording()]
         spans = [
-            tracer.start_span(f"{pool.name} call", context=trace.set_span_in_context(s.parent))
-            for s in grp
-            if s.parent is not None and s.parent.is_recording()
+            tracer.start_span(f"{pool.name} call", context=trace.set_span_in_context(parent))
+            for parent, step in parents
+            if step_traced(step)
         ]
         for span in spans:
             span.set_attribute("tandem.batch_size", len(grp))
             span.set_attribute("tandem.replica", rep.node.id)
         if spans:
             inject(headers, context=trace.set_span_in_context(spans[0]))
+        elif parents:
+            inject(headers, context=trace.set_span_in_context(unsampled(parents[0][0])))
         task = asyncio.current_task()
         assert task is not None  # run() gathers the calls: each is a task of its own
         rep.calls.add(task)

@@ -14,7 +14,8 @@ from opentelemetry import trace
 from gateway.bodies import decode_strict
 from gateway.errors import InvalidRequestError
 from gateway.sequence import SamplingParams
-from gateway.service import Gateway, disconnected, sampling_from, trace_id
+from gateway.service import Gateway, disconnected, sampling_from
+from gateway.tracing import current_trace_id
 
 ROUTE = "/api/model/process"
 
@@ -76,7 +77,7 @@ async def process(request: Request[Any, Any, Any], data: JSONBody[ProcessRequest
     params = _params(data, gw.cfg.default_max_tokens)
     seqs = await gw.admit(params, texts=[data.text], param="text")
     (out,) = await gw.collect(seqs, disconnected(request))
-    trace.get_current_span().set_attribute("gen_ai.usage.output_tokens", len(out.token_ids))
+    gw.annotate_response(trace.get_current_span(), seqs, len(out.token_ids), [out.finish_reason])
     gw.metrics.record_request(ROUTE, 200, time.perf_counter() - t0)
     n = len(out.token_ids)
     decode_s = out.seconds - (out.ttft or 0.0)
@@ -94,5 +95,5 @@ async def process(request: Request[Any, Any, Any], data: JSONBody[ProcessRequest
             "stage_ms": {k: round(v * 1000, 2) for k, v in out.stage_seconds.items()},
             "metadata": data.metadata,
         },
-        "trace_id": trace_id(),
+        "trace_id": current_trace_id(),  # the X-Trace-Id header's value (gateway.tracing)
     }

@@ -35,6 +35,7 @@ from gateway.pipeline import Pipeline, StageLayout
 from gateway.replicas import Replicas
 from gateway.scheduler import Scheduler
 from gateway.sequence import Event, SamplingParams, Sequence
+from gateway.tracing import annotate_request, annotate_response
 
 logger = logging.getLogger("tandem.gateway")
 tracer = trace.get_tracer("tandem.gateway")
@@ -68,6 +69,7 @@ class Gateway:
         self.clients = Clients(cfg, transport, poster, auth_token=auth_token)
         self.replicas = Replicas(cfg, self.clients)
         self.metrics = GatewayMetrics(registry)
+        self.metrics.init_stages([p.name for p in self.replicas.pools])
         registry.register(StageUpCollector(self.replicas))
         self.scheduler: Scheduler | None = None
         self.tokenizer: TokenizerCore | None = None
@@ -153,9 +155,11 @@ class Gateway:
         texts: list[str] | None = None,
         ids: list[list[int]] | None = None,
         param: str = "prompt",
+        operation: str = "text_completion",
     ) -> list[Sequence]:
         """The one admission path: encode the texts (or take token ids), check every prompt against
-        the model, then queue all of them or none (429). `param` names the field in errors."""
+        the model, then queue all of them or none (429). `param` names the field in errors;
+        `operation` is the request span's gen_ai.operation.name."""
         sched = self.require_scheduler()
         ready, why = self.replicas.readiness()
         if not ready:  # new work would only wait for a stage that is not there
@@ -169,9 +173,15 @@ class Gateway:
         for p in ids:
             self.check_prompt(p, params, param)
         span = trace.get_current_span()
-        span.set_attribute("gen_ai.request.model", self.cfg.model_name)
-        span.set_attribute("gen_ai.usage.input_tokens", sum(len(p) for p in ids))
+        annotate_request(span, operation, self.cfg.model_name, params, sum(len(p) for p in ids))
         return sched.submit_all(ids, params, span)
+
+    def annotate_response(
+        self, span: trace.Span, seqs: list[Sequence], output_tokens: int, finish_reasons: list[str | None]
+    ) -> None:
+        """The request span's gen_ai.usage / gen_ai.response attributes and per-stage sums."""
+        stages = [p.name for p in self.replicas.pools]
+        annotate_response(span, seqs, stages, output_tokens, finish_reasons)
 
     async def encode(self, texts: list[str]) -> list[list[int]]:
         with tracer.start_as_current_span("tokenizer encode") as span:
@@ -309,10 +319,4 @@ def disconnected(request: Request[Any, Any, Any]) -> Callable[[], Awaitable[None
     return wait
 
 
-def trace_id() -> str | None:
-    """The current request's trace id (32 hex digits), or None when tracing is off."""
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None
-
-
-__all__ = ["Gateway", "GatewayError", "Outcome", "disconnected", "sampling_from", "trace_id"]
+__all__ = ["Gateway", "GatewayError", "Outcome", "disconnected", "sampling_from"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,9 +51,34 @@ def thread_cpus(pid: int) -> dict[int, set[int]]:
     return out
 
 
+def check_prometheus(out: str, port: int) -> None:
+    """The launcher's Prometheus is up on 127.0.0.1:`port` with one target per process (or, where
+    the binary is missing, the launcher said so and the stack ran without it)."""
+    if shutil.which("prometheus") is None:
+        assert "Prometheus is not installed" in out, out
+        return
+    url = f"http://127.0.0.1:{port}"
+    assert f"prometheus    {url}" in out, out
+    assert httpx.get(f"{url}/-/ready", timeout=5).status_code == 200
+    deadline = time.monotonic() + 20  # file_sd targets reach the scrape manager within ~5 s
+    while True:
+        targets = httpx.get(f"{url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        if len(targets) >= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    jobs = sorted((t["labels"]["job"], t["labels"].get("stage", "")) for t in targets)
+    assert jobs == [
+        ("gateway", ""),
+        ("stages", "stage-1"),
+        ("stages", "stage-2"),
+        ("stages", "stage-3"),
+        ("tokenizer", ""),
+    ], targets
+
+
 def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> None:
-    gw, tok, base = free_port(), free_port(), free_port()
-    while any(p in (gw, tok) for p in range(base, base + 3)):
+    gw, tok, base, prom = free_port(), free_port(), free_port(), free_port()
+    while any(p in (gw, tok, prom) for p in range(base, base + 3)):
         base = free_port()
     p = _launcher(
         [
@@ -72,10 +98,13 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
             "--loop-cpu",
             str(LOOP_CPU),
             "--auth",
+            "--prometheus-port",
+            str(prom),
         ],
         tmp_path,
     )
     lines: list[str] = []
+    last_line = "  prometheus " if shutil.which("prometheus") else "  OpenAPI docs"
     try:
         deadline = time.monotonic() + 90
         assert p.stdout is not None
@@ -84,7 +113,7 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
             if not line:
                 break
             lines.append(line)
-            if "/docs" in line:  # the URL block is printed once everything is ready
+            if line.startswith(last_line):  # the URL block is printed once everything is ready
                 break
         out = "".join(lines)
         assert f"http://127.0.0.1:{gw}" in out, out
@@ -112,7 +141,10 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
         )
         assert status.returncode == 0, status.stdout + status.stderr
         assert f"event loops pinned to CPU {LOOP_CPU}" in out
+        check_prometheus(out, prom)
         for service in json.loads((tmp_path / "pids.json").read_text())["services"]:
+            if service["name"] == "prometheus":
+                continue  # not ours to pin
             threads = thread_cpus(service["pid"])
             assert threads[service["pid"]] == {LOOP_CPU}, (service["name"], threads)  # the event loop
             if service["name"].startswith("stage"):  # ONNX Runtime's worker keeps every CPU
@@ -122,7 +154,7 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
         rest, _ = p.communicate(timeout=30)
     assert p.returncode == 0, "".join(lines) + rest
     assert "stopped" in rest
-    for port in (gw, tok, base, base + 1, base + 2):  # every service is gone
+    for port in (gw, tok, base, base + 1, base + 2, prom):  # every service is gone
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
     assert not (tmp_path / "pids.json").exists()

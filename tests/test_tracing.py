@@ -142,8 +142,14 @@ def check_request_trace(spans: list[SpanRecord], route: str, *, batched: bool = 
     assert (root.service, root.kind) == ("gateway", "SERVER"), tree(spans)
     assert root.name == f"POST {route}", tree(spans)
     assert root.attributes.get("gen_ai.request.model") == "gpt2"
+    assert root.attributes.get("gen_ai.operation.name") == "text_completion"
+    assert isinstance(root.attributes.get("gen_ai.request.max_tokens"), int)
+    assert isinstance(root.attributes.get("gen_ai.request.temperature"), float)
     assert isinstance(root.attributes.get("gen_ai.usage.input_tokens"), int)
     assert root.attributes["gen_ai.usage.input_tokens"] > 0
+    assert isinstance(root.attributes.get("gen_ai.usage.output_tokens"), int)
+    reasons = root.attributes.get("gen_ai.response.finish_reasons")
+    assert reasons and set(reasons) <= {"length", "stop"}, root.attributes
     # every other span hangs, directly or not, under that root: nothing orphaned
     for s in spans:
         assert s.parent_span_id is None or s.parent_span_id in by_id, (
@@ -196,10 +202,15 @@ def test_process_request_is_one_trace_across_every_service(traced_stack: Stack, 
     body = r.json()
     tid = body["trace_id"]
     assert isinstance(tid, str) and HEX32.fullmatch(tid), tid
+    assert r.headers["X-Trace-Id"] == tid
     spans = request_trace(otlp, tid)
     root = check_request_trace(spans, "/api/model/process")
     assert root.attributes["gen_ai.usage.input_tokens"] == body["prompt_tokens"]
     assert root.attributes["gen_ai.usage.output_tokens"] == body["completion_tokens"] == 4
+    assert root.attributes["gen_ai.request.max_tokens"] == 4
+    assert root.attributes["gen_ai.request.temperature"] == 0.0  # the original contract's greedy default
+    assert root.attributes["gen_ai.response.finish_reasons"] == ["length"]
+    assert (root.attributes["tandem.steps"], root.attributes["tandem.steps_traced"]) == (4, 4)
     # one prefill plus three decode steps (the 4th token comes from the 3rd decode's logits):
     # every stage is called once per step
     for stage in STAGES:
@@ -325,18 +336,95 @@ def untraced_stack(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
         stack.stop()
 
 
-def test_without_otel_variables_there_is_no_trace_id(untraced_stack: Stack) -> None:
+def test_without_tracing_every_response_still_carries_an_id(untraced_stack: Stack) -> None:
+    """Tracing off: X-Trace-Id is a fresh random id on every response (no trace stored under it),
+    and /api/model/process's trace_id is the same value."""
+    ids = []
+    for _ in range(2):
+        r = httpx.post(
+            f"{untraced_stack.gateway_url}/api/model/process",
+            json={"text": "Hello the model", "max_tokens": 2},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["trace_id"] == r.headers["X-Trace-Id"]
+        ids.append(r.headers["X-Trace-Id"])
+    ids += every_route_ids(untraced_stack.gateway_url)
+    assert all(HEX32.fullmatch(t) for t in ids), ids
+    assert len(set(ids)) == len(ids), ids
+
+
+def every_route_ids(gateway: str) -> list[str]:
+    """X-Trace-Id of one response from every gateway route (and of a refused request on each
+    generation route); fails if any response lacks it."""
+    out = []
+    with httpx.Client(base_url=gateway, timeout=60) as c:
+        responses = [
+            c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2}),
+            c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "stream": True}),
+            c.post("/v1/completions", json={"prompt": "Hello", "temperature": -1}),
+            c.post("/api/model/process", json={"text": ""}),
+            c.get("/v1/models"),
+            c.get("/readyz"),
+            c.get("/healthz"),
+            c.get("/metrics"),
+            c.get("/docs"),
+        ]
+    for r in responses:
+        assert r.headers.get_list("X-Trace-Id") and len(r.headers.get_list("X-Trace-Id")) == 1, (
+            r.request.url,
+            dict(r.headers),
+        )
+        out.append(r.headers["X-Trace-Id"])
+    assert [r.status_code for r in responses] == [200, 200, 400, 400, 200, 200, 200, 200, 200]
+    return out
+
+
+def test_every_route_returns_its_trace_id(traced_stack: Stack, otlp: OtlpReceiver) -> None:
+    """Traced routes answer their own trace's id: the gateway's server span is found under it,
+    for refused requests too. Untraced routes (health, metrics) answer a fresh id."""
+    ids = every_route_ids(traced_stack.gateway_url)
+    assert all(HEX32.fullmatch(t) for t in ids) and len(set(ids)) == len(ids), ids
+    refused_completion, refused_process, models, docs = ids[2], ids[3], ids[4], ids[8]
+    for tid, name in (
+        (refused_completion, "POST /v1/completions"),
+        (refused_process, "POST /api/model/process"),
+        (models, "GET /v1/models"),
+        (docs, "GET /docs"),
+    ):
+        spans = otlp.wait_for(lambda spans: any(s.parent_span_id is None for s in spans), trace_id=tid)
+        roots = [s for s in spans if s.parent_span_id is None]
+        assert [(s.service, s.name) for s in roots] == [("gateway", name)], tree(spans)
+    for tid in ids[5:8]:  # /readyz, /healthz, /metrics: no trace was recorded under these
+        assert otlp.spans(tid) == []
+
+
+def test_a_long_generation_traces_a_sample_of_its_steps(traced_stack: Stack, otlp: OtlpReceiver) -> None:
+    """40 tokens: the first TRACED_STEPS steps and every TRACE_EVERY-th after get stage-call spans
+    (0..15 and 32: 17 per stage); the others are summed on the request span, and the stages record
+    nothing for them (no trace of their own)."""
+    from gateway.tracing import TRACE_EVERY, TRACED_STEPS
+
+    n = 40
+    traced = [k for k in range(n) if k < TRACED_STEPS or k % TRACE_EVERY == 0]
+    assert len(traced) < n  # the test is about the sampled part
     r = httpx.post(
-        f"{untraced_stack.gateway_url}/api/model/process",
-        json={"text": "Hello the model", "max_tokens": 2},
+        f"{traced_stack.gateway_url}/api/model/process",
+        json={"text": "Hello the model", "max_tokens": n, "ignore_eos": True},
         timeout=60,
     )
     assert r.status_code == 200, r.text
-    assert r.json()["trace_id"] is None
-    r = httpx.post(
-        f"{untraced_stack.gateway_url}/v1/completions",
-        json={"prompt": "Hello the model", "max_tokens": 2},
-        timeout=60,
-    )
-    assert r.status_code == 200, r.text
-    assert "X-Trace-Id" not in r.headers
+    body = r.json()
+    spans = request_trace(otlp, body["trace_id"])
+    root = check_request_trace(spans, "/api/model/process")
+    assert root.attributes["tandem.steps"] == n
+    assert root.attributes["tandem.steps_traced"] == len(traced)
+    for stage in STAGES:
+        calls = [s for s in spans if s.service == "gateway" and s.name == f"{stage} call"]
+        assert len(calls) == len(traced), tree(spans)
+        summed = root.attributes[f"tandem.stage_seconds.{stage}"]
+        assert abs(summed - body["metrics"]["stage_ms"][stage] / 1000) < 1e-3
+    orphans = [  # an infer call that opened a trace of its own (start-up metadata calls do, rightly)
+        s for s in otlp.spans() if s.service in STAGES and s.parent_span_id is None and "infer" in s.name
+    ]
+    assert orphans == [], orphans

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from functions.settings import Env, SettingsError
-from infra.local import frontend
+from infra.local import frontend, prometheus
 from infra.local.export_step import run_export
 from infra.local.procs import (
     REPO_ROOT,
@@ -88,6 +88,8 @@ def parse(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -
     )
     opt("--ready-timeout", 120.0, type=float, help="seconds to wait for readiness (default 120)")
     opt("--no-export", action="store_true", help="use the bundle as it is; never run the export")
+    opt("--no-prometheus", action="store_true", help="do not start Prometheus (infra/local/prometheus.py)")
+    opt("--prometheus-port", 9090, type=int, help="Prometheus on 127.0.0.1 (default 9090)")
     opt("--frontend-port", frontend.DEFAULT_PORT, type=int, help="the web UI's port (default 5173)")
     opt("--no-frontend", action="store_true", help="neither build nor serve the web UI")
     opt(
@@ -191,11 +193,12 @@ def banner(
     gw = f"http://{h}:{args.gateway_port}"
     metrics = "\n".join(f"    {s.name:<12} http://{h}:{s.port}/metrics" for s in svcs)
     body = json.dumps({"model": config["model_name"], "prompt": "Hello, my name is", "max_tokens": 20})
+    prom = "".join(f"  prometheus    http://127.0.0.1:{s.port}\n" for s in svcs if s.name == "prometheus")
     return (
-        f"\ntandem is up: {config['model_name']}, {len(svcs) - 2} stage processes. Ctrl-C stops everything.\n"
+        f"\ntandem is up: {config['model_name']}, {len(config['nodes'])} stage processes. Ctrl-C stops everything.\n"
         + (f"  web UI        http://{h}:{ui.port}/\n" if ui else "")
         + f"  gateway API   {gw}/v1/completions  (OpenAI-compatible), {gw}/api/model/process\n"
-        f"  models        {gw}/v1/models\n  OpenAPI docs  {gw}/docs\n  metrics\n{metrics}\n"
+        f"  models        {gw}/v1/models\n  OpenAPI docs  {gw}/docs\n  metrics\n{metrics}\n{prom}"
         f"  logs          {shown(STATE_DIR / 'logs')}/\n  try\n"
         f"    curl -s {gw}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
     )
@@ -236,6 +239,9 @@ def up(args: argparse.Namespace) -> int:
     config_path = STATE_DIR / "config.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     svcs = services(args, config, config_path)
+    stage_names = [s["name"] for s in manifest["stages"]]
+    if prom := prometheus.plan(args, config, stage_names, STATE_DIR / "prometheus"):
+        svcs.append(Service("prometheus", prom.port, prom.args, prometheus.READY_PATH))
     ui = frontend_service(args)
     everything = svcs + ([ui] if ui else [])
     busy = [f"{s.name} port {s.port}" for s in everything if port_in_use(args.host, s.port)]
