@@ -178,13 +178,6 @@ def test_http_random_bodies_keep_the_service_alive(http: httpx.Client) -> None:
     assert http.get("/v2/health/ready").status_code == 200
 
 
-def test_zz_sigterm_exits_zero(server: tuple[str, ProcessHandle]) -> None:
-    # Named to run last in this module: it stops the shared server.
-    _, handle = server
-    code = stop_process(handle, timeout=5)
-    assert code == 0, f"exit code {code}; output tail:\n{handle.stderr_tail()}"
-
-
 def test_large_prompts_do_not_hold_the_event_loop(server: tuple[str, ProcessHandle]) -> None:
     """Four ~1 MB prompts encode in worker threads: a health check sent meanwhile answers at once."""
     import asyncio
@@ -209,3 +202,10 @@ def test_large_prompts_do_not_hold_the_event_loop(server: tuple[str, ProcessHand
     health, encoding = asyncio.run(main())
     assert encoding > 2.0, f"the prompts encoded in {encoding:.2f} s: too fast to show anything"
     assert health < 0.5, f"a health check waited {health:.2f} s behind the encodes ({encoding:.2f} s)"
+
+
+def test_zz_sigterm_exits_zero(server: tuple[str, ProcessHandle]) -> None:
+    # Named to run last in this module: it stops the shared server.
+    _, handle = server
+    code = stop_process(handle, timeout=5)
+    assert code == 0, f"exit code {code}; output tail:\n{handle.stderr_tail()}"

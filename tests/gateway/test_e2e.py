@@ -260,7 +260,6 @@ def test_replay_when_a_stage_loses_the_sequence(
         ({"prompt": "hi", "top_k": -7}, "top_k"),
         ({"prompt": "hi", "n": 2}, "n = 1"),
         ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"prompt": "hi", "bogus": True}, "bogus"),
         ({"prompt": [1, "a"]}, "not a mix"),
         ({"prompt": [10**9]}, "outside the vocabulary"),
         ({"max_tokens": 3}, "prompt"),

@@ -106,11 +106,16 @@ def refuse_429(stack: Stack) -> None:
         async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=60) as c:
             async with c.stream("POST", "/v1/completions", json=hold) as s:
                 assert s.status_code == 200
-                await anext(s.aiter_lines())  # the first token: all four are admitted
-                return await asyncio.gather(
+                # the first token: all four are admitted. Keep the iterator: a discarded one is
+                # finalized by the event loop, which closes the stream (and cancels the four)
+                lines = s.aiter_lines()
+                await anext(lines)
+                refused = await asyncio.gather(
                     c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}),
                     c.post("/api/model/process", json={"text": "x", "max_tokens": 2}),
                 )
+                await lines.aclose()
+                return refused
             # leaving the block closes the stream: the gateway cancels the four sequences
 
     responses = asyncio.run(main())
@@ -219,8 +224,16 @@ def test_every_target_is_up(observed: Observed) -> None:
     assert sorted(float(s["value"][1]) for s in answer["data"]["result"]) == [1.0] * 5
 
 
+def fresh_traffic(observed: Observed) -> None:
+    """Generations just before the queries: their 1 m rate windows must hold some (the module's
+    earlier tests and a slow machine can take longer than that)."""
+    generate(observed.stack)
+    time.sleep(2.5)  # two scrapes at 1 s
+
+
 def test_every_dashboard_query_returns_data(observed: Observed) -> None:
     prom = prometheus_of(observed)
+    fresh_traffic(observed)
     empty = []
     for title, expr in dashboard_queries():
         answer = wait_for_number(prom, resolve(expr), timeout=15)
@@ -232,6 +245,7 @@ def test_every_dashboard_query_returns_data(observed: Observed) -> None:
 
 def test_every_rule_is_valid_and_returns_data(observed: Observed) -> None:
     prom = prometheus_of(observed)
+    fresh_traffic(observed)
     empty = []
     for name, expr in rule_queries():
         answer = prom.query(expr)
