@@ -171,7 +171,8 @@ async def _stack_run(url: str, model: str, prompts: np.ndarray, new_tokens: int)
 
 
 class StackProcess:
-    """`python -m infra.local.stack up --bundle DIR --no-export` as a child process."""
+    """`python -m infra.local.stack up --bundle DIR --no-export --no-prometheus --no-frontend` as a
+    child process: the serving processes only, as in the measurements before those existed."""
 
     def __init__(self, bundle: Path, port: int, command: list[str] | None = None):
         self.port = port
@@ -190,6 +191,8 @@ class StackProcess:
             "--bundle",
             str(bundle.resolve()),
             "--no-export",
+            "--no-prometheus",
+            "--no-frontend",
         ]
         if port != 8000:
             args += ["--gateway-port", str(port)]
