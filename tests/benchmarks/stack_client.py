@@ -174,7 +174,10 @@ class StackProcess:
     """`python -m infra.local.stack up --bundle DIR --no-export --no-prometheus --no-frontend` as a
     child process: the serving processes only, as in the measurements before those existed."""
 
-    def __init__(self, bundle: Path, port: int, command: list[str] | None = None):
+    def __init__(
+        self, bundle: Path, port: int, command: list[str] | None = None, env: dict[str, str] | None = None
+    ):
+        self.env = env  # extra environment for the launcher (and so its services)
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.command = command or self.default_command(bundle, port)
@@ -226,6 +229,7 @@ class StackProcess:
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **(self.env or {})},
         )
         deadline = time.monotonic() + STACK_READY_TIMEOUT_S
         last = "no answer yet"
