@@ -6,6 +6,9 @@ A batch sent to a stage (B rows, S new positions, left-padded):
   input_ids (B, S) int64 (first stage) or hidden_states_{first layer} (B, S, C) float32,
   attention_mask (B, S) int64 over the new positions only (0 = left padding, then 1s),
   sequence_end (B,) bool: free the row's KV cache after this call;
+  sequence_start (B,) bool: the row starts its sequence over (past_lengths 0) although the stage
+    may hold it: without it, a past_lengths 0 row for a held sequence is a 409, so no caller
+    replaces a sequence's KV cache by mistake;
   last stage only: temperature, top_p (B,) float32, top_k, seed (B,) int64.
 The last stage answers token_ids (B,) int64 (+ logprobs (B,) float32, logits (B, V) when asked);
 the others hidden_states_{next layer} (B, S, C). A row whose past length is not what the stage holds
@@ -27,6 +30,7 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"  # inside the ONNX graphs only: the stage derives it from past_lengths
 SEQUENCE_END = "sequence_end"
+SEQUENCE_START = "sequence_start"
 TOKEN_IDS = "token_ids"
 LOGPROBS = "logprobs"
 LOGITS = "logits"
@@ -139,6 +143,7 @@ class StageIO:
             (self.x_name, x[1], x[0]),
             (ATTENTION_MASK, "INT64", [-1, -1]),
             (SEQUENCE_END, "BOOL", [-1]),
+            (SEQUENCE_START, "BOOL", [-1]),
         ]
         if self.last:
             spec += [(p.name, p.datatype, [-1]) for p in SAMPLING]
@@ -175,6 +180,7 @@ class StageBatch:
     n_new: np.ndarray  # (B,) int64: real new positions per row
     end: np.ndarray | None  # (B,) bool
     sampling: Sampling | None  # last stage only
+    start: np.ndarray | None = None  # (B,) bool: restart these rows (past_lengths must be 0)
 
     @property
     def size(self) -> int:
@@ -220,8 +226,13 @@ class StageBatch:
         end = inputs.get(SEQUENCE_END)
         if end is not None and (end.dtype != np.bool_ or end.shape != (B,)):
             raise ContractError(f"{SEQUENCE_END} must be BOOL [{B}]")
+        start = inputs.get(SEQUENCE_START)
+        if start is not None and (start.dtype != np.bool_ or start.shape != (B,)):
+            raise ContractError(f"{SEQUENCE_START} must be BOOL [{B}]")
+        if start is not None and (start & (past != 0)).any():
+            raise ContractError(f"{SEQUENCE_START} rows must have {PAST_LENGTHS} 0")
         sampling = _check_sampling(inputs, B, io.vocab_size) if io.last else None
-        return cls(ids, past, x, mask, n_new, end, sampling)
+        return cls(ids, past, x, mask, n_new, end, sampling, start)
 
 
 def _check_x(x: np.ndarray, io: StageIO, B: int) -> None:

@@ -140,12 +140,24 @@ class StageEngine:
         ids, past, x, n_new = batch.sequence_ids, batch.past_lengths, batch.x, batch.n_new
         self.cache.expire()
         held = np.array([self.cache.length(int(s)) for s in ids], dtype=np.int64)  # (B,)
-        bad = (held != past) & (past != 0)
+        restart = batch.start if batch.start is not None else np.zeros_like(past, dtype=np.bool_)
+        missed = (held != past) & (past != 0)
+        unsaid = (past == 0) & (held > 0) & ~restart  # a held sequence started over without saying so
+        bad = missed | unsaid
         if bad.any():
-            self.cache.misses += int(bad.sum())
+            self.cache.misses += int(missed.sum())
+            why = (
+                [f"{int(missed.sum())} row(s) expect a cached past this stage does not hold"]
+                if missed.any()
+                else []
+            )
+            if unsaid.any():
+                why.append(
+                    f"{int(unsaid.sum())} row(s) start over a sequence this stage holds (send {c.SEQUENCE_START} "
+                    "to replace it)"
+                )
             raise ConflictError(
-                f"{int(bad.sum())} row(s) expect a cached past this stage does not hold; replay them "
-                "from the held lengths",
+                "; ".join(why) + "; replay from the held lengths",
                 extra=c.conflict_extra(ids[bad], held[bad], past[bad]),
             )
         B, S = batch.size, batch.width

@@ -168,6 +168,8 @@ class Pipeline:
             self.layout.input_names[k]: xin,
             c.ATTENTION_MASK: mask,
             c.SEQUENCE_END: np.array([s.last_step for s in grp], dtype=np.bool_),
+            # from scratch (a new sequence, or a replay a stage could not continue): say so
+            c.SEQUENCE_START: np.array([start[s.id] == 0 for s in grp], dtype=np.bool_),
         }
         if k == self.cfg.stages - 1:
             p = [s.params for s in grp]

@@ -21,6 +21,7 @@ EVERYWHERE = {
     "sequence_ids",
     "past_lengths",
     "sequence_end",
+    "sequence_start",
     "held_lengths",
     "attention_mask",
     "position_ids",

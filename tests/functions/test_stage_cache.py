@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from functions import contract as c
 from functions import protocol
 from tests.helpers.procs import free_port, start_stage, stop_process
 from tests.helpers.stage_calls import (
@@ -113,3 +114,19 @@ def test_idle_sequences_expire_without_traffic(tiny_bundle: Path) -> None:
         assert 'tandem_kv_cache_expirations_total{stage="stage-1"} 1.0' in metrics
     finally:
         stop_process(handle)
+
+
+def test_a_held_sequence_is_started_over_only_when_asked(stages: Stages) -> None:
+    """past_lengths 0 for a sequence the stage holds is a 409 (no caller replaces another's KV cache
+    by mistake) unless the row says sequence_start; sequence_start with a past is a 400."""
+    seq = new_id()
+    outputs_of(infer(stages, "stage-1", first_inputs([seq], [[1, 2, 3, 4, 5]])))
+    body = assert_problem(infer(stages, "stage-1", first_inputs([seq], [[7, 7]])), 409, "sequence_start")
+    assert body["sequence_ids"] == [seq] and body["held_lengths"] == [5] and body["past_lengths"] == [0]
+    assert held(stages, "stage-1")[seq] == 5  # untouched
+    again = first_inputs([seq], [[7, 7]]) | {c.SEQUENCE_START: np.array([True])}
+    outputs_of(infer(stages, "stage-1", again))
+    assert held(stages, "stage-1")[seq] == 2  # started over, as asked
+    late = first_inputs([seq], [[8]], past=[2]) | {c.SEQUENCE_START: np.array([True])}
+    assert_problem(infer(stages, "stage-1", late), 400, c.SEQUENCE_START)
+    release(stages, "stage-1", [seq])
