@@ -29,7 +29,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from functions.auth import CHALLENGE, Authenticator
+from functions.auth import CHALLENGE, Authenticator, host_refusal
 from functions.errors import problem_details_handler, problem_media, problem_response
 from functions.fastpath import ASGIApp, FastRoute, FastRoutesApp, Message, Receive, Scope, Send
 from functions.settings import FunctionSettings
@@ -117,6 +117,9 @@ def create_function_app(
         why = auth.refusal(request.url.path, request.headers.get("authorization")) if auth else None
         if why is not None:
             raise NotAuthorizedException(detail=why, headers=CHALLENGE)
+        wrong_host = host_refusal(request.url.path, request.headers.get("host"), settings.allowed_hosts)
+        if wrong_host is not None:
+            raise HTTPException(status_code=400, detail=wrong_host)
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media and "data" in request.route_handler.parsed_fn_signature.parameters and not is_json(media):
             raise HTTPException(
@@ -218,6 +221,7 @@ def create_function_app(
         duration=duration,
         max_body_bytes=settings.max_body_bytes,
         auth=auth,
+        allowed_hosts=settings.allowed_hosts,
     )
 
 

@@ -4,7 +4,8 @@ API keys (TANDEM_API_KEYS, OpenAI style `Authorization: Bearer KEY`). With no to
 service is open, as before.
 
 Health, metrics and the API docs stay open on every service: probes and Prometheus do not carry
-secrets, and none of them reveals or changes what a client sent.
+secrets, and none of them reveals or changes what a client sent. The same goes for the optional
+Host check (TANDEM_ALLOWED_HOSTS, `host_refusal`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,26 @@ import hmac
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+
+def host_refusal(path: str, host: str | None, allowed: tuple[str, ...]) -> str | None:
+    """Why a request to `path` with this Host header is refused (TANDEM_ALLOWED_HOSTS: names, or
+    `*.domain` for its subdomains; empty = any host); None if allowed. A page on another site that
+    makes its name resolve to this machine (DNS rebinding) sends its own name as Host. Health,
+    metrics and docs answer any host: probes address pods by IP."""
+    if not allowed or OPEN_PATHS.fullmatch(path):
+        return None
+    name = (host or "").strip().lower()
+    if name.startswith("["):  # [IPv6]:port
+        name = name[1 : name.find("]")]
+    elif name.count(":") == 1:  # name:port
+        name = name.rsplit(":", 1)[0]
+    for pattern in allowed:
+        p = pattern.lower()
+        if name == p or (p.startswith("*.") and name.endswith(p[1:])):
+            return None
+    return f"the Host header {host!r} is not a name this service answers to (TANDEM_ALLOWED_HOSTS)"
+
 
 OPEN_PATHS = re.compile(r"/(v2/health/(live|ready)|healthz|readyz|health|metrics|docs(/.*)?)")
 MIN_TOKEN_LENGTH = 16

@@ -24,8 +24,9 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from functions.auth import CHALLENGE, Authenticator
+from functions.auth import CHALLENGE, Authenticator, host_refusal
 from functions.errors import (
+    BadRequestError,
     PayloadTooLargeError,
     UnauthorizedError,
     known_problem,
@@ -72,7 +73,9 @@ class FastRoutesApp:
         duration: Histogram,
         max_body_bytes: int,
         auth: Authenticator | None = None,
+        allowed_hosts: tuple[str, ...] = (),
     ):
+        self.allowed_hosts = allowed_hosts
         self.app, self.routes, self.service, self.auth = app, tuple(routes), service, auth
         self.requests, self.duration, self.max_body_bytes = requests, duration, max_body_bytes
 
@@ -95,6 +98,8 @@ class FastRoutesApp:
         try:
             if self.auth is not None and (why := self.auth.refusal(path, headers.get("authorization"))):
                 raise UnauthorizedError(why)
+            if wrong_host := host_refusal(path, headers.get("host"), self.allowed_hosts):
+                raise BadRequestError(wrong_host)
             body = await self._read_body(headers, receive)
             out, extra, media = await route.handler(match, headers, body)
             status = 200

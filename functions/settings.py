@@ -42,6 +42,8 @@ class FunctionSettings:
     auth_token: str | None = field(default=None, repr=False)  # never in logs
     # TANDEM_API_KEYS (comma-separated): the keys the gateway accepts from clients
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # TANDEM_ALLOWED_HOSTS (comma-separated; `*.domain` for subdomains): the Host names answered
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -73,7 +75,7 @@ class FunctionSettings:
     ) -> FunctionSettings:
         """Settings from `PORT`, `TANDEM_HOST`, `TANDEM_MAX_BODY_BYTES`, `TANDEM_LOG_LEVEL`,
         `TANDEM_LOOP_CPU` (a CPU number; empty or unset: no pinning), `TANDEM_FAST_PATH`,
-        `TANDEM_AUTH_TOKEN` and `TANDEM_API_KEYS`.
+        `TANDEM_AUTH_TOKEN`, `TANDEM_API_KEYS` and `TANDEM_ALLOWED_HOSTS`.
 
         Overrides (e.g. command-line flags) win over the environment; None means "not given".
         """
@@ -87,6 +89,7 @@ class FunctionSettings:
             fast_path=e.choice("TANDEM_FAST_PATH", "auto", FAST_PATH_CHOICES),
             auth_token=e.text("TANDEM_AUTH_TOKEN", None),
             api_keys=tuple(e.items("TANDEM_API_KEYS", [])),
+            allowed_hosts=tuple(e.items("TANDEM_ALLOWED_HOSTS", [])),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 

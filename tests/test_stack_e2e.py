@@ -132,6 +132,13 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
         assert refused.headers["www-authenticate"].startswith("Bearer")
         assert httpx.get(sequences, headers={"Authorization": f"Bearer {token}"}).status_code == 200
         assert httpx.get(f"http://127.0.0.1:{base}/metrics").status_code == 200  # scrapers carry no token
+        # loopback stack: a page elsewhere whose name resolves to 127.0.0.1 (DNS rebinding) is refused
+        rebound = httpx.post(
+            f"http://127.0.0.1:{gw}/v1/completions",
+            json={"prompt": "hello", "max_tokens": 1},
+            headers={"Host": f"evil.example:{gw}"},
+        )
+        assert rebound.status_code == 400 and "TANDEM_ALLOWED_HOSTS" in rebound.text, rebound.text
         status = subprocess.run(
             [sys.executable, "-m", "infra.local.stack", "status"],
             cwd=REPO_ROOT,

@@ -39,6 +39,7 @@ from infra.local.procs import (
 
 # logs, pid file and generated config; TANDEM_STATE_DIR moves them (tests use a temp dir)
 STATE_DIR = Path(os.environ.get("TANDEM_STATE_DIR") or REPO_ROOT / ".tandem" / "stack")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 AUTH_TOKEN_FILE = "auth-token"  # in STATE_DIR, while a stack with --auth runs
 AUTO_PIN_MAX_CPUS = 4  # --loop-cpu auto pins on machines this small, where the processes share the cores
 
@@ -210,7 +211,7 @@ def service_token(args: argparse.Namespace, given: str | None) -> dict[str, str]
     calling a function directly. Empty when the functions stay open."""
     path = STATE_DIR / AUTH_TOKEN_FILE
     path.unlink(missing_ok=True)
-    loopback = args.host in ("127.0.0.1", "::1", "localhost")
+    loopback = args.host in LOOPBACK
     if not given and not args.auth and loopback:
         return {}
     token = given or secrets.token_urlsafe(32)
@@ -253,6 +254,8 @@ def up(args: argparse.Namespace) -> int:
     child_env = {k: v for k, v in os.environ.items() if k != "TANDEM_LOOP_CPU"}
     child_env |= service_token(args, child_env.get("TANDEM_AUTH_TOKEN"))
     child_env.setdefault("TANDEM_CORS_ORIGINS", frontend.cors_origins(args.frontend_port))
+    if args.host in LOOPBACK:  # a page elsewhere that resolves its name to 127.0.0.1 gets a 400
+        child_env.setdefault("TANDEM_ALLOWED_HOSTS", ",".join(LOOPBACK))
     if args.loop_cpu is not None:
         child_env["TANDEM_LOOP_CPU"] = str(args.loop_cpu)
         print(
