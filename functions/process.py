@@ -12,6 +12,7 @@ import uvicorn
 
 from functions.fastpath import ASGIApp
 from functions.settings import FunctionSettings
+from functions.timeouts import IDLE_KEEP_ALIVE, BodyTimeout, header_timeout_protocol
 
 __all__ = ["serve", "unpin_this_thread"]
 
@@ -27,7 +28,9 @@ def serve(app: ASGIApp, settings: FunctionSettings) -> int:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per stage call is noise
     config = uvicorn.Config(
-        app,
+        BodyTimeout(app, settings.body_timeout),
+        http=header_timeout_protocol(settings.header_timeout),
+        timeout_keep_alive=int(IDLE_KEEP_ALIVE),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -44,6 +44,9 @@ class FunctionSettings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     # TANDEM_ALLOWED_HOSTS (comma-separated; `*.domain` for subdomains): the Host names answered
     allowed_hosts: tuple[str, ...] = ()
+    # seconds a client may take for a request head, and per request body chunk (functions.timeouts)
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -75,7 +78,8 @@ class FunctionSettings:
     ) -> FunctionSettings:
         """Settings from `PORT`, `TANDEM_HOST`, `TANDEM_MAX_BODY_BYTES`, `TANDEM_LOG_LEVEL`,
         `TANDEM_LOOP_CPU` (a CPU number; empty or unset: no pinning), `TANDEM_FAST_PATH`,
-        `TANDEM_AUTH_TOKEN`, `TANDEM_API_KEYS` and `TANDEM_ALLOWED_HOSTS`.
+        `TANDEM_AUTH_TOKEN`, `TANDEM_API_KEYS`, `TANDEM_ALLOWED_HOSTS`, `TANDEM_HEADER_TIMEOUT` and
+        `TANDEM_BODY_TIMEOUT`.
 
         Overrides (e.g. command-line flags) win over the environment; None means "not given".
         """
@@ -90,6 +94,8 @@ class FunctionSettings:
             auth_token=e.text("TANDEM_AUTH_TOKEN", None),
             api_keys=tuple(e.items("TANDEM_API_KEYS", [])),
             allowed_hosts=tuple(e.items("TANDEM_ALLOWED_HOSTS", [])),
+            header_timeout=e.number("TANDEM_HEADER_TIMEOUT", 10.0, minimum=0.001),
+            body_timeout=e.number("TANDEM_BODY_TIMEOUT", 30.0, minimum=0.001),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -7,6 +7,7 @@ becomes one of these in `as_gateway_error`, so every error has one status and on
     ├── UnauthorizedError (401)         missing or wrong API key
     ├── NotFoundError (404)             unknown model or route
     ├── MethodNotAllowedError (405)
+    ├── RequestTimeoutError (408)       a request body that stalled (functions.timeouts)
     ├── PayloadTooLargeError (413)
     ├── UnsupportedMediaTypeError (415)
     ├── OverloadedError (429)           queue full; carries Retry-After
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 
 from litestar.exceptions import HTTPException
 
-from functions.errors import body_problem, validation_detail
+from functions.errors import FunctionError, body_problem, validation_detail
 
 logger = logging.getLogger("tandem.gateway")
 
@@ -77,6 +78,12 @@ class PayloadTooLargeError(GatewayError):
     title = "Payload Too Large"
 
 
+class RequestTimeoutError(GatewayError):
+    status_code = 408
+    openai_type = "invalid_request_error"
+    title = "Request Timeout"
+
+
 class UnsupportedMediaTypeError(GatewayError):
     status_code = 415
     openai_type = "invalid_request_error"
@@ -119,6 +126,7 @@ _BY_STATUS: dict[int, type[GatewayError]] = {
         MethodNotAllowedError,
         PayloadTooLargeError,
         UnsupportedMediaTypeError,
+        RequestTimeoutError,
         OverloadedError,
     )
 }
@@ -132,6 +140,8 @@ def as_gateway_error(exc: BaseException, method: str, path: str) -> GatewayError
     undecodable = body_problem(exc)
     if undecodable is not None:
         return InvalidRequestError(undecodable)
+    if isinstance(exc, FunctionError) and exc.status_code in _BY_STATUS:  # raised below the routes
+        return _BY_STATUS[exc.status_code](exc.detail)
     if isinstance(exc, HTTPException):
         status = exc.status_code
         headers = dict(exc.headers or {})
