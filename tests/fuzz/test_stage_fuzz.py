@@ -1,4 +1,5 @@
-"""A protocol fuzzer for a real stage process's infer route (POST /v2/models/stage-1/infer).
+"""A protocol fuzzer for real stage processes' infer route (POST /v2/models/stage-k/infer): the first
+stage (token ids in) and the last (hidden states in, sampling parameters, token ids out).
 
 Hypothesis builds valid Open Inference Protocol requests (JSON tensors or the binary tensor
 extension) and mutates them: tensor names, datatypes, shapes (negative, huge, not integers, too many
@@ -31,16 +32,27 @@ from tests.helpers.procs import ProcessHandle, free_port, start_stage, stop_proc
 
 pytestmark = pytest.mark.slow
 
-CASES = 3000
-STAGE = c.stage_name(1)
-VOCAB = 520  # the tiny test model's vocabulary (tests/conftest.py)
+# stage -> cases: the first stage (token ids), and the last (hidden states in, sampling parameters)
+CASES = {1: 3000, 3: 1500}
+VOCAB = 520  # the tiny test model (tests/conftest.py): vocabulary, width, 2 layers per stage
+N_EMBD = 64
 KV_CACHE_BYTES = 64 << 20  # the fuzzed stage's KV cache budget: valid cases create sequences
 RSS_SLACK_KB = 300 * 1024  # RSS may grow at most this much over the warmed-up baseline
 RSS_EVERY = 50  # cases between RSS samples
 TIMEOUT = 30.0  # per request; a stage that takes longer is stuck
 
 TENSOR_NAMES = [c.SEQUENCE_IDS, c.PAST_LENGTHS, c.INPUT_IDS, c.ATTENTION_MASK, c.SEQUENCE_END]
-OTHER_NAMES = [c.hidden_states(2), c.TOKEN_IDS, c.TEMPERATURE, c.TOP_K, c.TOP_P, c.SEED, c.LOGITS, ""]
+OTHER_NAMES = [
+    c.hidden_states(2),
+    c.hidden_states(4),
+    c.TOKEN_IDS,
+    c.TEMPERATURE,
+    c.TOP_K,
+    c.TOP_P,
+    c.SEED,
+    c.LOGITS,
+    "",
+]
 DATATYPES = [*protocol.DATATYPES, "BYTES", "INT128", "fp32", ""]
 BIG = [2**1024, -(10**400), 2**64, 1e308, -1e-320]  # JSON numbers beyond float32 / float64 / int64
 HUGE = [2**31, 2**32, 2**62, 2**63 - 1, 2**63, 2**64, 10**30, protocol.MAX_ELEMENTS + 1]
@@ -56,19 +68,35 @@ class Tensor:
     extra: dict[str, Any] = field(default_factory=dict)  # entry fields added or replaced
 
 
-def _valid_tensors(draw: st.DrawFn) -> list[Tensor]:
+def _valid_tensors(draw: st.DrawFn, stage: int) -> list[Tensor]:
     rows = draw(st.integers(1, 4))
     width = draw(st.integers(1, 6))
     ids = draw(st.lists(st.integers(0, 2**62), min_size=rows, max_size=rows, unique=True))
     past = draw(st.lists(st.sampled_from([0, 0, 0, 1, 4]), min_size=rows, max_size=rows))
-    tokens = np.array(
-        draw(st.lists(st.integers(0, VOCAB - 1), min_size=rows * width, max_size=rows * width)), np.int64
-    ).reshape(rows, width)
     tensors = [
         Tensor(c.SEQUENCE_IDS, "INT64", [rows], np.array(ids, np.int64)),
         Tensor(c.PAST_LENGTHS, "INT64", [rows], np.array(past, np.int64)),
-        Tensor(c.INPUT_IDS, "INT64", [rows, width], tokens),
     ]
+    if stage == 1:
+        tokens = draw(st.lists(st.integers(0, VOCAB - 1), min_size=rows * width, max_size=rows * width))
+        x = np.array(tokens, np.int64).reshape(rows, width)
+        tensors.append(Tensor(c.INPUT_IDS, "INT64", [rows, width], x))
+    else:  # hidden states of any finite magnitude, and the sampling parameters, edges included
+        scale = draw(st.sampled_from([1.0, 1e-30, 1e10, 3e38]))
+        x = np.random.default_rng(draw(st.integers(0, 99))).standard_normal((rows, width, N_EMBD)) * scale
+        with np.errstate(all="ignore"):
+            x32 = np.clip(x, -3e38, 3e38).astype(np.float32)
+        tensors.append(Tensor(c.hidden_states(2 * (stage - 1)), "FP32", [rows, width, N_EMBD], x32))
+        edges = {
+            c.TEMPERATURE: [0.0, 1.0, 1e-45, 1e-30, c.TEMPERATURE_MAX, 0.7],
+            c.TOP_P: [1.0, c.TOP_P_MIN, 1e-30, 0.5, 0.999],
+            c.TOP_K: [0, 1, VOCAB, VOCAB - 1, 40],
+            c.SEED: [-1, 0, 2**62 - 1, -(2**63), 2**63 - 1, 7],
+        }
+        for p in c.SAMPLING:
+            if draw(st.integers(0, 3)):
+                values = draw(st.lists(st.sampled_from(edges[p.name]), min_size=rows, max_size=rows))
+                tensors.append(Tensor(p.name, p.datatype, [rows], np.array(values, p.dtype)))
     if draw(st.booleans()):
         pad = draw(st.lists(st.integers(0, width - 1), min_size=rows, max_size=rows))
         mask = np.array([[0] * p + [1] * (width - p) for p in pad], np.int64)
@@ -173,9 +201,9 @@ class Case:
 
 
 @st.composite
-def cases(draw: st.DrawFn) -> Case:
+def cases(draw: st.DrawFn, stage: int) -> Case:
     kind = draw(st.sampled_from(["valid", "tensor", "tensor", "tensor", "body", "header", "garbage"]))
-    tensors = _valid_tensors(draw)
+    tensors = _valid_tensors(draw, stage)
     header_extra: dict[str, Any] = {}
     if kind == "tensor":
         for _ in range(draw(st.integers(1, 3))):
@@ -186,7 +214,11 @@ def cases(draw: st.DrawFn) -> Case:
             st.one_of(
                 st.lists(
                     st.fixed_dictionaries(
-                        {"name": st.sampled_from([c.hidden_states(2), "nope", 3])},
+                        {
+                            "name": st.sampled_from(
+                                [c.hidden_states(2), c.TOKEN_IDS, c.LOGPROBS, c.LOGITS, "nope", 3]
+                            )
+                        },
                         optional={
                             "parameters": st.sampled_from([{"binary_data": True}, {"binary_data": 1}, []])
                         },
@@ -228,7 +260,8 @@ def cases(draw: st.DrawFn) -> Case:
     elif kind == "garbage":
         body = draw(st.binary(max_size=256))
         hlen = draw(st.one_of(st.none(), st.integers(0, len(body)).map(str)))
-    model = draw(st.sampled_from([STAGE] * 19 + ["stage-2", "stage-0", "x", "1", "%00"]))
+    others = [c.stage_name(k) for k in (1, 2, 3) if k != stage] + ["stage-0", "x", "1", "%00"]
+    model = draw(st.sampled_from([c.stage_name(stage)] * 40 + others))
     headers = {"content-type": "application/octet-stream"}
     if hlen is not None:
         headers[protocol.HEADER] = hlen
@@ -242,31 +275,34 @@ def rss_kb(pid: int) -> int:
     raise AssertionError(f"no VmRSS for process {pid}")
 
 
-@pytest.fixture(scope="module")
-def stage(tiny_bundle: Path) -> Iterator[tuple[str, ProcessHandle]]:
+@pytest.fixture(params=sorted(CASES), ids=[c.stage_name(k) for k in sorted(CASES)])
+def stage(request: pytest.FixtureRequest, tiny_bundle: Path) -> Iterator[tuple[int, str, ProcessHandle]]:
     port = free_port()
-    handle = start_stage(tiny_bundle, 1, port, env={"TANDEM_KV_CACHE_BYTES": str(KV_CACHE_BYTES)})
+    k = request.param
+    handle = start_stage(tiny_bundle, k, port, env={"TANDEM_KV_CACHE_BYTES": str(KV_CACHE_BYTES)})
     try:
-        yield f"http://127.0.0.1:{port}", handle
+        yield k, f"http://127.0.0.1:{port}", handle
     finally:
         stop_process(handle)
 
 
-def test_stage_infer_fuzz(stage: tuple[str, ProcessHandle]) -> None:
-    url, handle = stage
+def test_stage_infer_fuzz(stage: tuple[int, str, ProcessHandle]) -> None:
+    k, url, handle = stage
+    name = c.stage_name(k)
     pid = handle.process.pid
     client = httpx.Client(timeout=TIMEOUT)
     # warm up (first calls allocate ONNX Runtime's arena) before taking the baseline
     for n in (1, 8, 64):
+        x = np.ones((1, n), np.int64) if k == 1 else np.ones((1, n, N_EMBD), np.float32)
         body, hlen = protocol.encode_request(
             {
                 c.SEQUENCE_IDS: np.array([n], np.int64),
                 c.PAST_LENGTHS: np.array([0], np.int64),
-                c.INPUT_IDS: np.ones((1, n), np.int64),
+                c.INPUT_IDS if k == 1 else c.hidden_states(2 * (k - 1)): x,
                 c.SEQUENCE_END: np.array([True]),
             }
         )
-        r = client.post(f"{url}/v2/models/{STAGE}/infer", content=body, headers={protocol.HEADER: str(hlen)})
+        r = client.post(f"{url}/v2/models/{name}/infer", content=body, headers={protocol.HEADER: str(hlen)})
         assert r.status_code == 200, r.text
     baseline = rss_kb(pid)
     bound = baseline + RSS_SLACK_KB
@@ -277,14 +313,14 @@ def test_stage_infer_fuzz(stage: tuple[str, ProcessHandle]) -> None:
     t0 = time.monotonic()
 
     @settings(
-        max_examples=CASES,
+        max_examples=CASES[k],
         derandomize=True,
         database=None,
         deadline=None,
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
-    @given(cases())
+    @given(cases(k))
     def run(case: Case) -> None:
         nonlocal count, peak
         count += 1
@@ -311,7 +347,7 @@ def test_stage_infer_fuzz(stage: tuple[str, ProcessHandle]) -> None:
     after = rss_kb(pid)
     peak = max(peak, after)
     print(
-        f"\nstage fuzz: {count} cases in {elapsed:.1f} s; RSS baseline {baseline // 1024} MiB, "
+        f"\n{name} fuzz: {count} cases in {elapsed:.1f} s; RSS baseline {baseline // 1024} MiB, "
         f"peak {peak // 1024} MiB, after {after // 1024} MiB (bound {bound // 1024} MiB)"
     )
     for (kind, status), n in sorted(statuses.items()):
