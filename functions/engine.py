@@ -186,6 +186,15 @@ class StageEngine:
         t0 = time.perf_counter()
         outs = self.session.run(None, feeds, self.shrink if B * (P + S) > SHRINK_ABOVE else None)
         seconds = time.perf_counter() - t0
+        if self.io.last:  # refused before storing: a refused request changes nothing
+            assert batch.sampling is not None
+            hot = np.nonzero(batch.sampling.temperature > 0)[0]  # rows that sample (greedy takes argmax)
+            broken = [int(ids[b]) for b in hot if not np.isfinite(outs[0][b]).all()]
+            if broken:
+                raise c.ContractError(
+                    f"sequence(s) {broken}: the logits are not finite (the hidden states are beyond "
+                    "what this model computes in float32), so no token can be sampled"
+                )
         self._store(batch, P, outs[1:])
         if len(self.cache) == 0:
             give_back_memory()

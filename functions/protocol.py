@@ -217,7 +217,10 @@ def _from_json(data: Any, dtype: np.dtype[Any], shape: list[int], count: int, wh
         if min(flat) < info.min or max(flat) > info.max:
             raise ProtocolError(f"{where} 'data' holds values outside the range of {dtype.name}")
     elif dtype.kind == "f":
-        wide = np.array(flat, dtype=np.float64)
+        try:
+            wide = np.array(flat, dtype=np.float64)
+        except OverflowError:  # a JSON integer beyond any float (2**1024 and up)
+            wide = np.array([math.inf])
         if np.abs(wide).max() > np.finfo(dtype).max:
             raise ProtocolError(f"{where} 'data' holds values too large for {dtype.name}")
     return np.array(flat, dtype=dtype).reshape(tuple(shape))

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -61,6 +62,7 @@ class CompletionRequest(msgspec.Struct):
 
 
 IGNORED_HEADER = "X-Tandem-Ignored-Fields"
+IGNORED_HEADER_MAX = 1024  # characters of the header value; a longer list ends with ", ..."
 _KNOWN_FIELDS = frozenset(CompletionRequest.__struct_fields__)
 _UNSUPPORTED = ("suffix", "best_of", "logit_bias")
 
@@ -76,6 +78,18 @@ async def ignored_fields(request: Request[Any, Any, Any], strict: bool) -> list[
     if unknown:
         logger.warning("ignored unknown request field(s) %s on %s", unknown, request.url.path)
     return unknown
+
+
+def ignored_header(ignored: Seq[str]) -> dict[str, str]:
+    """The IGNORED_HEADER for these field names: each percent-encoded (a name is any JSON string,
+    and a newline or a non-ASCII character in a header value makes the server drop the connection),
+    joined with ", ", at most IGNORED_HEADER_MAX characters."""
+    if not ignored:
+        return {}
+    value = ", ".join(quote(name, safe="") for name in ignored)
+    if len(value) > IGNORED_HEADER_MAX:
+        value = value[: IGNORED_HEADER_MAX - 5] + ", ..."
+    return {IGNORED_HEADER: value}
 
 
 class EventStream(Stream):
@@ -183,7 +197,7 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
     texts, ids = _prompts(data)
     seqs = await gw.admit(params, texts=texts, ids=ids)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    headers = {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
+    headers = ignored_header(ignored)
     base = {"id": cid, "object": "text_completion", "created": created, "model": gw.cfg.model_name}
 
     if not data.stream:

@@ -136,6 +136,9 @@ BAD_JSON_REQUESTS = {
     "out of range": json_request([entry(datatype="UINT8", data=[1, 256])]),
     "huge int": json_request([entry(data=[2**70, 1])]),
     "fp16 overflow": json_request([entry(datatype="FP16", data=[1e6, 1])]),
+    # found by tests/fuzz: an integer beyond float64 was an OverflowError (a 500), not a 400
+    "int beyond float64 in fp32": json_request([entry(datatype="FP32", data=[2**1024, 1])]),
+    "int beyond float64 in fp64": json_request([entry(datatype="FP64", data=[1, -(10**400)])]),
     "ragged nested": json_request([entry(shape=[2, 2], data=[[1, 2], [3, [4]]])]),
     "binary without header": json_request(
         [{**entry(), "parameters": {"binary_data_size": 16}, "data": None}]

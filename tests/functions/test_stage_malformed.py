@@ -50,6 +50,12 @@ def _ok3(rows: int = 1, **extra: np.ndarray) -> dict[str, np.ndarray]:
     return {**hidden_inputs("hidden_states_4", [new_id() for _ in range(rows)], x), **extra}
 
 
+def _huge3() -> dict[str, np.ndarray]:
+    x = np.full((1, 2, N_EMBD), 3e38, np.float32)  # finite, but the layer norm's sums overflow
+    x[..., 0] = -3e38
+    return _with(_ok3(temperature=_f32(1)), hidden_states_4=x)
+
+
 def _truncated() -> tuple[bytes, dict[str, str]]:
     body, headers = _encoded(_ok1())
     return body[:-5], headers
@@ -341,6 +347,8 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, tuple[str, ...]]] = [
     ("top-k-absurd", "stage-3", lambda: _encoded(_ok3(top_k=_i64(10**12))), 400, ("top_k",)),
     ("sampling-batch-mismatch", "stage-3", lambda: _encoded(_ok3(2, seed=_i64(1))), 400, ("seed",)),
     ("sampling-on-stage-1", "stage-1", lambda: _encoded(_ok1(temperature=_f32(1))), 400, ("temperature",)),
+    # found by tests/fuzz: finite but huge hidden states give NaN logits, and sampling them was a 500
+    ("hidden-states-huge-sampled", "stage-3", lambda: _encoded(_huge3()), 400, ("logits", "not finite")),
 ]
 
 

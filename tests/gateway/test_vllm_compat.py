@@ -118,6 +118,17 @@ def test_unknown_fields_are_ignored_and_named(stack: InProcessStack) -> None:
     assert r.status_code == 200 and IGNORED_HEADER not in r.headers
 
 
+def test_ignored_field_names_are_percent_encoded_in_the_header(stack: InProcessStack) -> None:
+    # found by tests/fuzz: a name with a newline went into the header as is, and the server dropped
+    # the connection without an answer; a very long name made a header of any size
+    body = {"prompt": TEXT, "max_tokens": 1, "a\nb, c": 1, "é": 2}
+    r = call(stack, "POST", "/v1/completions", json=body)
+    assert r.status_code == 200 and r.headers[IGNORED_HEADER] == "a%0Ab%2C%20c, %C3%A9", r.text
+    r = call(stack, "POST", "/v1/completions", json={**body, "x" * 5000: 3})
+    value = r.headers[IGNORED_HEADER]
+    assert value.startswith("a%0Ab%2C%20c, xxx") and value.endswith(", ...") and len(value) == 1024
+
+
 def test_strict_mode_refuses_unknown_fields(stack: InProcessStack) -> None:
     gw = stack.gateway
     cfg = gw.cfg
