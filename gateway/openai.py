@@ -19,8 +19,8 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 from opentelemetry import trace
 
-from gateway.bodies import decode_strict, unknown_fields
-from gateway.errors import GatewayError, InvalidRequestError, NotFoundError
+from gateway.bodies import decode_strict
+from gateway.errors import GatewayError, InvalidRequestError
 from gateway.sequence import Event, SamplingParams, Sequence
 from gateway.service import Gateway, disconnected, sampling_from
 
@@ -63,14 +63,12 @@ class CompletionRequest(msgspec.Struct):
 
 IGNORED_HEADER = "X-Tandem-Ignored-Fields"
 IGNORED_HEADER_MAX = 1024  # characters of the header value; a longer list ends with ", ..."
-_KNOWN_FIELDS = frozenset(CompletionRequest.__struct_fields__)
 _UNSUPPORTED = ("suffix", "best_of", "logit_bias")
 
 
-async def ignored_fields(request: Request[Any, Any, Any], strict: bool) -> list[str]:
+def ignored_fields(request: Request[Any, Any, Any], unknown: list[str], strict: bool) -> list[str]:
     """Unknown top-level fields: logged and returned (the caller names them in a header), or a 400
     in strict mode."""
-    unknown = await unknown_fields(request, _KNOWN_FIELDS)
     if unknown and strict:
         raise InvalidRequestError(
             f"unknown field(s) {unknown} (this gateway runs with strict_fields)", param=unknown[0]
@@ -137,11 +135,7 @@ def _prompts(data: CompletionRequest) -> tuple[list[str] | None, list[list[int]]
 
 def _params(gw: Gateway, data: CompletionRequest) -> SamplingParams:
     """The request's sampling parameters; refuses what this server does not support, naming it."""
-    if data.model is not None and data.model != gw.cfg.model_name:
-        raise NotFoundError(
-            f"model {data.model!r} is not served here; GET /v1/models lists {gw.cfg.model_name!r}",
-            param="model",
-        )
+    gw.check_model(data.model)
     for name in _UNSUPPORTED:
         if getattr(data, name) is not None and not (name == "best_of" and data.best_of == 1):
             raise InvalidRequestError(f"{name} is not supported", param=name)
@@ -191,8 +185,8 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
     """OpenAI-compatible text completion (streaming with `stream: true`)."""
     gw: Gateway = request.app.state.gateway
     t0 = time.perf_counter()
-    data = await decode_strict(request, CompletionRequest)
-    ignored = await ignored_fields(request, gw.cfg.strict_fields)
+    data, unknown = await decode_strict(request, CompletionRequest)
+    ignored = ignored_fields(request, unknown, gw.cfg.strict_fields)
     params = _params(gw, data)
     texts, ids = _prompts(data)
     seqs = await gw.admit(params, texts=texts, ids=ids)

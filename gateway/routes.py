@@ -73,7 +73,7 @@ async def process(request: Request[Any, Any, Any], data: JSONBody[ProcessRequest
     """Generate a continuation of `text` (greedy unless temperature is given)."""
     gw: Gateway = request.app.state.gateway
     t0 = time.perf_counter()
-    data = await decode_strict(request, ProcessRequest)
+    data, _ = await decode_strict(request, ProcessRequest)
     params = _params(data, gw.cfg.default_max_tokens)
     seqs = await gw.admit(params, texts=[data.text], param="text")
     (out,) = await gw.collect(seqs, disconnected(request))

@@ -27,6 +27,7 @@ from gateway.errors import (
     ClientClosedError,
     GatewayError,
     InvalidRequestError,
+    NotFoundError,
     PayloadTooLargeError,
     StageUnavailableError,
 )
@@ -141,6 +142,14 @@ class Gateway:
         if self.scheduler is None:
             return False, self.status
         return self.replicas.readiness()
+
+    def check_model(self, model: str | None) -> None:
+        """A request's `model`, when given, must be the one served here (404 naming it)."""
+        if model is not None and model != self.cfg.model_name:
+            raise NotFoundError(
+                f"model {model!r} is not served here; GET /v1/models lists {self.cfg.model_name!r}",
+                param="model",
+            )
 
     def require_scheduler(self) -> Scheduler:
         if self.scheduler is None:

@@ -13,7 +13,7 @@ from litestar.params import JSONBody
 
 from gateway import __version__
 from gateway.bodies import decode_strict
-from gateway.errors import InvalidRequestError, NotFoundError, StageUnavailableError
+from gateway.errors import InvalidRequestError, StageUnavailableError
 from gateway.service import Gateway
 
 
@@ -30,10 +30,7 @@ class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 def _gateway(request: Request[Any, Any, Any], model: str | None) -> Gateway:
     gw: Gateway = request.app.state.gateway
-    if model is not None and model != gw.cfg.model_name:
-        raise NotFoundError(
-            f"model {model!r} is not served here; GET /v1/models lists {gw.cfg.model_name!r}", param="model"
-        )
+    gw.check_model(model)
     return gw
 
 
@@ -57,7 +54,7 @@ def version() -> dict[str, str]:
 @post("/tokenize", status_code=200, tags=["vllm"])
 async def tokenize(request: Request[Any, Any, Any], data: JSONBody[TokenizeRequest]) -> dict[str, Any]:
     """The prompt's token ids as the served model sees them (the tokenizer function encodes it)."""
-    data = await decode_strict(request, TokenizeRequest)
+    data, _ = await decode_strict(request, TokenizeRequest)
     gw = _gateway(request, data.model)
     gw.require_scheduler()
     (ids,) = await gw.encode([data.prompt])
@@ -68,7 +65,7 @@ async def tokenize(request: Request[Any, Any, Any], data: JSONBody[TokenizeReque
 @post("/detokenize", status_code=200, tags=["vllm"])
 async def detokenize(request: Request[Any, Any, Any], data: JSONBody[DetokenizeRequest]) -> dict[str, str]:
     """The text of a list of token ids."""
-    data = await decode_strict(request, DetokenizeRequest)
+    data, _ = await decode_strict(request, DetokenizeRequest)
     gw = _gateway(request, data.model)
     gw.require_scheduler()
     assert gw.tokenizer is not None and gw.layout is not None
