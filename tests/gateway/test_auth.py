@@ -30,11 +30,7 @@ def stack(tiny_bundle: Path) -> Iterator[InProcessStack]:
 
 
 def call(stack: InProcessStack, host: str, method: str, path: str, **kw: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=stack.router, base_url=f"http://{host}") as client:
-            return await client.request(method, path, **kw)
-
-    return stack.run(go())
+    return stack.call(method, path, host, **kw)
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -27,12 +27,7 @@ def stack(tiny_bundle: Path) -> Iterator[InProcessStack]:
 
 
 def post(stack: InProcessStack, host: str, path: str, body: bytes, media: str | None) -> httpx.Response:
-    async def go() -> httpx.Response:
-        headers = {"Content-Type": media} if media else {}
-        async with httpx.AsyncClient(transport=stack.router, base_url=f"http://{host}") as client:
-            return await client.post(path, content=body, headers=headers)
-
-    return stack.run(go())
+    return stack.call("POST", path, host, content=body, headers={"Content-Type": media} if media else {})
 
 
 def message(r: httpx.Response) -> str:

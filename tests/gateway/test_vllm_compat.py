@@ -29,11 +29,7 @@ def stack(tiny_bundle: Path) -> Iterator[InProcessStack]:
 
 
 def call(stack: InProcessStack, method: str, path: str, **kw: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        async with stack.client() as c:
-            return await c.request(method, path, **kw)
-
-    return stack.run(go())
+    return stack.call(method, path, **kw)
 
 
 def openai_error(r: httpx.Response, status: int, *words: str) -> dict[str, Any]:
