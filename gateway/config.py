@@ -40,7 +40,11 @@ class GatewayConfig:
     max_waiting: int = 256  # queued behind them; beyond that, 429
     max_prefill_batch: int = 16  # new sequences admitted per step
     connect_timeout: float = 2.0
-    call_timeout: float = 60.0  # one stage call, prefill included
+    call_timeout: float = 60.0  # one stage call, prefill included (the most any deadline allows)
+    # per-call deadline: this many times the stage's slowest recent seconds per position, x the
+    # call's positions, at least call_deadline_floor (gateway.deadlines); factor 0 = call_timeout only
+    call_deadline_factor: float = 10.0
+    call_deadline_floor: float = 5.0
     retries: int = 3  # transport-level retries per stage call, with backoff
     backoff: float = 0.05  # seconds, doubled per retry
     request_timeout: float = 600.0  # a request running longer fails with 504 (its stages are freed)

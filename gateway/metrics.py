@@ -51,6 +51,12 @@ class GatewayMetrics:
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
+        self.deadline_misses = Counter(
+            "tandem_stage_deadline_misses",
+            "Stage calls abandoned at their latency-derived deadline (the replica is marked down).",
+            ["stage", "replica"],
+            registry=r,
+        )
         self.replays = Counter(
             "tandem_replays", "Rows replayed to rebuild a stage's KV cache.", ["stage"], registry=r
         )

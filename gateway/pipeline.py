@@ -17,7 +17,8 @@ from opentelemetry.propagate import inject
 from functions import contract as c
 from gateway.clients import Clients, StageConflict, StageRejected
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, StageError, StageUnavailableError
+from gateway.deadlines import CallDeadlines
+from gateway.errors import GatewayError, StageError, StageTimeoutError, StageUnavailableError
 from gateway.metrics import GatewayMetrics
 from gateway.replicas import Replica, Replicas
 from gateway.sequence import Sequence
@@ -64,6 +65,9 @@ class Pipeline:
             replicas,
             metrics,
             layout,
+        )
+        self.deadlines = CallDeadlines(
+            cfg.stages, cfg.call_deadline_factor, cfg.call_deadline_floor, cfg.call_timeout
         )
 
     async def run(self, k: int, rows: list[Sequence], x: dict[int, np.ndarray]) -> StageOutcome:
@@ -213,8 +217,17 @@ class Pipeline:
         task = asyncio.current_task()
         assert task is not None  # run() gathers the calls: each is a task of its own
         rep.calls.add(task)
+        S = max(len(r) for r in rows)
+        budget = self.deadlines.budget(k, len(grp) * S)
         try:
-            out = await self.clients.infer(rep.node, pool.name, inputs, outputs, headers)
+            async with asyncio.timeout(budget):
+                out = await self.clients.infer(rep.node, pool.name, inputs, outputs, headers)
+        except TimeoutError:
+            self.metrics.deadline_misses.labels(pool.name, rep.node.id).inc()
+            raise StageTimeoutError(
+                f"{pool.name} replica {rep.node.id!r} did not answer a {len(grp)} x {S} call within "
+                f"{budget:.1f} s (its deadline from the stage's recent latency)"
+            ) from None
         except asyncio.CancelledError:
             if task not in rep.abandoned:
                 raise  # cancelled from outside (shutdown): not this replica's doing
@@ -229,7 +242,7 @@ class Pipeline:
                 span.end()
         dt = time.perf_counter() - t0
         self.metrics.stage_call.labels(pool.name, rep.node.id).observe(dt)
-        S = max(len(r) for r in rows)
+        self.deadlines.observe(k, dt, len(grp) * S)
         result: dict[int, np.ndarray | tuple[int, float | None]] = {}
         for b, s in enumerate(grp):
             s.stage_seconds[k] += dt

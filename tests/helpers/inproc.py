@@ -35,11 +35,14 @@ T = TypeVar("T")
 
 class HostRouter(httpx.AsyncBaseTransport):
     """Routes a request to the in-process app serving its host:port. A host marked down refuses
-    the connection, like a process that died (its app keeps running, unreachable)."""
+    the connection, like a process that died (its app keeps running, unreachable); a hung host takes
+    infer calls and never answers them while its health checks still pass (a stuck worker behind a
+    live server: only a deadline on the call finds it)."""
 
     def __init__(self) -> None:
         self.apps: dict[str, httpx.ASGITransport] = {}
         self.down: set[str] = set()
+        self.hung: set[str] = set()
         self.calls: dict[str, int] = {}
 
     def add(self, host: str, app: ASGIApp) -> None:
@@ -50,6 +53,8 @@ class HostRouter(httpx.AsyncBaseTransport):
         self.calls[host] = self.calls.get(host, 0) + 1
         if host in self.down or host not in self.apps:
             raise httpx.ConnectError(f"connection refused by {host}", request=request)
+        if host in self.hung and request.url.path.endswith("/infer"):
+            await asyncio.Event().wait()  # until the caller gives up (cancels)
         return await self.apps[host].handle_async_request(request)
 
 
