@@ -17,11 +17,14 @@ gets a 409 whose body names the rows and the lengths held (`conflict_extra` / `p
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from functions.protocol import DATATYPES
 
 # ---- tensor names on the wire ----
 SEQUENCE_IDS = "sequence_ids"
@@ -157,6 +160,17 @@ class StageIO:
                 {"name": LOGITS, "datatype": "FP32", "shape": [-1, self.vocab_size]},
             ]
         return [{"name": self.y_name, "datatype": "FP32", "shape": [-1, -1, self.n_embd]}]
+
+    def answer_bytes(self, rows: int, width: int, names: Iterable[str] | None) -> int:
+        """Tensor bytes of an answer with these outputs (None: the first, the default) for a batch
+        of `rows` x `width` new positions: a variable dimension is the rows, then the positions."""
+        outs = self.wire_outputs()
+        wanted = [outs[0]] if names is None else [o for o in outs if o["name"] in set(names)]
+        total = 0
+        for o in wanted:
+            dims = [d if d >= 0 else (rows if i == 0 else width) for i, d in enumerate(o["shape"])]
+            total += math.prod(dims) * DATATYPES[o["datatype"]].itemsize
+        return total
 
 
 @dataclass(frozen=True)

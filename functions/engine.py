@@ -35,6 +35,7 @@ class StageResult:
 
 
 DEFAULT_MAX_BATCH_TOKENS = 4096  # rows x new positions per call: a full 1,024-token prompt x 4
+DEFAULT_MAX_RESPONSE_BYTES = 64 << 20  # tensor bytes of one answer (as the body limit of a request)
 # Calls over this many rows x (past + new) positions give the arena memory they grew back at their
 # end, and the C heap is trimmed when a stage holds no sequence any more: after a 16-client load the
 # stages' RSS came back within 25 MB of the baseline with 256 (+100-170 MB kept with 8192, +90 MB
@@ -82,6 +83,7 @@ class StageEngine:
         cache_bytes: int = 2 << 30,
         idle_seconds: float = 600.0,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ):
         import onnxruntime as ort
 
@@ -113,6 +115,9 @@ class StageEngine:
         self.cache = KVCache(cache_bytes, idle_seconds)
         self.lock = threading.Lock()  # one batch at a time: the 409 check and the update are atomic
         self.max_batch_tokens = max_batch_tokens
+        self.max_response_bytes = max_response_bytes
+        # past keys and values of this stage's layers, float32: what one cached position costs
+        self.kv_position_bytes = len(self.past_names) * self.io.n_embd * 4
         # after a large call, ONNX Runtime hands the arena memory it grew for it back
         self.shrink = ort.RunOptions()
         self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -133,8 +138,31 @@ class StageEngine:
                 f"{batch.size} rows x {batch.width} positions = {batch.size * batch.width} per call; this "
                 f"stage takes at most {self.max_batch_tokens} (TANDEM_MAX_BATCH_TOKENS): split the batch"
             )
+        self._check_bounds(batch, want)
         with self.lock:
             return self._infer_locked(batch, want)
+
+    @property
+    def max_call_positions(self) -> int:
+        """Rows x (past + new) positions one call may hold: the KV cache budget."""
+        return self.cache.max_bytes // max(self.kv_position_bytes, 1)
+
+    def _check_bounds(self, batch: StageBatch, want: set[str] | None) -> None:
+        """The call's KV and its answer within the configured bounds, before any allocation."""
+        positions = batch.size * (int(batch.past_lengths.max(initial=0)) + batch.width)
+        if positions > self.max_call_positions:
+            raise PayloadTooLargeError(
+                f"{batch.size} rows x (past + new) positions = {positions} cached positions "
+                f"({positions * self.kv_position_bytes} bytes of KV) in one call; this stage's KV cache "
+                f"budget is {self.cache.max_bytes} bytes = {self.max_call_positions} positions "
+                "(TANDEM_KV_CACHE_BYTES): split the batch"
+            )
+        answer = self.io.answer_bytes(batch.size, batch.width, want)
+        if answer > self.max_response_bytes:
+            raise PayloadTooLargeError(
+                f"the answer would carry {answer} bytes of tensors; this stage sends at most "
+                f"{self.max_response_bytes} (TANDEM_MAX_RESPONSE_BYTES): ask for fewer rows or outputs"
+            )
 
     def _infer_locked(self, batch: StageBatch, want: set[str] | None) -> StageResult:
         ids, past, x, n_new = batch.sequence_ids, batch.past_lengths, batch.x, batch.n_new

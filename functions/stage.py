@@ -104,6 +104,8 @@ def create_stage_app(
                 "vocab_size": manifest.vocab_size,
                 "providers": e.providers if e else [],
                 "max_batch_tokens": settings.max_batch_tokens,  # rows x new positions per call
+                # rows x (past + new) positions per call: the KV cache budget (None until loaded)
+                "max_call_positions": e.max_call_positions if e else None,
             },
         }
 

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from export.manifest import BundleError, Manifest, verify_files
 from functions import contract
-from functions.engine import DEFAULT_MAX_BATCH_TOKENS, StageEngine
+from functions.engine import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RESPONSE_BYTES, StageEngine
 from functions.process import unpin_this_thread
 from functions.settings import Env, SettingsError
 
@@ -32,11 +32,12 @@ class StageSettings:
     idle_seconds: float = 600.0
     verify_hashes: bool = False  # sha256 of the stage file before loading (slow for big files)
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # rows x new positions per call (413 beyond)
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # tensor bytes of one answer (413 beyond)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> StageSettings:
         """`TANDEM_PROVIDER`, `TANDEM_THREADS`, `TANDEM_KV_CACHE_BYTES`, `TANDEM_KV_IDLE_SECONDS`,
-        `TANDEM_VERIFY_HASHES`, `TANDEM_MAX_BATCH_TOKENS`; overrides (command-line flags) win, None means "not given"."""
+        `TANDEM_VERIFY_HASHES`, `TANDEM_MAX_BATCH_TOKENS`, `TANDEM_MAX_RESPONSE_BYTES`; overrides (command-line flags) win, None means "not given"."""
         e = Env(env)
         values: dict[str, Any] = {
             "provider": e.choice("TANDEM_PROVIDER", "cpu", PROVIDERS),
@@ -45,6 +46,9 @@ class StageSettings:
             "idle_seconds": e.number("TANDEM_KV_IDLE_SECONDS", 600.0, minimum=0),
             "verify_hashes": e.flag("TANDEM_VERIFY_HASHES"),
             "max_batch_tokens": e.integer("TANDEM_MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS, minimum=1),
+            "max_response_bytes": e.integer(
+                "TANDEM_MAX_RESPONSE_BYTES", DEFAULT_MAX_RESPONSE_BYTES, minimum=1
+            ),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["provider"] not in PROVIDERS:
@@ -79,6 +83,7 @@ class Loader:
                 threads=s.threads,
                 cache_bytes=s.cache_bytes,
                 max_batch_tokens=s.max_batch_tokens,
+                max_response_bytes=s.max_response_bytes,
                 idle_seconds=s.idle_seconds,
             )
             if s.provider == "cuda" and "CUDAExecutionProvider" not in engine.providers:

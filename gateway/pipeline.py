@@ -40,6 +40,7 @@ class StageLayout:
     vocab_size: int
     model_id: str
     max_batch_tokens: int = 1 << 62  # rows x new positions a stage takes per call (the smallest)
+    max_call_positions: int = 1 << 62  # rows x (past + new) positions per call: the KV budget
 
 
 @dataclass
@@ -134,16 +135,25 @@ class Pipeline:
     def _split(
         self, k: int, grp: list[Sequence], x: dict[int, np.ndarray], start: dict[int, int]
     ) -> list[list[Sequence]]:
-        """The rows for one replica as calls within the stages' rows x positions bound: as they are
-        when they fit (decode steps keep their order, which lets a stage reuse its last batch), else
-        longest first, each call as full as the bound allows."""
-        limit = self.layout.max_batch_tokens
-        length = {s.id: self._row_length(k, s, x, start[s.id]) for s in grp}
-        if len(grp) * max(length.values()) <= limit:
+        """The rows for one replica as calls within the stages' bounds (rows x new positions, and
+        rows x (past + new) positions for the KV budget): as they are when they fit (decode steps
+        keep their order, which lets a stage reuse its last batch), else longest first, each call as
+        full as the bounds allow."""
+        new = {s.id: self._row_length(k, s, x, start[s.id]) for s in grp}
+
+        def fits(part: list[Sequence]) -> bool:
+            width = max(new[s.id] for s in part)
+            past = max(start[s.id] for s in part)
+            return (
+                len(part) * width <= self.layout.max_batch_tokens
+                and len(part) * (past + width) <= self.layout.max_call_positions
+            )
+
+        if fits(grp):
             return [grp]
         parts: list[list[Sequence]] = [[]]
-        for s in sorted(grp, key=lambda s: -length[s.id]):
-            if parts[-1] and (len(parts[-1]) + 1) * length[parts[-1][0].id] > limit:
+        for s in sorted(grp, key=lambda s: (-new[s.id], -start[s.id])):
+            if parts[-1] and not fits([*parts[-1], s]):
                 parts.append([])
             parts[-1].append(s)
         return parts

@@ -113,6 +113,7 @@ class Gateway:
             vocab_size=int(p0["vocab_size"]),
             model_id=str(p0["model_id"]),
             max_batch_tokens=min(int(m["parameters"].get("max_batch_tokens", 1 << 62)) for m in metas),
+            max_call_positions=min(int(m["parameters"].get("max_call_positions") or 1 << 62) for m in metas),
         )
         if self.layout.output_names[-1] != contract.TOKEN_IDS:
             raise RuntimeError(
@@ -220,6 +221,13 @@ class Gateway:
                 f"the prompt has {len(ids)} tokens; the stages take at most {layout.max_batch_tokens} "
                 "positions per call (TANDEM_MAX_BATCH_TOKENS)",
                 param=param,
+            )
+        if len(ids) + params.max_tokens > layout.max_call_positions:
+            raise PayloadTooLargeError(
+                f"the prompt ({len(ids)} tokens) and max_tokens ({params.max_tokens}) need "
+                f"{len(ids) + params.max_tokens} cached positions; the smallest stage KV cache holds "
+                f"{layout.max_call_positions} (TANDEM_KV_CACHE_BYTES)",
+                param="max_tokens",
             )
         if len(ids) + params.max_tokens > layout.n_positions:
             raise InvalidRequestError(

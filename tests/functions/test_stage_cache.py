@@ -51,14 +51,14 @@ def test_lru_eviction_under_a_byte_budget(stages: Stages) -> None:
     assert metric(stages, "small", "tandem_kv_cache_sequences", stage="stage-1") == 2
     cache_bytes = metric(stages, "small", "tandem_kv_cache_bytes", stage="stage-1")
     assert cache_bytes == 16 * KV_BYTES_PER_POSITION <= SMALL_CACHE
-    # one batch bigger than the budget is still served; the budget then holds again after it
+    # one call bigger than the whole budget is refused before anything is allocated or evicted
     e, f = new_id(), new_id()
-    outputs_of(infer(stages, "small", first_inputs([e, f], [list(range(1, 14))] * 2)))
-    assert set(held(stages, "small")) == {e, f}
-    assert (
-        metric(stages, "small", "tandem_kv_cache_bytes", stage="stage-1")
-        <= SMALL_CACHE + 26 * KV_BYTES_PER_POSITION
-    )
+    body = assert_problem(infer(stages, "small", first_inputs([e, f], [list(range(1, 14))] * 2)), 413)
+    assert "26 cached positions" in body["detail"] and "TANDEM_KV_CACHE_BYTES" in body["detail"]
+    assert held(stages, "small") == {c: 8, d: 8}
+    # one that fits the budget evicts the others to make room
+    outputs_of(infer(stages, "small", first_inputs([e, f], [list(range(1, 10))] * 2)))
+    assert held(stages, "small") == {e: 9, f: 9}
     release(stages, "small", [e, f])
     assert metric(stages, "small", "tandem_kv_cache_bytes", stage="stage-1") == 0
 

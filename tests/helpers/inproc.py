@@ -137,10 +137,12 @@ def in_process_stack(
     auth_token: str | None = None,
     api_keys: tuple[str, ...] = (),
     max_batch_tokens: int | None = None,
+    stage_settings: dict[str, Any] | None = None,
 ) -> Iterator[InProcessStack]:
     """Tokenizer, stage replicas and gateway apps on a background event loop, ready to serve.
     With `auth_token` the functions require it (and the gateway sends it); with `api_keys` the
-    gateway requires one of them from clients."""
+    gateway requires one of them from clients. `stage_settings` overrides StageSettings fields of
+    every stage (`max_batch_tokens` is one of them)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="inproc-stack", daemon=True)
     thread.start()
@@ -155,8 +157,10 @@ def in_process_stack(
             node_id = f"{contract.stage_name(k + 1)}-r{r + 1}"
             host = f"{node_id}:{8101 + k}"
             settings = StageSettings(bundle=bundle, stage=contract.stage_name(k + 1), threads=1)
+            overrides = dict(stage_settings or {})
             if max_batch_tokens is not None:
-                settings = dataclasses.replace(settings, max_batch_tokens=max_batch_tokens)
+                overrides["max_batch_tokens"] = max_batch_tokens
+            settings = dataclasses.replace(settings, **overrides)
             stage_apps[node_id] = create_stage_app(settings, fn)
             router.add(host, stage_apps[node_id])
             hosts[node_id] = host
