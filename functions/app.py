@@ -18,6 +18,8 @@ from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.static_files import create_static_files_router
+from openapi_ui_bundles import swagger_ui
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -181,7 +183,7 @@ def create_function_app(
         exclude_spans=["receive", "send"],
     )
     app = Litestar(
-        route_handlers=[live, ready, metrics, *route_handlers],
+        route_handlers=[live, ready, metrics, docs_assets(), *route_handlers],
         lifespan=list(lifespan or []),
         middleware=[
             DefineMiddleware(
@@ -199,7 +201,14 @@ def create_function_app(
             title=openapi_title,
             version="0.1.0",
             path="/docs",
-            render_plugins=[SwaggerRenderPlugin()],
+            render_plugins=[
+                SwaggerRenderPlugin(
+                    js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                    css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                    standalone_preset_js_url=f"{DOCS_ASSETS}/swagger-ui-standalone-preset.js",
+                    favicon=f"<link rel='icon' type='image/png' href='{DOCS_ASSETS}/favicon-32x32.png'>",
+                )
+            ],
         ),
         exception_handlers={Exception: exception_handler},
         before_request=before,
@@ -222,6 +231,17 @@ def create_function_app(
         max_body_bytes=settings.max_body_bytes,
         auth=auth,
         allowed_hosts=settings.allowed_hosts,
+    )
+
+
+DOCS_ASSETS = "/docs/assets"
+
+
+def docs_assets() -> Any:
+    """Swagger UI's files (the openapi-ui-bundles package), served here: /docs loads nothing from
+    another origin (no CDN to trust, and it works offline)."""
+    return create_static_files_router(
+        path=DOCS_ASSETS, directories=[swagger_ui.static_path], include_in_schema=False, name="docs-assets"
     )
 
 

@@ -159,6 +159,20 @@ async function narrow(browser) {
   return out;
 }
 
+// the gateway's API docs: Swagger UI renders the operations, every file from the gateway itself
+async function apiDocs(browser) {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  const origin = new URL(cfg.docs).origin;
+  const requested = [];
+  page.on("request", (r) => requested.push(r.url()));
+  await page.goto(cfg.docs);
+  await page.locator(".swagger-ui .opblock").first().waitFor({ timeout: STEP_MS });
+  const paths = await page.locator(".swagger-ui .opblock-summary-path").allTextContents();
+  await page.screenshot({ path: join(cfg.out, "docs.png") });
+  await page.close();
+  return { paths, foreign: requested.filter((u) => !u.startsWith(origin) && !u.startsWith("data:")) };
+}
+
 // no sandbox as root; the rest keeps Chromium off the network (this machine's is closed)
 const FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"];
 const browser = await chromium.launch({
@@ -178,6 +192,7 @@ try {
   results.refused = await refusedParameter(page);
   await page.screenshot({ path: join(cfg.out, "desktop-error.png"), fullPage: true });
   results.narrow = await narrow(browser);
+  results.docs = await apiDocs(browser);
 } catch (e) {
   await page.screenshot({ path: join(cfg.out, "failure.png"), fullPage: true }).catch(() => {});
   results.failure = String(e?.stack ?? e);

@@ -102,7 +102,8 @@ def launched(
         banner = "".join(lines)
         assert "/docs" in banner, banner
         stages = {contract.stage_name(k + 1): f"http://127.0.0.1:{base + k}" for k in range(3)}
-        yield {"ui": f"http://127.0.0.1:{ui}/", "banner": banner, "stages": stages}
+        docs = f"http://127.0.0.1:{gw}/docs"
+        yield {"ui": f"http://127.0.0.1:{ui}/", "banner": banner, "stages": stages, "docs": docs}
     finally:
         p.send_signal(signal.SIGTERM)
         p.communicate(timeout=30)
@@ -112,7 +113,13 @@ def launched(
 def seen(launched: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """What the browser saw, once for every test below (one browser run covers them all)."""
     out = tmp_path_factory.mktemp("browser")
-    cfg = {"ui": launched["ui"], "chromium": str(CHROMIUM), "out": str(out), "stages": launched["stages"]}
+    cfg = {
+        "ui": launched["ui"],
+        "chromium": str(CHROMIUM),
+        "out": str(out),
+        "stages": launched["stages"],
+        "docs": launched["docs"],
+    }
     done = subprocess.run(
         ["node", str(DRIVER), json.dumps(cfg)],
         cwd=frontend.FRONTEND_DIR,
@@ -188,3 +195,9 @@ def test_narrow_screen_and_keyboard(seen: dict[str, Any]) -> None:
     assert n["output"]  # Ctrl+Enter ran it
     for shot in ("desktop.png", "narrow.png", "desktop-error.png"):
         assert (seen["out"] / shot).stat().st_size > 10_000, shot
+
+
+def test_api_docs_render_from_the_gateway_alone(seen: dict[str, Any]) -> None:
+    """Swagger UI in Chromium lists the gateway's operations; nothing came from another origin."""
+    assert "/v1/completions" in seen["docs"]["paths"], seen["docs"]
+    assert seen["docs"]["foreign"] == []

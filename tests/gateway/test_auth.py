@@ -4,6 +4,7 @@ refusals are 401 with a Bearer challenge and a message that says what is missing
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,19 @@ def test_tokens_are_read_and_never_shown() -> None:
     assert s.auth_token == TOKEN and s.api_keys == (KEY, OTHER_KEY)
     assert TOKEN not in repr(s) and KEY not in repr(s)
     assert FunctionSettings.from_env(8000, {"TANDEM_AUTH_TOKEN": ""}).auth_token is None  # empty = unset
+
+
+def test_docs_are_open_and_load_nothing_from_another_origin(stack: InProcessStack) -> None:
+    """Swagger UI on every service, its scripts and styles served by the service itself."""
+    for host in ("gateway:8000", "tokenizer:8100", stack.hosts["stage-1-r1"]):
+        for page in ("/docs", "/docs/swagger"):
+            r = call(stack, host, "GET", page)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), (host, page)
+            urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*["']([^"']+)["']""", r.text)
+            assets = [u for u in urls if u.endswith((".js", ".css", ".png"))]
+            assert len(assets) == 4, (host, urls)  # the bundle, the preset, the stylesheet, the icon
+            assert not [u for u in urls if "//" in u], f"{host}{page} loads from elsewhere: {urls}"
+            for url in assets:
+                asset = call(stack, host, "GET", url)
+                assert asset.status_code == 200 and len(asset.content) > 500, (host, url)
+        assert "swagger-ui" in call(stack, host, "GET", "/docs/assets/swagger-ui-bundle.js").text[:5000]
