@@ -5,6 +5,7 @@ Everything here can be lost: a caller whose sequence is gone gets a 409 and repl
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -36,7 +37,7 @@ class Group:
     def __post_init__(self) -> None:
         shape = dims(self.arrays[0])
         self.width = int(shape[2])
-        self.row_nbytes = len(self.arrays) * int(np.prod(shape[1:])) * 4  # float32
+        self.row_nbytes = len(self.arrays) * math.prod(shape[1:]) * 4  # float32
 
 
 @dataclass
