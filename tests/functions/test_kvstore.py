@@ -32,7 +32,7 @@ class _Session:
     """Only what a store reads off a session at construction: its output names."""
 
     def get_outputs(self) -> list[_FakeOutput]:
-        return [_FakeOutput(n) for n in ("hidden_states_2", c.present(0, "key"), c.present(0, "value"))]
+        return [_FakeOutput(n) for n in (c.hidden_states(2), c.present(0, "key"), c.present(0, "value"))]
 
 
 def _stores() -> tuple[HostStore, DeviceStore]:
