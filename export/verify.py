@@ -19,14 +19,18 @@ from functions import contract as c
 PROMPT_SETS = {"batch1": [16], "batch4": [16, 9, 5, 12]}
 
 
-def _sessions(bundle: Path, stages: list[StageEntry]) -> list[Any]:
+def _sessions(bundle: Path, stages: list[StageEntry], providers: list[str]) -> list[Any]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return [
-        ort.InferenceSession(str(bundle / s.file), opts, providers=["CPUExecutionProvider"]) for s in stages
-    ]
+    sessions = [ort.InferenceSession(str(bundle / s.file), opts, providers=providers) for s in stages]
+    for sess in sessions:  # ONNX Runtime falls back to the CPU silently: a check on CUDA must not
+        if providers[0] not in sess.get_providers():
+            raise RuntimeError(
+                f"parity on {providers[0]} asked for; the session runs on {sess.get_providers()}"
+            )
+    return sessions
 
 
 def _left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -110,9 +114,16 @@ def _run_set(
 
 
 def verify(
-    model: Any, bundle: Path, stages: list[StageEntry], config: dict[str, Any], steps: int = 20, seed: int = 0
+    model: Any,
+    bundle: Path,
+    stages: list[StageEntry],
+    config: dict[str, Any],
+    steps: int = 20,
+    seed: int = 0,
+    providers: list[str] | None = None,
 ) -> dict[str, Any]:
-    sessions = _sessions(bundle, stages)
+    """`providers`: ONNX Runtime's, first choice first (default the CPU; tests/gpu passes CUDA's)."""
+    sessions = _sessions(bundle, stages, providers or ["CPUExecutionProvider"])
     results = {
         name: _run_set(model, sessions, stages, config, lens, steps, seed + i)
         for i, (name, lens) in enumerate(PROMPT_SETS.items())

@@ -21,8 +21,10 @@ import numpy as np
 from export.manifest import Manifest, StageEntry
 from functions import contract as c
 from functions.contract import StageBatch, StageIO
+from functions.device import preload_cuda_libraries, require_in_session, session_providers
 from functions.errors import ConflictError, PayloadTooLargeError
 from functions.kvcache import Entry, Group, KVCache
+from functions.kvstore import make_store, resolve_kv_store
 from functions.sampling import sample
 
 
@@ -84,6 +86,7 @@ class StageEngine:
         idle_seconds: float = 600.0,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        kv_store: str | None = None,
     ):
         import onnxruntime as ort
 
@@ -99,19 +102,17 @@ class StageEngine:
         )
         self.x_name = self.io.x_name
         self.past_names = stage.past_names()
-        providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if provider == "cuda"
-            else ["CPUExecutionProvider"]
-        )
-        if provider == "cuda" and hasattr(ort, "preload_dlls"):
-            # onnxruntime-gpu finds the CUDA and cuDNN libraries of NVIDIA's pip packages only when
-            # asked to (the CUDA image, infra/docker/serve.Dockerfile, has no system CUDA)
-            ort.preload_dlls()
+        if provider == "cuda":
+            preload_cuda_libraries()  # the CUDA image (infra/docker/serve.Dockerfile) has no system CUDA
         self.session = ort.InferenceSession(
-            str(Path(bundle) / stage.file), session_options(threads), providers=providers
+            str(Path(bundle) / stage.file), session_options(threads), providers=session_providers(provider)
         )
         self.providers = self.session.get_providers()
+        require_in_session(provider, self.providers)  # ProviderError: never a silent CPU fallback
+        # where the KV cache lives between steps (functions.kvstore)
+        self.kv = make_store(
+            resolve_kv_store(kv_store, provider), self.session, (manifest.n_head, manifest.head_dim), provider
+        )
         self.cache = KVCache(cache_bytes, idle_seconds)
         self.lock = threading.Lock()  # one batch at a time: the 409 check and the update are atomic
         self.max_batch_tokens = max_batch_tokens
@@ -120,7 +121,8 @@ class StageEngine:
         self.kv_position_bytes = len(self.past_names) * self.io.n_embd * 4
         # after a large call, ONNX Runtime hands the arena memory it grew for it back
         self.shrink = ort.RunOptions()
-        self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        arenas = "cpu:0;gpu:0" if provider == "cuda" else "cpu:0"
+        self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
 
     # ---- wire description (the stage's Open Inference Protocol model metadata) ----
     def wire_inputs(self) -> list[dict[str, Any]]:
@@ -212,24 +214,24 @@ class StageEngine:
             pos[b, S - n_new[b] :] = np.arange(past[b], past[b] + n_new[b])
         feeds.update({self.x_name: x, c.ATTENTION_MASK: full_mask, c.POSITION_IDS: pos})
         t0 = time.perf_counter()
-        outs = self.session.run(None, feeds, self.shrink if B * (P + S) > SHRINK_ABOVE else None)
+        host, presents = self.kv.run(self.session, feeds, self.shrink if B * (P + S) > SHRINK_ABOVE else None)
         seconds = time.perf_counter() - t0
         if self.io.last:  # refused before storing: a refused request changes nothing
             assert batch.sampling is not None
             hot = np.nonzero(batch.sampling.temperature > 0)[0]  # rows that sample (greedy takes argmax)
-            broken = [int(ids[b]) for b in hot if not np.isfinite(outs[0][b]).all()]
+            broken = [int(ids[b]) for b in hot if not np.isfinite(host[0][b]).all()]
             if broken:
                 raise c.ContractError(
                     f"sequence(s) {broken}: the logits are not finite (the hidden states are beyond "
                     "what this model computes in float32), so no token can be sampled"
                 )
-        self._store(batch, P, outs[1:])
+        self._store(batch, P, presents)
         if len(self.cache) == 0:
             give_back_memory()
         result = {}
         if self.io.last:
             assert batch.sampling is not None
-            logits = outs[0]  # (B, V)
+            logits = host[0]  # (B, V)
             token_ids, logprobs = sample(
                 logits, batch.sampling, past + n_new, want is None or c.LOGPROBS in want
             )
@@ -239,31 +241,25 @@ class StageEngine:
             if want is not None and c.LOGITS in want:
                 result[c.LOGITS] = logits
         else:
-            result[self.io.y_name] = outs[0]  # (B, S, C)
+            result[self.io.y_name] = host[0]  # (B, S, C)
         phase = "prefill" if int(n_new.max()) > 1 else "decode"
         return StageResult(result, phase, B, seconds)
 
     def _gather(
         self, entries: list[Entry | None], batch: StageBatch, P: int
-    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    ) -> tuple[dict[str, Any], np.ndarray]:
         """Past keys/values of rows that come from different batches, copied into one right-aligned
-        (B, H, P, D) array per tensor, with the full (B, P + S) attention mask."""
+        (B, H, P, D) tensor per past input by the KV store, with the full (B, P + S) attention mask."""
         B, S = batch.size, batch.width
-        H, D = self.manifest.n_head, self.manifest.head_dim
-        feeds = {}
-        for i, name in enumerate(self.past_names):
-            buf = np.zeros((B, H, P, D), dtype=np.float32)  # (B, H, P, D), rows right-aligned
-            for b, e in enumerate(entries):
-                if e is not None:
-                    buf[b, :, P - e.length :] = e.past(i)
-            feeds[name] = buf
+        pasts = self.kv.gather(entries, len(self.past_names), P)
+        feeds: dict[str, Any] = dict(zip(self.past_names, pasts, strict=True))
         full_mask = np.zeros((B, P + S), dtype=np.int64)  # (B, P + S)
         full_mask[:, P:] = batch.mask
         for b in range(B):
             full_mask[b, P - batch.past_lengths[b] : P] = 1
         return feeds, full_mask
 
-    def _store(self, batch: StageBatch, P: int, presents: list[np.ndarray]) -> None:
+    def _store(self, batch: StageBatch, P: int, presents: list[Any]) -> None:
         """Keep each row's new KV as a view into this batch's presents (B, H, P + S, D). A row with
         a past and padded new positions has a gap in the middle: that one is compacted."""
         past, n_new, end, S = batch.past_lengths, batch.n_new, batch.end, batch.width
@@ -277,10 +273,7 @@ class StageEngine:
                 self.cache.put(seq, group, b, keep)
             else:
                 p, n = int(past[b]), int(n_new[b])
-                compact = [
-                    np.concatenate([a[b : b + 1, :, P - p : P], a[b : b + 1, :, P + S - n :]], axis=2)
-                    for a in presents
-                ]  # (1, H, p + n, D)
+                compact = self.kv.compact(presents, b, [(P - p, P), (P + S - n, P + S)])  # (1, H, p + n, D)
                 self.cache.put(seq, Group(compact, np.zeros(1, dtype=np.int64), (seq,)), 0, keep)
 
     def release(self, seq_id: int) -> bool:

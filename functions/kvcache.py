@@ -5,12 +5,19 @@ Everything here can be lost: a caller whose sequence is gone gets a 409 and repl
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+
+def dims(t: Any) -> tuple[int, ...]:
+    """The shape of a numpy array or of an ONNX Runtime OrtValue (functions.kvstore)."""
+    return t.shape if isinstance(t, np.ndarray) else tuple(t.shape())
 
 
 @dataclass(eq=False)
@@ -19,13 +26,18 @@ class Group:
     pointing into it, so a batch that comes back with the same rows feeds it straight back in
     (no copy); row b's valid positions are [start[b], T), earlier ones are padding."""
 
-    arrays: list[np.ndarray]  # one (B, H, T, D) array per past tensor of this stage, manifest order
+    # one (B, H, T, D) tensor per past tensor of this stage, manifest order: numpy arrays, or
+    # OrtValues on a device (functions.kvstore.DeviceStore)
+    arrays: list[Any]
     start: np.ndarray  # (B,) first valid position of each row
     ids: tuple[int, ...]  # the sequence id of each row
+    width: int = field(init=False)  # T
+    row_nbytes: int = field(init=False)  # bytes of one row (H, T, D) of every tensor together
 
-    @property
-    def width(self) -> int:
-        return int(self.arrays[0].shape[2])  # T
+    def __post_init__(self) -> None:
+        shape = dims(self.arrays[0])
+        self.width = int(shape[2])
+        self.row_nbytes = len(self.arrays) * math.prod(shape[1:]) * 4  # float32
 
 
 @dataclass
@@ -37,8 +49,9 @@ class Entry:
     last_used: float
 
     def past(self, i: int) -> np.ndarray:
-        """Past tensor i of this sequence: (H, length, D), a view."""
-        return self.group.arrays[i][self.row, :, self.group.width - self.length :]
+        """Past tensor i of this sequence: (H, length, D), a view (host-store groups only)."""
+        array: np.ndarray = self.group.arrays[i]
+        return array[self.row, :, self.group.width - self.length :]
 
 
 class KVCache:
@@ -80,7 +93,7 @@ class KVCache:
         ones in `keep` (the rest of the current batch), until the budget holds."""
         self.release(seq_id)
         length = group.width - int(group.start[row])
-        nbytes = sum(a[row].nbytes for a in group.arrays) * length // max(group.width, 1)
+        nbytes = group.row_nbytes * length // max(group.width, 1)
         self._entries[seq_id] = Entry(group, row, length, nbytes, self.clock())
         self.bytes += nbytes
         if self.bytes > self.max_bytes:

@@ -11,10 +11,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,13 @@ from export.manifest import BundleError, load_manifest
 from functions import protocol
 from functions.app import LATENCY_BUCKETS, create_function_app
 from functions.bundle_fetch import prepare_bundle
+from functions.device import ProviderError, require_available
 from functions.engine import StageEngine, StageResult
 from functions.errors import BadRequestError, NotFoundError, NotReadyError
 from functions.fastpath import ASGIApp, FastRoute
 from functions.process import serve
 from functions.settings import FunctionSettings, SettingsError
-from functions.stage_state import PROVIDERS, CacheCollector, Loader, StageSettings
+from functions.stage_state import PROVIDERS, CacheCollector, DeviceCollector, Loader, StageSettings
 from functions.telemetry import get_tracer
 
 logger = logging.getLogger("tandem.stage")
@@ -47,13 +49,19 @@ class ReleaseRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def create_stage_app(
-    settings: StageSettings, fn_settings: FunctionSettings, *, fast_path: bool | None = None
+    settings: StageSettings,
+    fn_settings: FunctionSettings,
+    *,
+    fast_path: bool | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> ASGIApp:
-    """The stage function's ASGI app; `fast_path` as in `create_function_app` (None: auto)."""
+    """The stage function's ASGI app; `fast_path` as in `create_function_app` (None: auto);
+    `on_fatal` is called with a one-line reason when the stage can never become ready (the CUDA
+    provider asked for is not what the session got; None: readiness reports it)."""
     manifest = load_manifest(settings.bundle)
     entry = manifest.stage(settings.stage)
     name = entry.name
-    loader = Loader(settings, manifest)
+    loader = Loader(settings, manifest, on_fatal)
     registry = CollectorRegistry()
     infer_seconds = Histogram(
         "tandem_stage_infer_seconds",
@@ -70,6 +78,7 @@ def create_stage_app(
         buckets=(1, 2, 4, 8, 16, 32, 64, 128),
     )
     registry.register(CacheCollector(loader, name))
+    registry.register(DeviceCollector(loader, name))
     tracer = get_tracer("tandem.stage")
 
     def engine_for(model: str) -> StageEngine:
@@ -102,7 +111,8 @@ def create_stage_app(
                 "n_embd": manifest.config["n_embd"],
                 "n_positions": manifest.n_positions,
                 "vocab_size": manifest.vocab_size,
-                "providers": e.providers if e else [],
+                "providers": e.providers if e else [],  # what the session runs on, CPU fallback shown
+                "kv_store": e.kv.kind if e else None,  # host | device (functions.kvstore)
                 "max_batch_tokens": settings.max_batch_tokens,  # rows x new positions per call
                 # rows x (past + new) positions per call: the KV cache budget (None until loaded)
                 "max_call_positions": e.max_call_positions if e else None,
@@ -253,16 +263,24 @@ def main(argv: list[str] | None = None) -> int:
         settings = StageSettings.from_env(
             bundle=args.bundle, stage=args.stage, provider=args.provider, threads=args.threads
         )
+        require_available(settings.provider)  # before the port opens: CUDA asked for, none installed
         # fetched when TANDEM_BUNDLE_URL says so; a bundle in place is verified by the loader
         prepare_bundle(settings.bundle, settings.stage, verify_in_place=False)
         manifest = load_manifest(settings.bundle)
         index = manifest.stage(settings.stage).index
         fn = FunctionSettings.from_env(DEFAULT_PORT_BASE + index + 1, port=args.port, host=args.host)
-        app = create_stage_app(settings, fn)
-    except (BundleError, SettingsError) as e:
+        app = create_stage_app(settings, fn, on_fatal=exit_at_once)
+    except (BundleError, SettingsError, ProviderError) as e:
         print(f"stage: error: {e}", file=sys.stderr)
         return 2
     return serve(app, fn)
+
+
+def exit_at_once(reason: str) -> None:
+    """The session came up without the provider asked for: say why in one line and end the
+    process (the loader thread runs before the stage was ever ready, so no request is in flight)."""
+    print(f"stage: error: {reason}", file=sys.stderr, flush=True)
+    os._exit(3)
 
 
 if __name__ == "__main__":

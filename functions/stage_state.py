@@ -5,16 +5,18 @@ session off the event loop (readiness follows it), and the KV cache figures read
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from export.manifest import BundleError, Manifest, verify_files
 from functions import contract
+from functions.device import ProviderError, gpu_memory
 from functions.engine import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RESPONSE_BYTES, StageEngine
+from functions.kvstore import KV_STORE_CHOICES
 from functions.process import unpin_this_thread
 from functions.settings import Env, SettingsError
 
@@ -33,11 +35,13 @@ class StageSettings:
     verify_hashes: bool = False  # sha256 of the stage file before loading (slow for big files)
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # rows x new positions per call (413 beyond)
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # tensor bytes of one answer (413 beyond)
+    kv_store: str = "auto"  # host | device | auto (device with CUDA): functions.kvstore
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> StageSettings:
         """`TANDEM_PROVIDER`, `TANDEM_THREADS`, `TANDEM_KV_CACHE_BYTES`, `TANDEM_KV_IDLE_SECONDS`,
-        `TANDEM_VERIFY_HASHES`, `TANDEM_MAX_BATCH_TOKENS`, `TANDEM_MAX_RESPONSE_BYTES`; overrides (command-line flags) win, None means "not given"."""
+        `TANDEM_VERIFY_HASHES`, `TANDEM_MAX_BATCH_TOKENS`, `TANDEM_MAX_RESPONSE_BYTES`, `TANDEM_KV_STORE`;
+        overrides (command-line flags) win, None means "not given"."""
         e = Env(env)
         values: dict[str, Any] = {
             "provider": e.choice("TANDEM_PROVIDER", "cpu", PROVIDERS),
@@ -49,6 +53,7 @@ class StageSettings:
             "max_response_bytes": e.integer(
                 "TANDEM_MAX_RESPONSE_BYTES", DEFAULT_MAX_RESPONSE_BYTES, minimum=1
             ),
+            "kv_store": e.choice("TANDEM_KV_STORE", "auto", KV_STORE_CHOICES),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["provider"] not in PROVIDERS:
@@ -60,8 +65,13 @@ class StageSettings:
 class Loader:
     """Loads the session off the event loop; readiness reflects where it got to."""
 
-    def __init__(self, settings: StageSettings, manifest: Manifest):
+    def __init__(
+        self, settings: StageSettings, manifest: Manifest, on_fatal: Callable[[str], None] | None = None
+    ):
         self.settings, self.manifest = settings, manifest
+        # called with a one-line reason when the stage can never become ready on the provider asked
+        # for (the process exits; an orchestrator cannot tell "never" from a slow load)
+        self.on_fatal = on_fatal
         self.engine: StageEngine | None = None
         self.error: str | None = None
         self.status = "loading the ONNX session"
@@ -85,13 +95,16 @@ class Loader:
                 max_batch_tokens=s.max_batch_tokens,
                 max_response_bytes=s.max_response_bytes,
                 idle_seconds=s.idle_seconds,
+                kv_store=s.kv_store,
             )
-            if s.provider == "cuda" and "CUDAExecutionProvider" not in engine.providers:
-                raise BundleError(f"CUDA was asked for but ONNX Runtime uses {engine.providers}")
             self.status = "running the warm-up inference"
             engine.warm_up()
             self.engine = engine
-            logger.info("%s ready (providers %s)", entry.name, engine.providers)
+            logger.info("%s ready (providers %s, KV store %s)", entry.name, engine.providers, engine.kv.kind)
+        except ProviderError as e:
+            self.error = f"loading failed: {e}"
+            if self.on_fatal is not None:
+                self.on_fatal(str(e))
         except Exception as e:  # readiness reports it; the process stays up for /v2/health/live
             logger.exception("loading %s failed", s.stage)
             self.error = f"loading failed: {e}"
@@ -139,3 +152,34 @@ class CacheCollector:
             m = family(name, doc, labels=["stage"])
             m.add_metric([self.stage], read(cache) if cache is not None else 0)
             yield m
+
+
+class DeviceCollector:
+    """What the stage computes on, read at scrape time once the session is loaded:
+    tandem_stage_runtime_info (the provider asked for, the providers the session uses, the KV
+    store) and, on CUDA, the GPU's memory (absent on the CPU)."""
+
+    def __init__(self, loader: Loader, stage: str):
+        self.loader, self.stage = loader, stage
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.loader.engine
+        if engine is None:
+            return
+        info = InfoMetricFamily("tandem_stage_runtime", "Where this stage computes.", labels=["stage"])
+        runtime = {
+            "provider": self.loader.settings.provider,
+            "providers": ",".join(engine.providers),
+            "kv_store": engine.kv.kind,
+        }
+        info.add_metric([self.stage], runtime)
+        yield info
+        memory = gpu_memory() if self.loader.settings.provider == "cuda" else None
+        if memory is not None:
+            for name, doc, value in (
+                ("tandem_gpu_memory_used_bytes", "GPU memory in use (every process on the GPU).", memory[0]),
+                ("tandem_gpu_memory_total_bytes", "GPU memory in all.", memory[1]),
+            ):
+                g = GaugeMetricFamily(name, doc, labels=["stage", "device"])
+                g.add_metric([self.stage, "0"], value)
+                yield g

@@ -6,7 +6,7 @@ ARG BASE_IMAGE=python:3.12-slim
 
 FROM ${BASE_IMAGE} AS deps
 ARG PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
-COPY requirements/serve.txt requirements/export.txt build/wheel[s] /tmp/wheels/
+COPY requirements/serve.txt requirements/serve-common.txt requirements/export.txt build/wheel[s] /tmp/wheels/
 # hadolint ignore=SC2086
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \

@@ -16,7 +16,7 @@ ARG PIP_ARGS=""
 # empty: the onnxruntime pinned in requirements/serve.txt; else the requirement that replaces it
 ARG ONNXRUNTIME=""
 # the pattern keeps build/wheels optional: it is copied when it exists
-COPY requirements/serve.txt build/wheel[s] /tmp/wheels/
+COPY requirements/serve.txt requirements/serve-common.txt build/wheel[s] /tmp/wheels/
 # PIP_ARGS is a list of arguments: word splitting is wanted
 # hadolint ignore=SC2086
 RUN if [ -n "$ONNXRUNTIME" ]; then sed -i "s|^onnxruntime==.*|$ONNXRUNTIME|" /tmp/wheels/serve.txt; fi \

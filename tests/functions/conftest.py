@@ -1,6 +1,8 @@
 """The stage processes every stage-function test module shares: stages 1-3 and a stage 1 with a
 small KV cache, started once per way of serving `infer` (the ASGI fast path, and Litestar's route
-as it runs when tracing is on), so the whole contract is checked against both."""
+as it runs when tracing is on), so the whole contract is checked against both. Tests marked
+`BOTH_KV_STORES` (tests.helpers.stage_calls) also run against stages that keep the KV cache in
+the device store (TANDEM_KV_STORE=device, on the CPU device here)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ import httpx
 import pytest
 
 from tests.helpers.procs import ProcessHandle, free_port, start_stage, stop_process
-from tests.helpers.stage_calls import MAX_BODY, SMALL_CACHE, Stages
+from tests.helpers.stage_calls import DEVICE_KV, MAX_BODY, SMALL_CACHE, STAGE_PARAMS, Stages
 
 
-@pytest.fixture(scope="session", params=["fast-path", "litestar-route"])
+@pytest.fixture(scope="session", params=STAGE_PARAMS)
 def stages(tiny_bundle: Path, request: pytest.FixtureRequest) -> Iterator[Stages]:
     """Three stage processes (plus a stage-1 with a small KV cache), started in parallel."""
+    store = {"TANDEM_KV_STORE": "device"} if request.param == DEVICE_KV else {}
     specs = {
         "stage-1": ("1", {}),
         "stage-2": ("2", {}),
@@ -36,7 +39,8 @@ def stages(tiny_bundle: Path, request: pytest.FixtureRequest) -> Iterator[Stages
             env={
                 "TANDEM_MAX_BODY_BYTES": str(MAX_BODY),
                 "TANDEM_LOG_LEVEL": "warning",
-                "TANDEM_FAST_PATH": "on" if request.param == "fast-path" else "off",
+                "TANDEM_FAST_PATH": "off" if request.param == "litestar-route" else "on",
+                **store,
                 **env,
             },
         )

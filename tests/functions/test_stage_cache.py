@@ -14,6 +14,7 @@ from functions import contract as c
 from functions import protocol
 from tests.helpers.procs import free_port, start_stage, stop_process
 from tests.helpers.stage_calls import (
+    BOTH_KV_STORES,
     KV_BYTES_PER_POSITION,
     N_EMBD,
     SMALL_CACHE,
@@ -31,6 +32,7 @@ from tests.helpers.stage_calls import (
 pytestmark = pytest.mark.slow
 
 
+@BOTH_KV_STORES
 def test_lru_eviction_under_a_byte_budget(stages: Stages) -> None:
     evictions = metric(stages, "small", "tandem_kv_cache_evictions_total", stage="stage-1")
     a, b, c, d = (new_id() for _ in range(4))
@@ -66,6 +68,7 @@ def test_lru_eviction_under_a_byte_budget(stages: Stages) -> None:
 # ------------------------------------------------------------------------ 6. freeing a sequence
 
 
+@BOTH_KV_STORES
 def test_sequence_end_delete_and_release_free_the_cache(stages: Stages) -> None:
     url = f"{stages.urls['stage-1']}/v2/models/stage-1/sequences"
     a, b, c, d, e = (new_id() for _ in range(5))

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.stage_calls import (
+    BOTH_KV_STORES,
     Stages,
     assert_problem,
     first_inputs,
@@ -24,6 +25,7 @@ from tests.helpers.stage_driver import Sequence, StageDriver
 pytestmark = pytest.mark.slow
 
 
+@BOTH_KV_STORES
 def test_batched_greedy_matches_reference(stages: Stages, reference: Any) -> None:
     driver = StageDriver(stages.endpoints(), stages.client)
     ps = prompts()
@@ -40,6 +42,7 @@ def test_batched_greedy_matches_reference(stages: Stages, reference: Any) -> Non
         assert not {s.seq_id for s in seqs} & set(held(stages, key))
 
 
+@BOTH_KV_STORES
 def test_replay_after_a_stage_loses_a_sequence(stages: Stages, reference: Any) -> None:
     driver = StageDriver(stages.endpoints(), stages.client)
     ps = prompts(seed=11)
@@ -66,6 +69,7 @@ def test_replay_after_a_stage_loses_a_sequence(stages: Stages, reference: Any) -
         release(stages, key, [s.seq_id for s in seqs])
 
 
+@BOTH_KV_STORES
 def test_sequences_join_a_running_batch(stages: Stages, reference: Any) -> None:
     """Continuous batching: a step that mixes prefill rows (past 0) with decode rows."""
     driver = StageDriver(stages.endpoints(), stages.client)

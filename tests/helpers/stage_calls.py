@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from functions import contract as c
@@ -24,6 +25,12 @@ SMALL_CACHE = 20_000  # two 8-position sequences (8 KiB each) fit, a third does 
 # the tiny test model: 6 layers, 2 per stage
 STAGE_1, STAGE_2, STAGE_3 = (c.stage_name(k) for k in (1, 2, 3))
 HIDDEN_2, HIDDEN_4 = c.hidden_states(2), c.hidden_states(4)
+
+# how the `stages` fixture serves (tests/functions/conftest.py): every test runs on the first two;
+# DEVICE_KV (the fast path, the KV cache in the device store) only where a test asks for it
+STAGE_PARAMS = ["fast-path", "litestar-route"]
+DEVICE_KV = "device-kv"
+BOTH_KV_STORES = pytest.mark.parametrize("stages", [*STAGE_PARAMS, DEVICE_KV], indirect=True)
 
 _ids = itertools.count(1_000)
 
