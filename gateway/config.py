@@ -51,6 +51,11 @@ class GatewayConfig:
     stage_wait: float = 10.0  # how long a batch waits for a stage with no ready replica (one wait for all)
     health_interval: float = 1.0
     default_max_tokens: int = 16
+    # running sequences spread over this many lanes that advance independently, so that the stages
+    # work on different lanes at the same time (gateway.scheduler); 1 = one batch for all
+    pipeline_depth: int = 1
+    # benchmark only: seconds added to every stage call, as if the stages were on other machines
+    simulated_hop_delay: float = 0.0
     strict_fields: bool = False  # refuse unknown request fields (default: ignore them, named in a header)
     stages: int = field(default=0)  # derived: number of model parts
 
@@ -77,6 +82,7 @@ _POSITIVE = {
     "call_timeout",
     "health_interval",
     "request_timeout",
+    "pipeline_depth",
 }  # zero would make no sense; the rest may be zero
 
 

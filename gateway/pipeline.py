@@ -67,6 +67,8 @@ class Pipeline:
             metrics,
             layout,
         )
+        self.busy = [0] * cfg.stages  # calls in flight per stage
+        self.most_stages_busy = 0  # the most stages with a call in flight at once (pipelining shows)
         self.deadlines = CallDeadlines(
             cfg.stages, cfg.call_deadline_factor, cfg.call_deadline_floor, cfg.call_timeout
         )
@@ -229,7 +231,11 @@ class Pipeline:
         rep.calls.add(task)
         S = max(len(r) for r in rows)
         budget = self.deadlines.budget(k, len(grp) * S)
+        self.busy[k] += 1
+        self.most_stages_busy = max(self.most_stages_busy, sum(1 for n in self.busy if n))
         try:
+            if self.cfg.simulated_hop_delay:  # benchmark: the stage as if on another machine
+                await asyncio.sleep(self.cfg.simulated_hop_delay)
             async with asyncio.timeout(budget):
                 out = await self.clients.infer(rep.node, pool.name, inputs, outputs, headers)
         except TimeoutError:
@@ -246,6 +252,7 @@ class Pipeline:
                 f"{pool.name} replica {rep.node.id!r} went down during the call"
             ) from None
         finally:
+            self.busy[k] -= 1
             rep.calls.discard(task)
             rep.abandoned.discard(task)
             for span in spans:

@@ -4,6 +4,14 @@ Each step: new sequences (up to max_prefill_batch) run their prefill as one batc
 running sequence advances one token in one batch, one call per stage (gateway.pipeline, which
 replays and fails over). Finished, failed and cancelled sequences leave, and their KV cache is
 freed in every stage that holds it.
+
+Pipelined micro-batches (`pipeline_depth` D > 1): the running sequences are spread over D lanes,
+each an independent step loop over its own sequences. While one lane's batch is in stage 2, another
+lane's can be in stage 1 and a third in stage 3, so the stages (separate processes, separate
+machines) work at the same time instead of two of three waiting; a hop's latency is hidden behind
+the other lanes' work. A sequence stays in its lane, so its tokens, its KV positions, replay,
+failover and cancellation are exactly as with one lane (D = 1, the plain loop). New sequences go to
+the lane with the fewest.
 """
 
 from __future__ import annotations
@@ -42,12 +50,16 @@ class Scheduler:
         self.tokenizer, self.pipeline = tokenizer, pipeline
         self.n_positions, self.eos = pipeline.layout.n_positions, tokenizer.eos_token_id
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.lanes: list[list[Sequence]] = [[] for _ in range(cfg.pipeline_depth)]
         self._wake = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.steps = 0
 
     # ---- public API ----
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for lane in self.lanes for s in lane]
+
     @property
     def free_slots(self) -> int:
         return self.cfg.max_running + self.cfg.max_waiting - len(self.running) - len(self.waiting)
@@ -92,43 +104,62 @@ class Scheduler:
                 return
 
     async def run(self) -> None:
+        await asyncio.gather(*(self._lane(i) for i in range(len(self.lanes))))
+
+    async def _lane(self, i: int) -> None:
         while True:
             try:
-                await self._iteration()
+                await self._iteration(i)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug must not stop every other sequence for good
                 logger.exception("scheduler step failed")
-                for s in [*self.running]:
+                for s in [*self.lanes[i]]:
                     self._fail(s, GatewayError("internal error in the scheduler; see the gateway log"))
                 await asyncio.sleep(0.1)
 
-    # ---- the loop ----
-    async def _iteration(self) -> None:
-        if not self.running and not self.waiting:
-            self._wake.clear()
+    # ---- the loop (one per lane) ----
+    async def _iteration(self, i: int) -> None:
+        lane = self.lanes[i]
+        if not lane and not self._room(i):
+            self._wake.clear()  # woken by a submission, a cancellation or a sequence leaving
             await self._wake.wait()
-        self._drop_cancelled()
-        room = min(self.cfg.max_prefill_batch, self.cfg.max_running - len(self.running))
-        new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-        self.running += new
+        self._drop_cancelled(lane)
+        new = [self.waiting.popleft() for _ in range(self._room(i))]
+        lane += new
         self._gauges()
         if new:
             await self._step(new, "prefill")
-        old = [s for s in self.running if s not in new and not s.finished]
+        old = [s for s in lane if s not in new and not s.finished]
         if old:
             await self._step(old, "decode")
-        self.running = [s for s in self.running if not s.finished]
+        self._leave(lane)
         self._gauges()
         self.steps += 1
 
-    def _drop_cancelled(self) -> None:
-        """Drop what was cancelled, and fail (504) what ran past the request deadline."""
+    def _leave(self, lane: list[Sequence]) -> None:
+        """Finished sequences leave the lane; their slots may let another lane take waiting work."""
+        kept = [s for s in lane if not s.finished]
+        if len(kept) < len(lane) and len(self.lanes) > 1:
+            self._wake.set()
+        lane[:] = kept
+
+    def _room(self, i: int) -> int:
+        """How many waiting sequences lane i takes now: within max_running and max_prefill_batch,
+        and no more than its share, so that the lanes stay even."""
+        running = sum(len(lane) for lane in self.lanes)
+        room = min(self.cfg.max_prefill_batch, self.cfg.max_running - running, len(self.waiting))
+        share = -(-(running + len(self.waiting)) // len(self.lanes))  # ceiling
+        return max(0, min(room, share - len(self.lanes[i])))
+
+    def _drop_cancelled(self, lane: list[Sequence]) -> None:
+        """Drop what was cancelled, and fail (504) what ran past the request deadline: in the queue
+        and in this lane (another lane's sequences may be in a stage call right now)."""
         for s in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(s)
             s.finish(None)
             self.metrics.cancelled.inc()
-        for s in [s for s in self.running if s.cancelled]:
+        for s in [s for s in lane if s.cancelled]:
             self.metrics.cancelled.inc()
             self._finish(s, None)
         limit = self.cfg.request_timeout
@@ -136,9 +167,9 @@ class Scheduler:
         for s in [s for s in self.waiting if s.t_arrival < late]:
             self.waiting.remove(s)
             s.fail(StageTimeoutError(f"the request ran longer than request_timeout ({limit:g} s)"))
-        for s in [s for s in self.running if s.t_arrival < late]:
+        for s in [s for s in lane if s.t_arrival < late]:
             self._fail(s, StageTimeoutError(f"the request ran longer than request_timeout ({limit:g} s)"))
-        self.running = [s for s in self.running if not s.finished]
+        self._leave(lane)
 
     async def _step(self, rows: list[Sequence], phase: str) -> None:
         self.metrics.step_batch.labels(phase).observe(len(rows))

@@ -74,7 +74,9 @@ async def _one_stream(client, url: str, model: str, prompt: list[int], new_token
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        # usage (so far) in every chunk: tokens are counted from it, never from text (a bundle
+        # exported without a tokenizer streams tokens whose text is empty)
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
     first = last = None
     counted = 0
@@ -100,9 +102,11 @@ async def _one_stream(client, url: str, model: str, prompt: list[int], new_token
             if "error" in obj:
                 raise BenchError(f"the gateway streamed an error: {json.dumps(obj['error'])[:500]}")
             now = time.perf_counter()
+            usage = obj.get("usage")
+            so_far = usage.get("completion_tokens") if isinstance(usage, dict) else None
             for ch in obj.get("choices") or []:
-                n = _chunk_tokens(ch)
-                if n:
+                n = _chunk_tokens(ch) if so_far is None else int(so_far) - counted
+                if n > 0:
                     counted += n
                     if first is None:
                         first = now
@@ -111,9 +115,8 @@ async def _one_stream(client, url: str, model: str, prompt: list[int], new_token
                     text.append(ch["text"])
                 if ch.get("finish_reason"):
                     finish = ch["finish_reason"]
-            usage = obj.get("usage")
-            if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
-                usage_tokens = int(usage["completion_tokens"])
+            if so_far is not None:
+                usage_tokens = int(so_far)
     if not done:
         raise BenchError("the gateway closed the stream without `data: [DONE]`")
     if first is None:

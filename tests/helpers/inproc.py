@@ -44,6 +44,10 @@ class HostRouter(httpx.AsyncBaseTransport):
         self.down: set[str] = set()
         self.hung: set[str] = set()
         self.calls: dict[str, int] = {}
+        # > 0: each host answers infer calls one at a time, each taking at least this long, as a
+        # stage process computing does (in-process, the apps answer at once, all at the same time)
+        self.compute_seconds = 0.0
+        self._computing: dict[str, asyncio.Lock] = {}
 
     def add(self, host: str, app: ASGIApp) -> None:
         self.apps[host] = httpx.ASGITransport(app=app)
@@ -55,6 +59,10 @@ class HostRouter(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"connection refused by {host}", request=request)
         if host in self.hung and request.url.path.endswith("/infer"):
             await asyncio.Event().wait()  # until the caller gives up (cancels)
+        if self.compute_seconds and request.url.path.endswith("/infer"):
+            async with self._computing.setdefault(host, asyncio.Lock()):
+                await asyncio.sleep(self.compute_seconds)
+                return await self.apps[host].handle_async_request(request)
         return await self.apps[host].handle_async_request(request)
 
 
