@@ -19,6 +19,7 @@ from gateway.clients import Clients, StageConflict, StageRejected
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, StageError, StageUnavailableError
 from gateway.metrics import GatewayMetrics
+from gateway.processor_inputs import processor_inputs
 from gateway.replicas import Replica, Replicas
 from gateway.sequence import Sequence
 from gateway.tracing import step_traced, unsampled
@@ -57,6 +58,7 @@ class Pipeline:
         replicas: Replicas,
         metrics: GatewayMetrics,
         layout: StageLayout,
+        eos: int | None = None,
     ):
         self.cfg, self.clients, self.replicas, self.metrics, self.layout = (
             cfg,
@@ -65,6 +67,7 @@ class Pipeline:
             metrics,
             layout,
         )
+        self.eos = eos  # the token min_tokens bans
 
     async def run(self, k: int, rows: list[Sequence], x: dict[int, np.ndarray]) -> StageOutcome:
         """Rows through stage k; `x` holds each row's new inputs for stages after the first (its
@@ -179,6 +182,8 @@ class Pipeline:
                 c.TOP_P: np.array([q.top_p for q in p], dtype=np.float32),
                 c.SEED: np.array([s.seed for s in grp], dtype=np.int64),
             }
+            if any(q.processed for q in p):  # penalties, logit_bias, min_tokens: only then
+                inputs |= processor_inputs(grp, self.eos)
         return inputs
 
     async def _call(
