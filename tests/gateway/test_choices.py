@@ -34,7 +34,8 @@ def stage_metric(stack: InProcessStack, stage: str, name: str, /, **labels: str)
 
 def prefills(stack: InProcessStack) -> dict[str, float]:
     return {
-        k: stage_metric(stack, k, "tandem_stage_infer_seconds_count", phase="prefill", stage=k) for k in STAGES
+        k: stage_metric(stack, k, "tandem_stage_infer_seconds_count", phase="prefill", stage=k)
+        for k in STAGES
     }
 
 
@@ -43,7 +44,9 @@ def forked(stack: InProcessStack) -> dict[str, float]:
 
 
 def complete(stack: InProcessStack, **body: Any) -> dict[str, Any]:
-    r = stack.call("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "ignore_eos": True, **body})
+    r = stack.call(
+        "POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "ignore_eos": True, **body}
+    )
     assert r.status_code == 200, r.text
     out: dict[str, Any] = r.json()
     return out
@@ -139,7 +142,9 @@ def test_streaming_n2_sends_both_indexes(stack: InProcessStack) -> None:
         ({"n": 1, "best_of": 2, "stream": True}, "best_of"),
     ],
 )
-def test_bad_choices_are_400s_naming_the_field(stack: InProcessStack, body: dict[str, Any], param: str) -> None:
+def test_bad_choices_are_400s_naming_the_field(
+    stack: InProcessStack, body: dict[str, Any], param: str
+) -> None:
     r = stack.call("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 2, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
