@@ -73,7 +73,12 @@ def test_penalties_make_greedy_output_repeat_less(stack: InProcessStack, penalty
 
 
 def test_penalised_sampling_is_reproducible_with_a_seed(stack: InProcessStack) -> None:
-    body: dict[str, Any] = {"temperature": 1.0, "seed": 11, "presence_penalty": 1.5, "repetition_penalty": 1.3}
+    body: dict[str, Any] = {
+        "temperature": 1.0,
+        "seed": 11,
+        "presence_penalty": 1.5,
+        "repetition_penalty": 1.3,
+    }
     body |= {"logit_bias": {"7": 3.5}, "ignore_eos": True, "max_tokens": 16}
     assert ids(stack, **body) == ids(stack, **body)
 
