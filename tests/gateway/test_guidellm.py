@@ -16,7 +16,8 @@ import pytest
 
 from tests.helpers.stack import Stack, start_stack
 
-pytestmark = pytest.mark.slow
+# the session fixtures export the tiny model first when this module runs alone (minutes on 2 cores)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REQUESTS = 4
 
 
