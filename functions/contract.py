@@ -9,7 +9,9 @@ A batch sent to a stage (B rows, S new positions, left-padded):
   sequence_start (B,) bool: the row starts its sequence over (past_lengths 0) although the stage
     may hold it: without it, a past_lengths 0 row for a held sequence is a 409, so no caller
     replaces a sequence's KV cache by mistake;
-  last stage only: temperature, top_p (B,) float32, top_k, seed (B,) int64.
+  last stage only: temperature, top_p (B,) float32, top_k, seed (B,) int64; optionally the logits
+    processors' inputs (functions.processors): penalties (B,) float32 with penalty_token_ids (B, L)
+    and penalty_prompt_lengths (B,), logit_bias_ids / _values (B, K), banned_token_ids (B, K).
 The last stage answers token_ids (B,) int64 (+ logprobs (B,) float32, logits (B, V) when asked);
 the others hidden_states_{next layer} (B, S, C). A row whose past length is not what the stage holds
 gets a 409 whose body names the rows and the lengths held (`conflict_extra` / `parse_conflict`).
@@ -41,6 +43,15 @@ TEMPERATURE = "temperature"
 TOP_K = "top_k"
 TOP_P = "top_p"
 SEED = "seed"
+# last stage, optional, sent only for rows that use them (functions.processors)
+PRESENCE_PENALTY = "presence_penalty"
+FREQUENCY_PENALTY = "frequency_penalty"
+REPETITION_PENALTY = "repetition_penalty"
+PENALTY_TOKEN_IDS = "penalty_token_ids"
+PENALTY_PROMPT_LENGTHS = "penalty_prompt_lengths"
+LOGIT_BIAS_IDS = "logit_bias_ids"
+LOGIT_BIAS_VALUES = "logit_bias_values"
+BANNED_TOKEN_IDS = "banned_token_ids"
 HIDDEN_STATES_PREFIX = "hidden_states_"
 
 # ---- the 409 body (RFC 9457 extension members) ----
@@ -115,6 +126,21 @@ SAMPLING = (
 )
 
 
+# the optional logits processors' inputs: name, datatype, rank ([-1] padding in the id tensors)
+PROCESSOR_INPUTS = (
+    (PRESENCE_PENALTY, "FP32", 1),
+    (FREQUENCY_PENALTY, "FP32", 1),
+    (REPETITION_PENALTY, "FP32", 1),
+    (PENALTY_TOKEN_IDS, "INT64", 2),
+    (PENALTY_PROMPT_LENGTHS, "INT64", 1),
+    (LOGIT_BIAS_IDS, "INT64", 2),
+    (LOGIT_BIAS_VALUES, "FP32", 2),
+    (BANNED_TOKEN_IDS, "INT64", 2),
+)
+PENALTY_MAX = 2.0  # presence and frequency penalties are in [-PENALTY_MAX, PENALTY_MAX] (OpenAI)
+LOGIT_BIAS_MAX = 100.0  # a logit bias is in [-LOGIT_BIAS_MAX, LOGIT_BIAS_MAX] (OpenAI)
+
+
 def sampling_problem(temperature: float, top_k: int, top_p: float, vocab_size: int) -> tuple[str, str] | None:
     """(parameter, message) for the first sampling value out of bounds, or None when all are fine."""
     if not np.isfinite(temperature) or not 0 <= temperature <= TEMPERATURE_MAX:
@@ -150,6 +176,7 @@ class StageIO:
         ]
         if self.last:
             spec += [(p.name, p.datatype, [-1]) for p in SAMPLING]
+            spec += [(n, d, [-1] * rank) for n, d, rank in PROCESSOR_INPUTS]
         return [{"name": n, "datatype": d, "shape": s} for n, d, s in spec]
 
     def wire_outputs(self) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from export.manifest import Manifest, StageEntry
 from functions import contract as c
+from functions import processors
 from functions.contract import StageBatch, StageIO
 from functions.device import preload_cuda_libraries, require_in_session, session_providers
 from functions.errors import ConflictError, PayloadTooLargeError
@@ -135,6 +136,7 @@ class StageEngine:
     def infer(self, inputs: dict[str, np.ndarray], want: set[str] | None = None) -> StageResult:
         """Check and run one batch; `want` names the outputs asked for (None: the defaults)."""
         batch = StageBatch.from_tensors(inputs, self.io)
+        procs = processors.from_tensors(inputs, batch.size, self.io.vocab_size) if self.io.last else None
         if batch.size * batch.width > self.max_batch_tokens:  # before any allocation for it
             raise PayloadTooLargeError(
                 f"{batch.size} rows x {batch.width} positions = {batch.size * batch.width} per call; this "
@@ -142,7 +144,7 @@ class StageEngine:
             )
         self._check_bounds(batch, want)
         with self.lock:
-            return self._infer_locked(batch, want)
+            return self._infer_locked(batch, want, procs)
 
     @property
     def max_call_positions(self) -> int:
@@ -166,7 +168,9 @@ class StageEngine:
                 f"{self.max_response_bytes} (TANDEM_MAX_RESPONSE_BYTES): ask for fewer rows or outputs"
             )
 
-    def _infer_locked(self, batch: StageBatch, want: set[str] | None) -> StageResult:
+    def _infer_locked(
+        self, batch: StageBatch, want: set[str] | None, procs: processors.Processors | None = None
+    ) -> StageResult:
         ids, past, x, n_new = batch.sequence_ids, batch.past_lengths, batch.x, batch.n_new
         self.cache.expire()
         held = np.array([self.cache.length(int(s)) for s in ids], dtype=np.int64)  # (B,)
@@ -216,6 +220,7 @@ class StageEngine:
         t0 = time.perf_counter()
         host, presents = self.kv.run(self.session, feeds, self.shrink if B * (P + S) > SHRINK_ABOVE else None)
         seconds = time.perf_counter() - t0
+        chosen_from = host[0]  # (B, V) last stage: the logits the token is chosen from
         if self.io.last:  # refused before storing: a refused request changes nothing
             assert batch.sampling is not None
             hot = np.nonzero(batch.sampling.temperature > 0)[0]  # rows that sample (greedy takes argmax)
@@ -225,6 +230,8 @@ class StageEngine:
                     f"sequence(s) {broken}: the logits are not finite (the hidden states are beyond "
                     "what this model computes in float32), so no token can be sampled"
                 )
+            if procs is not None:
+                chosen_from = processors.apply(host[0], procs)
         self._store(batch, P, presents)
         if len(self.cache) == 0:
             give_back_memory()
@@ -233,7 +240,7 @@ class StageEngine:
             assert batch.sampling is not None
             logits = host[0]  # (B, V)
             token_ids, logprobs = sample(
-                logits, batch.sampling, past + n_new, want is None or c.LOGPROBS in want
+                chosen_from, batch.sampling, past + n_new, want is None or c.LOGPROBS in want, logits
             )
             result[c.TOKEN_IDS] = token_ids
             if logprobs is not None:
@@ -275,6 +282,29 @@ class StageEngine:
                 p, n = int(past[b]), int(n_new[b])
                 compact = self.kv.compact(presents, b, [(P - p, P), (P + S - n, P + S)])  # (1, H, p + n, D)
                 self.cache.put(seq, Group(compact, np.zeros(1, dtype=np.int64), (seq,)), 0, keep)
+
+    def fork(self, parent: int, length: int, children: list[int], release: bool) -> None:
+        """Children that start where `parent` is (its `length` positions held here): a prompt's
+        prefill shared by the choices of one request. 409 when the parent is not held at that length
+        or a child id is held already; the parent is freed after (`release`), or on a 409."""
+        with self.lock:
+            self.cache.expire()
+            held = self.cache.length(parent)
+            taken = [s for s in children if s in self.cache]
+            if held != length or taken:
+                self.cache.release(parent)
+                why = (
+                    f"sequence(s) {taken} are held already"
+                    if taken
+                    else "the parent is not held at that length"
+                )
+                raise ConflictError(
+                    f"cannot fork: {why}; prefill the children instead",
+                    extra=c.conflict_extra(np.array([parent]), np.array([held]), np.array([length])),
+                )
+            self.cache.fork(parent, children)
+            if release:
+                self.cache.release(parent)
 
     def release(self, seq_id: int) -> bool:
         with self.lock:

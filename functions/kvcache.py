@@ -104,6 +104,15 @@ class KVCache:
                 self._drop(victim)
                 self.evictions += 1
 
+    def fork(self, parent: int, children: Iterable[int]) -> None:
+        """Each child holds what `parent` holds, sharing its arrays (no copy: stored keys/values are
+        never written to); each is counted at the parent's bytes, so the budget stays an upper bound."""
+        e = self._entries[parent]
+        kids = list(children)
+        for child in kids:
+            self.put(child, e.group, e.row, keep=[parent, *kids])
+        self.get(parent)
+
     def release(self, seq_id: int) -> bool:
         if seq_id not in self._entries:
             return False

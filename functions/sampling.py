@@ -23,9 +23,10 @@ def sample(
     params: Sampling,
     positions: np.ndarray,  # (B,) absolute position of the token being chosen
     want_logprobs: bool = False,
+    raw: np.ndarray | None = None,  # (B, V) the model's logits when `logits` were processed
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Returns token_ids (B,) int64 and, when asked, their log-probabilities (B,) under the
-    model's unmodified distribution."""
+    model's unmodified distribution (`raw` when given, else `logits`)."""
     temperature, top_k, top_p, seed = params.temperature, params.top_k, params.top_p, params.seed
     token_ids = logits.argmax(axis=-1).astype(np.int64)  # (B,)
     for b in np.nonzero(temperature > 0)[0]:
@@ -44,5 +45,5 @@ def sample(
         token_ids[b] = order[int(rng.choice(len(order), p=p))]
     if not want_logprobs:
         return token_ids, None
-    lp = log_softmax(logits.astype(np.float64))  # (B, V)
+    lp = log_softmax((logits if raw is None else raw).astype(np.float64))  # (B, V)
     return token_ids, lp[np.arange(len(token_ids)), token_ids].astype(np.float32)

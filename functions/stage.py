@@ -23,7 +23,7 @@ import anyio.to_thread
 import msgspec
 from litestar import Litestar, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from export.manifest import BundleError, load_manifest
 from functions import protocol
@@ -42,10 +42,18 @@ logger = logging.getLogger("tandem.stage")
 DEFAULT_PORT_BASE = 8100  # stage K listens on 8100 + K by default
 INLINE_POSITIONS = 64  # batches up to this many new positions run on the event loop itself
 INFER_TEMPLATE = "/v2/models/{model}/infer"  # as Litestar names the route in metrics
+MAX_FORK = 256  # children per fork call (n and best_of are at most 128 per prompt)
 
 
 class ReleaseRequest(msgspec.Struct, forbid_unknown_fields=True):
     sequence_ids: list[int]
+
+
+class ForkRequest(msgspec.Struct, forbid_unknown_fields=True):
+    parent: int  # the held sequence to fork
+    length: int  # positions the caller believes it holds (a 409 when it does not)
+    children: list[int]  # new sequence ids, each starting with a copy of the parent's KV cache
+    release: bool = True  # free the parent once forked
 
 
 def create_stage_app(
@@ -76,6 +84,12 @@ def create_stage_app(
         ["stage"],
         registry=registry,
         buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    )
+    forks = Counter(
+        "tandem_stage_forked_sequences",
+        "Sequences started as a copy of another's KV cache (the choices of one prompt share its prefill).",
+        ["stage"],
+        registry=registry,
     )
     registry.register(CacheCollector(loader, name))
     registry.register(DeviceCollector(loader, name))
@@ -179,6 +193,22 @@ def create_stage_app(
         # served only when tracing is off (functions.fastpath)
         return await run_infer(match["model"], headers.get(protocol.HEADER.lower()), body, traced=False)
 
+    @post("/v2/models/{model:str}/sequences/fork", status_code=200, sync_to_thread=False, tags=["sequences"])
+    def fork(model: FromPath[str], data: JSONBody[ForkRequest]) -> dict[str, Any]:
+        """Start new sequences where a held one is (the sequence management the gateway uses for
+        `n` > 1): 409 with the held length when the parent is not held at `length`."""
+        engine = engine_for(model)
+        kids = data.children
+        if not 1 <= len(kids) <= MAX_FORK or len(set(kids)) != len(kids) or data.parent in kids:
+            raise BadRequestError(
+                f"children must be 1 to {MAX_FORK} distinct sequence ids other than the parent's"
+            )
+        if data.length < 1:
+            raise BadRequestError(f"length must be at least 1, got {data.length}")
+        engine.fork(data.parent, data.length, kids, data.release)
+        forks.labels(name).inc(len(kids))
+        return {"parent": data.parent, "children": kids, "length": data.length}
+
     @get("/v2/models/{model:str}/sequences", sync_to_thread=False, tags=["sequences"])
     def sequences(model: FromPath[str]) -> dict[str, Any]:
         """The sequences whose KV cache this stage holds, with their lengths; the bytes they take
@@ -234,6 +264,7 @@ def create_stage_app(
             sequences,
             release,
             release_many,
+            fork,
         ],
         settings=fn_settings,
         lifespan=[load_in_background],

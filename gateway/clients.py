@@ -196,6 +196,23 @@ class Clients:
         except httpx.HTTPError as e:
             logger.warning("release of %d sequence(s) on %s failed: %s", len(seq_ids), node.id, e)
 
+    async def fork(self, node: Node, stage: str, parent: int, length: int, children: list[int]) -> bool:
+        """Children that start as a copy of `parent`'s KV cache there (the stage frees the parent).
+        False when it did not happen: each child then replays its prompt there (a 409 on its first
+        call), so a lost fork only costs a prefill."""
+        try:
+            r = await self.http.post(
+                f"{node.url}/v2/models/{stage}/sequences/fork",
+                json={"parent": parent, "length": length, "children": children},
+                timeout=self.cfg.call_timeout,
+            )
+        except httpx.HTTPError as e:
+            logger.warning("fork of a sequence on %s failed: %s", node.id, type(e).__name__)
+            return False
+        if r.status_code != 200:
+            logger.warning("fork of a sequence on %s refused (%d): %s", node.id, r.status_code, _detail(r))
+        return r.status_code == 200
+
     async def ready(self, url: str) -> tuple[bool, str]:
         try:
             r = await self.http.get(f"{url}/v2/health/ready", timeout=2.0)

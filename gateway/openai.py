@@ -21,8 +21,9 @@ from opentelemetry import trace
 
 from gateway.bodies import decode_strict
 from gateway.errors import GatewayError, InvalidRequestError
+from gateway.params import best, choices_from, sampling_from
 from gateway.sequence import Event, SamplingParams, Sequence
-from gateway.service import Gateway, disconnected, sampling_from
+from gateway.service import Gateway, disconnected
 
 logger = logging.getLogger("tandem.gateway")
 
@@ -53,17 +54,19 @@ class CompletionRequest(msgspec.Struct):
     echo: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
     user: str | None = None
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens
+    repetition_penalty: float = 1.0  # extension (as in vLLM)
+    min_tokens: int = 0  # extension (as in vLLM)
     # known to OpenAI's API but not supported here: refused with a 400 that names them when set
     suffix: str | None = None
-    best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 IGNORED_HEADER = "X-Tandem-Ignored-Fields"
 IGNORED_HEADER_MAX = 1024  # characters of the header value; a longer list ends with ", ..."
-_UNSUPPORTED = ("suffix", "best_of", "logit_bias")
+_UNSUPPORTED = ("suffix",)
 
 
 def ignored_fields(request: Request[Any, Any, Any], unknown: list[str], strict: bool) -> list[str]:
@@ -133,27 +136,23 @@ def _prompts(data: CompletionRequest) -> tuple[list[str] | None, list[list[int]]
     )
 
 
-def _params(gw: Gateway, data: CompletionRequest) -> SamplingParams:
-    """The request's sampling parameters; refuses what this server does not support, naming it."""
+def _params(gw: Gateway, data: CompletionRequest) -> tuple[SamplingParams, int, int]:
+    """The request's sampling parameters, the choices returned per prompt and the sequences
+    generated per prompt (best_of); refuses what this server does not support, naming it."""
     gw.check_model(data.model)
     for name in _UNSUPPORTED:
-        if getattr(data, name) is not None and not (name == "best_of" and data.best_of == 1):
+        if getattr(data, name) is not None:
             raise InvalidRequestError(f"{name} is not supported", param=name)
-    if data.n != 1:
-        raise InvalidRequestError("only n = 1 is supported", param="n")
+    n, generated = choices_from(data.n, data.best_of, data.stream)
     if data.echo:
         raise InvalidRequestError("echo is not supported", param="echo")
-    if data.presence_penalty or data.frequency_penalty:
-        raise InvalidRequestError(
-            "presence_penalty and frequency_penalty are not supported", param="presence_penalty"
-        )
     if data.logprobs not in (None, 0):
         raise InvalidRequestError(
             "logprobs: only 0 (the chosen tokens' logprobs) is supported", param="logprobs"
         )
     max_tokens = gw.cfg.default_max_tokens if data.max_tokens is None else data.max_tokens
     stop = [data.stop] if isinstance(data.stop, str) else list(data.stop or [])
-    return sampling_from(
+    params = sampling_from(
         max_tokens,
         data.temperature,
         data.top_p,
@@ -161,8 +160,14 @@ def _params(gw: Gateway, data: CompletionRequest) -> SamplingParams:
         data.seed,
         stop,
         data.ignore_eos,
-        data.logprobs is not None,
+        data.logprobs is not None or generated > n,  # best_of ranks by cumulative logprob
+        presence_penalty=data.presence_penalty,
+        frequency_penalty=data.frequency_penalty,
+        repetition_penalty=data.repetition_penalty,
+        logit_bias=data.logit_bias,
+        min_tokens=data.min_tokens,
     )
+    return params, n, generated
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -187,35 +192,39 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
     t0 = time.perf_counter()
     data, unknown = await decode_strict(request, CompletionRequest)
     ignored = ignored_fields(request, unknown, gw.cfg.strict_fields)
-    params = _params(gw, data)
+    params, n, generated = _params(gw, data)
+    want_logprobs = data.logprobs is not None
     texts, ids = _prompts(data)
-    seqs = await gw.admit(params, texts=texts, ids=ids)
+    seqs = await gw.admit(params, texts=texts, ids=ids, n=generated)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = ignored_header(ignored)
     base = {"id": cid, "object": "text_completion", "created": created, "model": gw.cfg.model_name}
 
     if not data.stream:
-        outs = await gw.collect(seqs, disconnected(request))
+        every = await gw.collect(seqs, disconnected(request))
+        outs = best(every, n, generated, lambda o: sum(o.logprobs))
         choices = [
             {
                 "index": i,
                 "text": o.text,
                 "finish_reason": o.finish_reason,
                 "logprobs": _logprobs_obj([_token_text(gw, t) for t in o.token_ids], o.logprobs)
-                if params.logprobs
+                if want_logprobs
                 else None,
             }
             for i, o in enumerate(outs)
         ]
-        usage = _usage(sum(o.prompt_tokens for o in outs), sum(len(o.token_ids) for o in outs))
-        reasons = [o.finish_reason for o in outs]
+        # the prompt once per prompt; every generated token, best_of's discarded ones included
+        prompt_tokens = sum(o.prompt_tokens for o in every[::generated])
+        usage = _usage(prompt_tokens, sum(len(o.token_ids) for o in every))
+        reasons = [o.finish_reason for o in every]
         gw.annotate_response(trace.get_current_span(), seqs, usage["completion_tokens"], reasons)
         gw.metrics.record_request(ROUTE, 200, time.perf_counter() - t0)
         return Response({**base, "choices": choices, "usage": usage}, headers=headers)
 
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
     continuous = bool(include_usage and data.stream_options and data.stream_options.continuous_usage_stats)
-    prompt_tokens = sum(len(s.prompt) for s in seqs)
+    prompt_tokens = sum(len(s.prompt) for s in seqs[::n])
     span = trace.get_current_span()  # the request's span: still open while the stream is sent
 
     async def events() -> AsyncIterator[bytes]:
@@ -251,7 +260,7 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
                 }
                 if ev.kind == "token":
                     counts[i] += 1
-                    if params.logprobs:
+                    if want_logprobs:
                         choice["logprobs"] = _logprobs_obj([_token_text(gw, ev.token_id)], [ev.logprob])
                 else:
                     choice["finish_reason"] = reasons[i] = ev.finish_reason

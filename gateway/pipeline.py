@@ -20,6 +20,7 @@ from gateway.config import GatewayConfig
 from gateway.deadlines import CallDeadlines
 from gateway.errors import GatewayError, StageError, StageTimeoutError, StageUnavailableError
 from gateway.metrics import GatewayMetrics
+from gateway.processor_inputs import processor_inputs
 from gateway.replicas import Replica, Replicas
 from gateway.sequence import Sequence
 from gateway.tracing import step_traced, unsampled
@@ -59,6 +60,7 @@ class Pipeline:
         replicas: Replicas,
         metrics: GatewayMetrics,
         layout: StageLayout,
+        eos: int | None = None,
     ):
         self.cfg, self.clients, self.replicas, self.metrics, self.layout = (
             cfg,
@@ -72,6 +74,7 @@ class Pipeline:
         self.deadlines = CallDeadlines(
             cfg.stages, cfg.call_deadline_factor, cfg.call_deadline_floor, cfg.call_timeout
         )
+        self.eos = eos  # the token min_tokens bans
 
     async def run(self, k: int, rows: list[Sequence], x: dict[int, np.ndarray]) -> StageOutcome:
         """Rows through stage k; `x` holds each row's new inputs for stages after the first (its
@@ -195,6 +198,8 @@ class Pipeline:
                 c.TOP_P: np.array([q.top_p for q in p], dtype=np.float32),
                 c.SEED: np.array([s.seed for s in grp], dtype=np.int64),
             }
+            if any(q.processed for q in p):  # penalties, logit_bias, min_tokens: only then
+                inputs |= processor_inputs(grp, self.eos)
         return inputs
 
     async def _call(

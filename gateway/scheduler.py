@@ -28,9 +28,10 @@ from functions.tokenizer_core import IncrementalDecoder, TokenizerCore
 from gateway.clients import Clients
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, OverloadedError, StageTimeoutError
+from gateway.forks import PARENT, Forks, choice_seed
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
-from gateway.replicas import Replicas
+from gateway.replicas import Replica, Replicas
 from gateway.sequence import Event, SamplingParams, Sequence
 
 logger = logging.getLogger("tandem.gateway")
@@ -54,6 +55,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.steps = 0
+        self.forks = Forks(clients, replicas, metrics, self._release_one)
 
     # ---- public API ----
     @property
@@ -62,34 +64,51 @@ class Scheduler:
 
     @property
     def free_slots(self) -> int:
-        return self.cfg.max_running + self.cfg.max_waiting - len(self.running) - len(self.waiting)
+        # a fork parent stands in for its children until it forks
+        reserved = sum(
+            len(s.children) - 1 for s in (*self.running, *self.waiting) if s.children and not s.finished
+        )
+        used = len(self.running) + len(self.waiting) + reserved
+        return self.cfg.max_running + self.cfg.max_waiting - used
 
     def submit_all(
-        self, prompts: list[list[int]], params: SamplingParams, parent: object = None
+        self, prompts: list[list[int]], params: SamplingParams, parent: object = None, n: int = 1
     ) -> list[Sequence]:
-        """Queue every prompt of one request, or none: a request is admitted whole or refused whole."""
-        if len(prompts) > self.free_slots:
+        """Queue every prompt of one request, `n` choices each, or none: a request is admitted whole
+        or refused whole. The choices of a prompt share one prefill (a fork parent, gateway.forks).
+        Returns the choices, prompt by prompt."""
+        need = len(prompts) * n
+        if need > self.free_slots:
             raise OverloadedError(
                 f"{len(self.running)} sequences running and {len(self.waiting)} waiting; this request "
-                f"needs {len(prompts)} slot(s) of {self.free_slots} free; retry shortly",
+                f"needs {need} slot(s) of {self.free_slots} free; retry shortly",
                 headers={"Retry-After": "1"},
             )
-        seqs = [
-            Sequence.new(
-                prompt,
-                params,
-                IncrementalDecoder(self.tokenizer, skip_special_tokens=True),
-                self.cfg.stages,
-                self.pipeline.layout.n_embd,
-                parent,  # type: ignore[arg-type]
-            )
-            for prompt in prompts
-        ]
-        self.waiting.extend(seqs)
+        choices: list[Sequence] = []
+        for prompt in prompts:
+            seqs = [self._new(prompt, params, parent, choice_seed(params.seed, j)) for j in range(n)]
+            choices += seqs
+            if n > 1 and len(prompt) > 1:
+                self.waiting.append(self.forks.parent_of(seqs, self._new(prompt[:-1], PARENT, parent, 0)))
+            else:
+                self.waiting.extend(seqs)
         self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         self._gauges()
         self._wake.set()
-        return seqs
+        return choices
+
+    def _new(self, prompt: list[int], params: SamplingParams, parent: object, seed: int | None) -> Sequence:
+        seq = Sequence.new(
+            prompt,
+            params,
+            IncrementalDecoder(self.tokenizer, skip_special_tokens=True),
+            self.cfg.stages,
+            self.pipeline.layout.n_embd,
+            parent,  # type: ignore[arg-type]
+        )
+        if seed is not None:
+            seq.seed = seed
+        return seq
 
     def cancel(self, seq: Sequence) -> None:
         if not seq.finished:
@@ -129,7 +148,9 @@ class Scheduler:
         lane += new
         self._gauges()
         if new:
-            await self._step(new, "prefill")
+            parents = await self._step(new, "prefill")
+            if parents:  # their children are in `waiting` now, first in line (for any lane)
+                await self.forks.fork(parents, self.waiting)
         old = [s for s in lane if s not in new and not s.finished]
         if old:
             await self._step(old, "decode")
@@ -155,6 +176,9 @@ class Scheduler:
     def _drop_cancelled(self, lane: list[Sequence]) -> None:
         """Drop what was cancelled, and fail (504) what ran past the request deadline: in the queue
         and in this lane (another lane's sequences may be in a stage call right now)."""
+        for s in [*self.waiting, *lane]:
+            if s.children and all(c.cancelled for c in s.children):
+                s.cancelled = True  # a fork parent nobody waits for any more
         for s in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(s)
             s.finish(None)
@@ -171,22 +195,26 @@ class Scheduler:
             self._fail(s, StageTimeoutError(f"the request ran longer than request_timeout ({limit:g} s)"))
         self._leave(lane)
 
-    async def _step(self, rows: list[Sequence], phase: str) -> None:
+    async def _step(self, rows: list[Sequence], phase: str) -> list[Sequence]:
+        """One call per stage for `rows`; returns the fork parents that went through (they choose
+        no token: their children continue from them)."""
         self.metrics.step_batch.labels(phase).observe(len(rows))
         ended_in_stages = {s.id: s.last_step for s in rows}  # sent with sequence_end: freed there
         x: dict[int, np.ndarray] = {}
         alive = list(rows)
         for k in range(self.cfg.stages):
             if not alive:
-                return
+                return []
             out = await self.pipeline.run(k, alive, x)
             for s, err in out.failed:
                 self._fail(s, err)
             alive = [s for s in alive if s.id in out.results]
             x = out.results  # type: ignore[assignment]  # hidden states for the next stage
         for s in alive:
-            token, logprob = out.results[s.id]
-            self._accept(s, int(token), logprob, ended_in_stages[s.id])
+            if not s.children:
+                token, logprob = out.results[s.id]
+                self._accept(s, int(token), logprob, ended_in_stages[s.id])
+        return [s for s in alive if s.children]
 
     def _accept(self, s: Sequence, token: int, logprob: float | None, ended_in_stages: bool) -> None:
         now = time.perf_counter()
@@ -215,9 +243,12 @@ class Scheduler:
         current = [(k, rep) for k, rep in enumerate(s.replica) if rep is not None and s.held[k] > 0]
         left = [(k, rep) for k, rep in s.left if rep is not s.replica[k]]
         for k, rep in left if ended_in_stages else current + left:
-            task = asyncio.create_task(self.clients.release(rep.node, self.replicas.pools[k].name, [s.id]))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._release_one(k, rep, s.id)
+
+    def _release_one(self, k: int, rep: Replica, seq_id: int) -> None:
+        task = asyncio.create_task(self.clients.release(rep.node, self.replicas.pools[k].name, [seq_id]))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _gauges(self) -> None:
         self.metrics.running.set(len(self.running))

@@ -30,7 +30,23 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: bool = False  # the last stage returns the chosen tokens' logprobs
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM extension, over prompt and generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    min_tokens: int = 0  # vLLM extension: EOS banned (and stop strings not checked) until this many
+
+    @property
+    def processed(self) -> bool:
+        """The last stage needs the logits processors' inputs for this row (functions.processors)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+        )
 
 
 @dataclass
@@ -94,6 +110,8 @@ class Sequence:
     t_first: float | None = None
     t_last: float | None = None
     stage_seconds: list[float] = field(default_factory=list)
+    # a fork parent: prefills prompt[:-1] once for these children, then each continues from it
+    children: list[Sequence] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -102,6 +120,16 @@ class Sequence:
         self.sent = [None] + [StageInputs(self.width) for _ in range(self.n_stages - 1)]
         self.stage_seconds = [0.0] * self.n_stages
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(62)
+
+    def adopt(self, parent: Sequence) -> None:
+        """Continue from what a fork parent has sent every stage (its prompt is ours minus the last
+        token): the same replicas and lengths, and a copy of its inputs, for a replay."""
+        self.held = list(parent.held)
+        self.replica = list(parent.replica)
+        for k in range(1, self.n_stages):
+            src, dst = parent.sent[k], self.sent[k]
+            assert src is not None and dst is not None
+            dst.append(src.view(0, src.n))
 
     @classmethod
     def new(
@@ -125,7 +153,8 @@ class Sequence:
         stop string) and return the finish reason when this token ends the sequence."""
         self.tokens.append(token)
         self.n_generated += 1
-        if token == eos and not self.params.ignore_eos:
+        early = self.n_generated < self.params.min_tokens  # no stop yet (EOS is banned in the stage)
+        if token == eos and not self.params.ignore_eos and not early:
             self.text += self.decoder.flush()
             self._emit(token, logprob, final=True)
             return "stop"
@@ -136,7 +165,7 @@ class Sequence:
             pass  # an id the tokenizer has no text for (a model vocabulary larger than the tokenizer's)
         if done:
             self.text += self.decoder.flush()  # bytes held back for an incomplete character
-        hit = self._stop_hit()
+        hit = None if early else self._stop_hit()
         if hit is not None:
             self.text = self.text[:hit]
             self._emit(token, logprob, final=True)
@@ -154,6 +183,8 @@ class Sequence:
         return True
 
     def fail(self, err: GatewayError) -> bool:
+        for child in self.children:  # a fork parent's failure is its children's
+            child.fail(err)
         if self.finished:
             return False
         self.events.put_nowait(Event("error", error=err))

@@ -32,6 +32,7 @@ from gateway.errors import (
     StageUnavailableError,
 )
 from gateway.metrics import GatewayMetrics, StageUpCollector
+from gateway.params import sampling_from
 from gateway.pipeline import Pipeline, StageLayout
 from gateway.replicas import Replicas
 from gateway.scheduler import Scheduler
@@ -120,7 +121,9 @@ class Gateway:
                 f"the last configured stage is not the model's last ({self.layout.output_names})"
             )
         self.tokenizer = tok
-        pipeline = Pipeline(self.cfg, self.clients, self.replicas, self.metrics, self.layout)
+        pipeline = Pipeline(
+            self.cfg, self.clients, self.replicas, self.metrics, self.layout, tok.eos_token_id
+        )
         self.scheduler = Scheduler(self.cfg, self.clients, self.replicas, self.metrics, tok, pipeline)
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
         self.status = "ready"
@@ -166,10 +169,12 @@ class Gateway:
         ids: list[list[int]] | None = None,
         param: str = "prompt",
         operation: str = "text_completion",
+        n: int = 1,
     ) -> list[Sequence]:
         """The one admission path: encode the texts (or take token ids), check every prompt against
-        the model, then queue all of them or none (429). `param` names the field in errors;
-        `operation` is the request span's gen_ai.operation.name."""
+        the model, then queue all of them or none (429), `n` sequences per prompt sharing its
+        prefill (returned prompt by prompt). `param` names the field in errors; `operation` is the
+        request span's gen_ai.operation.name."""
         sched = self.require_scheduler()
         ready, why = self.replicas.readiness()
         if not ready:  # new work would only wait for a stage that is not there
@@ -184,7 +189,7 @@ class Gateway:
             self.check_prompt(p, params, param)
         span = trace.get_current_span()
         annotate_request(span, operation, self.cfg.model_name, params, sum(len(p) for p in ids))
-        return sched.submit_all(ids, params, span)
+        return sched.submit_all(ids, params, span, n)
 
     def annotate_response(
         self, span: trace.Span, seqs: list[Sequence], output_tokens: int, finish_reasons: list[str | None]
@@ -205,6 +210,11 @@ class Gateway:
         layout = self.layout
         if layout is None:
             raise StageUnavailableError(f"the gateway is not ready: {self.status}")
+        if any(not 0 <= t < layout.vocab_size for t, _ in params.logit_bias):
+            raise InvalidRequestError(
+                f"logit_bias names a token id outside the vocabulary [0, {layout.vocab_size})",
+                param="logit_bias",
+            )
         if params.top_k > layout.vocab_size:
             raise InvalidRequestError(
                 f"top_k must be at most the vocabulary size {layout.vocab_size}", param="top_k"
@@ -288,41 +298,6 @@ class Gateway:
             out.finish_reason = ev.finish_reason
 
 
-def sampling_from(
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int | None,
-    stop: list[str],
-    ignore_eos: bool,
-    logprobs: bool,
-) -> SamplingParams:
-    """Validated sampling parameters (the stage re-checks them; here they get a friendly 400)."""
-    if max_tokens < 1:
-        raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-    if top_k < -1:
-        raise InvalidRequestError(f"top_k must be -1 or 0 (off) or positive, got {top_k}", param="top_k")
-    # the vocabulary bound on top_k is checked per prompt (Gateway.check_prompt) once the model is known
-    problem = contract.sampling_problem(temperature, 0, top_p, vocab_size=0)
-    if problem is not None:
-        raise InvalidRequestError(problem[1], param=problem[0])
-    if len(stop) > 4 or any(not isinstance(s, str) or s == "" for s in stop):
-        raise InvalidRequestError("stop takes up to 4 non-empty strings", param="stop")
-    if seed is not None and not 0 <= seed < contract.SEED_LIMIT:
-        raise InvalidRequestError("seed must be in [0, 2**62)", param="seed")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=max(top_k, 0),
-        seed=seed,
-        stop=tuple(stop),
-        ignore_eos=ignore_eos,
-        logprobs=logprobs,
-    )
-
-
 def disconnected(request: Request[Any, Any, Any]) -> Callable[[], Awaitable[None]]:
     """A coroutine function that returns when the client closes the connection (ASGI
     http.disconnect; the body has been read already, so nothing else arrives)."""
@@ -336,4 +311,10 @@ def disconnected(request: Request[Any, Any, Any]) -> Callable[[], Awaitable[None
     return wait
 
 
-__all__ = ["Gateway", "GatewayError", "Outcome", "disconnected", "sampling_from"]
+__all__ = [
+    "Gateway",
+    "GatewayError",
+    "Outcome",
+    "disconnected",
+    "sampling_from",
+]  # sampling_from: gateway.params

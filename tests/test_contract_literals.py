@@ -27,14 +27,19 @@ EVERYWHERE = {
     "position_ids",
 }
 EVERYWHERE |= {"Tandem-Eos-Token-Id", "input_ids"}
+EVERYWHERE |= {"penalty_token_ids", "penalty_prompt_lengths", "logit_bias_ids", "logit_bias_values"}
+EVERYWHERE |= {"banned_token_ids"}
 PREFIXES = ("hidden_states_", "past_key_values.", "present.", "stage-")
 # names shared with the public APIs (OpenAI fields): checked only where stages are spoken to
 STAGE_SIDE = {"token_ids", "logprobs", "logits", "temperature", "top_k", "top_p", "seed"}
+STAGE_SIDE |= {"presence_penalty", "frequency_penalty", "repetition_penalty"}
 STAGE_SIDE_MODULES = {
     "functions/engine.py",
     "functions/stage.py",
     "functions/stage_state.py",
     "functions/sampling.py",
+    "functions/processors.py",
+    "gateway/processor_inputs.py",
     "gateway/pipeline.py",
     "gateway/clients.py",
     "export/stages.py",

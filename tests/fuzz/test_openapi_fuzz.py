@@ -58,7 +58,7 @@ def cap_generation(case: Case) -> None:
                 holder["max_tokens"] = MAX_TOKENS
 
 
-# fields /v1/completions refuses with a 400 (n must be 1, ...) or often out of range (temperature,
+# fields /v1/completions refuses with a 400 (echo, best_of > n when streaming, ...) or often out of range (temperature,
 # an unknown model name): dropped from the streaming cases, the other cases cover them
 REFUSED = "n echo best_of logit_bias suffix presence_penalty frequency_penalty logprobs".split()
 REFUSED += ["model", "temperature", "top_p", "top_k"]

@@ -258,7 +258,7 @@ def test_replay_when_a_stage_loses_the_sequence(
         ({"prompt": "hi", "temperature": -0.5}, "temperature"),
         ({"prompt": "hi", "top_p": 0}, "top_p"),
         ({"prompt": "hi", "top_k": -7}, "top_k"),
-        ({"prompt": "hi", "n": 2}, "n = 1"),
+        ({"prompt": "hi", "n": 0}, "n must be in [1, 128]"),
         ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"prompt": [1, "a"]}, "not a mix"),
         ({"prompt": [10**9]}, "outside the vocabulary"),

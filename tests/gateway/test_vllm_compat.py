@@ -140,8 +140,8 @@ def test_strict_mode_refuses_unknown_fields(stack: InProcessStack) -> None:
     ("extra", "param"),
     [
         ({"suffix": "x"}, "suffix"),
-        ({"best_of": 2}, "best_of"),
-        ({"logit_bias": {"50": 5}}, "logit_bias"),
+        ({"best_of": 2, "stream": True}, "best_of"),
+        ({"logit_bias": {"fifty": 5}}, "logit_bias"),
         ({"max_tokens": "5"}, "max_tokens"),
         ({"stream": 1}, "stream"),
         ({"temperature": "0.5"}, "temperature"),
