@@ -91,9 +91,7 @@ def verify_head(model: Any, path: Path, seed: int = 0) -> float:
     got_target, _ids, got_top = sess.run(None, {c.HEAD_HIDDEN: hidden, c.TARGET_IDS: targets})
     with torch.no_grad():
         ref = ScoringHead(model)(torch.from_numpy(hidden), torch.from_numpy(targets))
-    return float(
-        max(np.abs(got_target - ref[0].numpy()).max(), np.abs(got_top - ref[2].numpy()).max())
-    )
+    return float(max(np.abs(got_target - ref[0].numpy()).max(), np.abs(got_top - ref[2].numpy()).max()))
 
 
 def build_head(model: Any, work: Path, opset: int | None, log: Any) -> tuple[dict[str, Any], dict[str, str]]:
@@ -108,7 +106,9 @@ def build_head(model: Any, work: Path, opset: int | None, log: Any) -> tuple[dic
     inputs, outputs = export_head(model, path, opset)
     diff = verify_head(model, path)
     if not diff <= HEAD_MAX_DIFF:
-        raise ExportError(f"scoring head parity failed: max |logprob diff| {diff:.3g} (limit {HEAD_MAX_DIFF})")
+        raise ExportError(
+            f"scoring head parity failed: max |logprob diff| {diff:.3g} (limit {HEAD_MAX_DIFF})"
+        )
     log(f"scoring head -> {c.HEAD_FILE} (max |logprob diff| {diff:.1e})")
     entry = {
         "file": c.HEAD_FILE,

@@ -146,6 +146,7 @@ class StageIO:
     n_embd: int
     vocab_size: int
     n_positions: int
+    scoring: bool = False  # last stage with the scoring head: takes target_ids
 
     def wire_inputs(self) -> list[dict[str, Any]]:
         x = ([-1, -1], "INT64") if self.first else ([-1, -1, self.n_embd], "FP32")
@@ -159,6 +160,7 @@ class StageIO:
         ]
         if self.last:
             spec += [(p.name, p.datatype, [-1]) for p in SAMPLING]
+            spec += [(NUM_TOP, "INT64", [-1])] + ([(TARGET_IDS, "INT64", [-1, -1])] if self.scoring else [])
         return [{"name": n, "datatype": d, "shape": s} for n, d, s in spec]
 
     def wire_outputs(self) -> list[dict[str, Any]]:
@@ -167,8 +169,18 @@ class StageIO:
                 {"name": TOKEN_IDS, "datatype": "INT64", "shape": [-1]},
                 {"name": LOGPROBS, "datatype": "FP32", "shape": [-1]},
                 {"name": LOGITS, "datatype": "FP32", "shape": [-1, self.vocab_size]},
-            ]
+                {"name": TOP_IDS, "datatype": "INT64", "shape": [-1, -1]},
+                {"name": TOP_LOGPROBS, "datatype": "FP32", "shape": [-1, -1]},
+            ] + (self._scoring_outputs() if self.scoring else [])
         return [{"name": self.y_name, "datatype": "FP32", "shape": [-1, -1, self.n_embd]}]
+
+    @staticmethod
+    def _scoring_outputs() -> list[dict[str, Any]]:
+        return [
+            {"name": TARGET_LOGPROBS, "datatype": "FP32", "shape": [-1]},
+            {"name": TARGET_TOP_IDS, "datatype": "INT64", "shape": [-1, -1]},
+            {"name": TARGET_TOP_LOGPROBS, "datatype": "FP32", "shape": [-1, -1]},
+        ]
 
 
 @dataclass(frozen=True)

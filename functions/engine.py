@@ -24,6 +24,7 @@ from functions.contract import StageBatch, StageIO
 from functions.errors import ConflictError, PayloadTooLargeError
 from functions.kvcache import Entry, Group, KVCache
 from functions.sampling import sample
+from functions.scoring import NO_HEAD, Head, ScoreRequest, score_outputs
 
 
 @dataclass
@@ -86,14 +87,19 @@ class StageEngine:
         import onnxruntime as ort
 
         self.manifest, self.stage = manifest, stage
+        last = stage.layers[1] == manifest.n_layer
+        # the scoring head, and the graph output it reads (both absent in bundles made before them)
+        graph_outputs = [t.name for t in stage.outputs]
+        self.hidden_out = c.FINAL_HIDDEN if last and c.FINAL_HIDDEN in graph_outputs else None
         self.io = StageIO(
             x_name=stage.inputs[0].name,
             y_name=stage.outputs[0].name,
             first=stage.first,
-            last=stage.layers[1] == manifest.n_layer,
+            last=last,
             n_embd=int(manifest.config["n_embd"]),
             vocab_size=manifest.vocab_size,
             n_positions=manifest.n_positions,
+            scoring=self.hidden_out is not None and manifest.head is not None,
         )
         self.x_name = self.io.x_name
         self.past_names = stage.past_names()
@@ -110,6 +116,11 @@ class StageEngine:
             str(Path(bundle) / stage.file), session_options(threads), providers=providers
         )
         self.providers = self.session.get_providers()
+        self.head = (
+            Head.load(bundle, manifest, session_options(threads), providers) if self.io.scoring else None
+        )
+        # what a call fetches: every output but the final hidden states, unless a row scores positions
+        self.out_names = [o.name for o in self.session.get_outputs() if o.name != self.hidden_out]
         self.cache = KVCache(cache_bytes, idle_seconds)
         self.lock = threading.Lock()  # one batch at a time: the 409 check and the update are atomic
         self.max_batch_tokens = max_batch_tokens
@@ -127,16 +138,25 @@ class StageEngine:
     # ---- inference ----
     def infer(self, inputs: dict[str, np.ndarray], want: set[str] | None = None) -> StageResult:
         """Check and run one batch; `want` names the outputs asked for (None: the defaults)."""
+        if c.TARGET_IDS in inputs and not self.io.scoring:
+            raise c.ContractError(NO_HEAD.format(c.TARGET_IDS))
         batch = StageBatch.from_tensors(inputs, self.io)
+        scoring = (
+            ScoreRequest.parse(inputs, batch, self.io.vocab_size, self.head is not None)
+            if self.io.last
+            else None
+        )
         if batch.size * batch.width > self.max_batch_tokens:  # before any allocation for it
             raise PayloadTooLargeError(
                 f"{batch.size} rows x {batch.width} positions = {batch.size * batch.width} per call; this "
                 f"stage takes at most {self.max_batch_tokens} (TANDEM_MAX_BATCH_TOKENS): split the batch"
             )
         with self.lock:
-            return self._infer_locked(batch, want)
+            return self._infer_locked(batch, want, scoring)
 
-    def _infer_locked(self, batch: StageBatch, want: set[str] | None) -> StageResult:
+    def _infer_locked(
+        self, batch: StageBatch, want: set[str] | None, scoring: ScoreRequest | None = None
+    ) -> StageResult:
         ids, past, x, n_new = batch.sequence_ids, batch.past_lengths, batch.x, batch.n_new
         self.cache.expire()
         held = np.array([self.cache.length(int(s)) for s in ids], dtype=np.int64)  # (B,)
@@ -184,7 +204,11 @@ class StageEngine:
             pos[b, S - n_new[b] :] = np.arange(past[b], past[b] + n_new[b])
         feeds.update({self.x_name: x, c.ATTENTION_MASK: full_mask, c.POSITION_IDS: pos})
         t0 = time.perf_counter()
-        outs = self.session.run(None, feeds, self.shrink if B * (P + S) > SHRINK_ABOVE else None)
+        names = self.out_names
+        if scoring is not None and scoring.scores_positions:
+            assert self.hidden_out is not None
+            names = [*names, self.hidden_out]
+        outs = self.session.run(names, feeds, self.shrink if B * (P + S) > SHRINK_ABOVE else None)
         seconds = time.perf_counter() - t0
         if self.io.last:  # refused before storing: a refused request changes nothing
             assert batch.sampling is not None
@@ -195,7 +219,7 @@ class StageEngine:
                     f"sequence(s) {broken}: the logits are not finite (the hidden states are beyond "
                     "what this model computes in float32), so no token can be sampled"
                 )
-        self._store(batch, P, outs[1:])
+        self._store(batch, P, outs[1 : 1 + len(self.past_names)])
         if len(self.cache) == 0:
             give_back_memory()
         result = {}
@@ -210,6 +234,9 @@ class StageEngine:
                 result[c.LOGPROBS] = logprobs
             if want is not None and c.LOGITS in want:
                 result[c.LOGITS] = logits
+            if scoring is not None:
+                hidden = outs[-1] if len(outs) > len(self.out_names) else None  # (B, S, C)
+                result |= score_outputs(scoring, logits, hidden, self.head, want)
         else:
             result[self.io.y_name] = outs[0]  # (B, S, C)
         phase = "prefill" if int(n_new.max()) > 1 else "decode"

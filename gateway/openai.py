@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from gateway.bodies import decode_strict
 from gateway.errors import GatewayError, InvalidRequestError
+from gateway.scoring import choice_logprobs, logprobs_object
 from gateway.sequence import Event, SamplingParams, Sequence
 from gateway.service import Gateway, disconnected, sampling_from
 
@@ -141,15 +142,17 @@ def _params(gw: Gateway, data: CompletionRequest) -> SamplingParams:
             raise InvalidRequestError(f"{name} is not supported", param=name)
     if data.n != 1:
         raise InvalidRequestError("only n = 1 is supported", param="n")
-    if data.echo:
-        raise InvalidRequestError("echo is not supported", param="echo")
+    if data.echo and data.stream:
+        raise InvalidRequestError("echo is not supported with stream", param="echo")
+    if data.echo and data.logprobs is not None and gw.layout is not None and not gw.layout.scoring:
+        raise InvalidRequestError(
+            "echo with logprobs scores the prompt, which needs the scoring head this model's bundle was "
+            "exported without: re-export it with `python -m export`",
+            param="echo",
+        )
     if data.presence_penalty or data.frequency_penalty:
         raise InvalidRequestError(
             "presence_penalty and frequency_penalty are not supported", param="presence_penalty"
-        )
-    if data.logprobs not in (None, 0):
-        raise InvalidRequestError(
-            "logprobs: only 0 (the chosen tokens' logprobs) is supported", param="logprobs"
         )
     max_tokens = gw.cfg.default_max_tokens if data.max_tokens is None else data.max_tokens
     stop = [data.stop] if isinstance(data.stop, str) else list(data.stop or [])
@@ -162,6 +165,8 @@ def _params(gw: Gateway, data: CompletionRequest) -> SamplingParams:
         stop,
         data.ignore_eos,
         data.logprobs is not None,
+        top_logprobs=data.logprobs or 0,
+        echo=data.echo,
     )
 
 
@@ -173,8 +178,11 @@ def _token_text(gw: Gateway, token: int) -> str:
     return gw.tokenizer.decode([token]) if gw.tokenizer is not None else ""
 
 
-def _logprobs_obj(tokens: list[str], lps: Seq[float | None]) -> dict[str, Any]:
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": []}
+def _prompt_text(gw: Gateway, texts: list[str] | None, i: int, seq: Sequence) -> str:
+    """Prompt i as text, for echo: as sent, or decoded from the token ids sent."""
+    if texts is not None:
+        return texts[i]
+    return gw.tokenizer.decode(seq.prompt) if gw.tokenizer is not None else ""
 
 
 ROUTE = "/v1/completions"
@@ -196,16 +204,21 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
 
     if not data.stream:
         outs = await gw.collect(seqs, disconnected(request))
+
+        def text_of(t: int) -> str:
+            return _token_text(gw, t)
+
+        echoed = [_prompt_text(gw, texts, i, s) if data.echo else "" for i, s in enumerate(seqs)]
         choices = [
             {
                 "index": i,
-                "text": o.text,
+                "text": echoed[i] + o.text,
                 "finish_reason": o.finish_reason,
-                "logprobs": _logprobs_obj([_token_text(gw, t) for t in o.token_ids], o.logprobs)
+                "logprobs": choice_logprobs(text_of, s, o.token_ids, o.logprobs, o.tops, data.echo)
                 if params.logprobs
                 else None,
             }
-            for i, o in enumerate(outs)
+            for i, (o, s) in enumerate(zip(outs, seqs, strict=True))
         ]
         usage = _usage(sum(o.prompt_tokens for o in outs), sum(len(o.token_ids) for o in outs))
         reasons = [o.finish_reason for o in outs]
@@ -222,6 +235,7 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
         sched = gw.require_scheduler()
         queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
         counts = [0] * len(seqs)
+        offsets = [0] * len(seqs)  # characters of each choice's text so far (text_offset)
         reasons: list[str | None] = [None] * len(seqs)
 
         async def pump(i: int, s: Sequence) -> None:
@@ -252,7 +266,12 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
                 if ev.kind == "token":
                     counts[i] += 1
                     if params.logprobs:
-                        choice["logprobs"] = _logprobs_obj([_token_text(gw, ev.token_id)], [ev.logprob])
+                        tops = [ev.top] if params.top_logprobs else None
+                        lps = logprobs_object(
+                            lambda t: _token_text(gw, t), [ev.token_id], [ev.logprob], tops, offsets[i]
+                        )
+                        offsets[i] += len(lps["tokens"][0])
+                        choice["logprobs"] = lps
                 else:
                     choice["finish_reason"] = reasons[i] = ev.finish_reason
                 chunk = {**base, "choices": [choice]}

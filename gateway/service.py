@@ -35,6 +35,7 @@ from gateway.metrics import GatewayMetrics, StageUpCollector
 from gateway.pipeline import Pipeline, StageLayout
 from gateway.replicas import Replicas
 from gateway.scheduler import Scheduler
+from gateway.scoring import Top
 from gateway.sequence import Event, SamplingParams, Sequence
 from gateway.tracing import annotate_request, annotate_response
 
@@ -49,6 +50,7 @@ class Outcome:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    tops: list[Top | None] = field(default_factory=list)  # per token: its alternatives, when asked
     finish_reason: str | None = None
     prompt_tokens: int = 0
     seconds: float = 0.0
@@ -113,6 +115,7 @@ class Gateway:
             vocab_size=int(p0["vocab_size"]),
             model_id=str(p0["model_id"]),
             max_batch_tokens=min(int(m["parameters"].get("max_batch_tokens", 1 << 62)) for m in metas),
+            scoring=contract.TARGET_IDS in {t["name"] for t in metas[-1]["inputs"]},
         )
         if self.layout.output_names[-1] != contract.TOKEN_IDS:
             raise RuntimeError(
@@ -276,6 +279,7 @@ class Gateway:
             out.text += ev.text
             if ev.logprob is not None:
                 out.logprobs.append(ev.logprob)
+            out.tops.append(ev.top)
         else:
             out.finish_reason = ev.finish_reason
 
@@ -289,10 +293,22 @@ def sampling_from(
     stop: list[str],
     ignore_eos: bool,
     logprobs: bool,
+    *,
+    top_logprobs: int = 0,
+    echo: bool = False,
 ) -> SamplingParams:
-    """Validated sampling parameters (the stage re-checks them; here they get a friendly 400)."""
-    if max_tokens < 1:
-        raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    """Validated sampling parameters (the stage re-checks them; here they get a friendly 400).
+    With `echo` and `logprobs` the prompt is scored too, and max_tokens may be 0 (score only)."""
+    if max_tokens < (0 if echo else 1):
+        least = "0 (with echo)" if echo else "1 (0 only with echo)"
+        raise InvalidRequestError(
+            f"max_tokens must be at least {least}, got {max_tokens}", param="max_tokens"
+        )
+    if not 0 <= top_logprobs <= contract.TOP_LOGPROBS_MAX:
+        raise InvalidRequestError(
+            f"logprobs must be between 0 and {contract.TOP_LOGPROBS_MAX}, got {top_logprobs}",
+            param="logprobs",
+        )
     if top_k < -1:
         raise InvalidRequestError(f"top_k must be -1 or 0 (off) or positive, got {top_k}", param="top_k")
     # the vocabulary bound on top_k is checked per prompt (Gateway.check_prompt) once the model is known
@@ -312,6 +328,8 @@ def sampling_from(
         stop=tuple(stop),
         ignore_eos=ignore_eos,
         logprobs=logprobs,
+        top_logprobs=top_logprobs if logprobs else 0,
+        score_prompt=echo and logprobs,
     )
 
 
