@@ -12,7 +12,6 @@ TOP_LOGPROBS_MAX most likely tokens with their log-probabilities (N, K), best fi
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from export.manifest import TensorSpec
+from export.to_onnx import to_program
 from functions import contract as c
 
 
@@ -60,22 +60,8 @@ def export_head(model: Any, path: Path, opset: int | None) -> tuple[list[TensorS
     args = (torch.randn(3, cfg.n_embd), torch.zeros(3, dtype=torch.int64))
     inputs, outputs = head_specs(cfg.n_embd)
     dyn = torch.export.Dim.DYNAMIC
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            input_names=[t.name for t in inputs],
-            output_names=[t.name for t in outputs],
-            dynamic_shapes=({0: dyn}, {0: dyn}),
-            opset_version=opset,
-            optimize=True,
-            verbose=False,
-        )
-    if program is None:
-        raise RuntimeError("torch.onnx.export returned nothing for the scoring head")
-    program.save(str(path))
+    names = ([t.name for t in inputs], [t.name for t in outputs])
+    to_program(module, args, names, ({0: dyn}, {0: dyn}), opset).save(str(path))
     return inputs, outputs
 
 

@@ -31,8 +31,10 @@ TASKS = ["tandem_mc", "tandem_gen"]
 @pytest.fixture(scope="module")
 def stack(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = start_stack(tiny_bundle, tmp_path_factory.mktemp("lm-eval-stack"))
-    yield s
-    s.stop()
+    try:
+        yield s
+    finally:
+        s.stop()
 
 
 @pytest.fixture(scope="module")
