@@ -91,6 +91,8 @@ def _tensor_specs(spec: Any, cfg: Any) -> tuple[list[TensorSpec], list[TensorSpe
         else TensorSpec(spec.output_name, "FP32", ["batch", "sequence", cfg.n_embd])
     )
     outputs = [y] + [TensorSpec(n, "FP32", ["batch", h, "total_sequence", d]) for n in spec.present_names()]
+    if spec.last:  # every position's final hidden states, for the scoring head (export/head.py)
+        outputs.append(TensorSpec(c.FINAL_HIDDEN, "FP32", ["batch", "sequence", cfg.n_embd]))
     return inputs, outputs
 
 
@@ -138,6 +140,9 @@ def up_to_date(out: Path, export_args: dict[str, Any]) -> bool:
         m = load_manifest(out)
     except BundleError as e:
         log(f"{e}; rebuilding")
+        return False
+    if m.head is None:
+        log("bundle predates the scoring head (echo + logprobs); rebuilding")
         return False
     want = dict(export_args)
     if m.export_args.get("with_reference") and not want.get("with_reference"):
@@ -209,6 +214,7 @@ def build(args: Any) -> Manifest:
         from export.stages import StageSpec
 
         stages: list[StageEntry] = []
+        head: dict[str, Any] | None = None
         for k, (a, b) in enumerate(ranges):
             spec = StageSpec(k, a, b, cfg.n_layer)
             t = time.perf_counter()
@@ -225,6 +231,11 @@ def build(args: Any) -> Manifest:
                 for p in sorted(work.iterdir())
                 if p.name == spec.file or p.name.startswith(spec.file + ".")
             }
+            if spec.last:
+                from export.head import build_head
+
+                head, head_files = build_head(model, work, args.opset, log)
+                files |= head_files
             stages.append(StageEntry(k, spec.name, spec.file, [a, b], inputs, outputs, files))
             size = sum((work / f).stat().st_size for f in files) / 1e6
             log(
@@ -298,6 +309,7 @@ def build(args: Any) -> Manifest:
             parity=parity,
             export_args=args.export_args,
             reference=reference,
+            head=head,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         (work / MANIFEST).write_text(manifest.to_json())

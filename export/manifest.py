@@ -63,6 +63,9 @@ class Manifest:
     parity: dict[str, Any]
     export_args: dict[str, Any]  # normalised arguments: a re-run with the same ones is a no-op
     reference: dict[str, Any] | None = None  # monolithic optimum export, when asked for
+    # the scoring head (export/head.py): file, top_k, inputs, outputs; None in bundles made before
+    # it existed (they serve, without prompt scoring). Its file is among the last stage's files.
+    head: dict[str, Any] | None = None
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 

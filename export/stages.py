@@ -1,7 +1,9 @@
 """PyTorch wrapper modules, one per pipeline stage, around the real Hugging Face GPT-2 blocks.
 
 Each stage owns a contiguous layer range; the first also embeds tokens, the last also applies
-ln_f + lm_head to the final position only (sampling never needs the logits of earlier positions).
+ln_f + lm_head to the final position only (sampling never needs the logits of earlier positions),
+and returns the final hidden states of every position as its last output, for the scoring head
+(export/head.py) to turn into log-probabilities only where a request asks.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class StageSpec:
         return [self.input_name, c.ATTENTION_MASK, c.POSITION_IDS, *self.past_names()]
 
     def output_names(self) -> list[str]:
-        return [self.output_name, *self.present_names()]
+        return [self.output_name, *self.present_names(), *([c.FINAL_HIDDEN] if self.last else [])]
 
 
 class _StageCache:
@@ -86,7 +88,8 @@ class GPT2Stage(nn.Module):
     Inputs: input_ids (B, S) int64 or hidden_states (B, S, C) float; attention_mask (B, P + S)
     int64 over past and new positions (1 = attend, 0 = padding); position_ids (B, S) int64;
     past keys/values per layer (B, H, P, D). Outputs: hidden_states (B, S, C) or logits (B, V)
-    of the last position, then present keys/values (B, H, P + S, D).
+    of the last position, then present keys/values (B, H, P + S, D); the last stage then its final
+    hidden states (B, S, C), before ln_f.
     """
 
     def __init__(self, model: GPT2LMHeadModel, spec: StageSpec) -> None:
@@ -113,7 +116,8 @@ class GPT2Stage(nn.Module):
         for block in self.h:
             h = block(h, past_key_values=cache, attention_mask=bias, use_cache=True)[0]
         if self.spec.last:
-            h = self.lm_head(self.ln_f(h[:, -1, :]))  # (B, V)
+            logits = self.lm_head(self.ln_f(h[:, -1, :]))  # (B, V)
+            return (logits, *cache.present, h)  # h: (B, S, C)
         return (h, *cache.present)
 
 

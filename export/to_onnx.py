@@ -19,25 +19,38 @@ def _dynamic_shapes(spec: StageSpec) -> tuple[Any, ...]:
     return (two_d, two_d, two_d, past)
 
 
-def export_stage(model: Any, spec: StageSpec, path: Path, opset: int | None) -> None:
-    """Write one stage as a self-contained .onnx file (external data only past 2 GB)."""
-    module = GPT2Stage(model, spec).eval()
-    args = example_inputs(model, spec)
+def to_program(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    names: tuple[list[str], list[str]],
+    dynamic_shapes: tuple[Any, ...],
+    opset: int | None,
+) -> Any:
+    """torch.onnx's dynamo exporter on `module` (inputs and outputs named `names`), optimised."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
             args,
             dynamo=True,
-            input_names=spec.input_names(),
-            output_names=spec.output_names(),
-            dynamic_shapes=_dynamic_shapes(spec),
+            input_names=names[0],
+            output_names=names[1],
+            dynamic_shapes=dynamic_shapes,
             opset_version=opset,
             optimize=True,
             verbose=False,
         )
     if program is None:
-        raise RuntimeError(f"torch.onnx.export returned nothing for {spec.name}")
+        raise RuntimeError(f"torch.onnx.export returned nothing for {type(module).__name__}")
+    return program
+
+
+def export_stage(model: Any, spec: StageSpec, path: Path, opset: int | None) -> None:
+    """Write one stage as a self-contained .onnx file (external data only past 2 GB)."""
+    module = GPT2Stage(model, spec).eval()
+    args = example_inputs(model, spec)
+    names = (spec.input_names(), spec.output_names())
+    program = to_program(module, args, names, _dynamic_shapes(spec), opset)
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > 1_800_000_000
     program.save(str(path), external_data=large)
 

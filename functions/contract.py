@@ -53,6 +53,18 @@ LOGIT_BIAS_IDS = "logit_bias_ids"
 LOGIT_BIAS_VALUES = "logit_bias_values"
 BANNED_TOKEN_IDS = "banned_token_ids"
 HIDDEN_STATES_PREFIX = "hidden_states_"
+# ---- scoring (last stage, asked per row; see functions/scoring.py) ----
+FINAL_HIDDEN = "final_hidden_states"  # last stage graph: (B, S, C) before ln_f, every position
+NUM_TOP = "num_top_logprobs"  # (B,) int64 in [0, TOP_LOGPROBS_MAX]: alternatives wanted per row
+TOP_IDS = "top_token_ids"  # (B, K): the K most likely tokens at the sampled position
+TOP_LOGPROBS = "top_logprobs"  # (B, K)
+TARGET_IDS = "target_ids"  # (B, S) int64 beside the new positions: score this next token (-1: don't)
+TARGET_LOGPROBS = "target_logprobs"  # (N,) for the N positions with a target, row-major
+TARGET_TOP_IDS = "target_top_token_ids"  # (N, K)
+TARGET_TOP_LOGPROBS = "target_top_logprobs"  # (N, K)
+HEAD_HIDDEN = "hidden"  # the head graph's inputs: (N, C) final hidden states and (N,) targets
+HEAD_FILE = "head.onnx"  # ln_f + lm_head + log_softmax + top-k, on the positions asked for
+TOP_LOGPROBS_MAX = 5  # as OpenAI's legacy completions API
 
 # ---- the 409 body (RFC 9457 extension members) ----
 HELD_LENGTHS = "held_lengths"
@@ -163,6 +175,7 @@ class StageIO:
     n_embd: int
     vocab_size: int
     n_positions: int
+    scoring: bool = False  # last stage with the scoring head: takes target_ids
 
     def wire_inputs(self) -> list[dict[str, Any]]:
         x = ([-1, -1], "INT64") if self.first else ([-1, -1, self.n_embd], "FP32")
@@ -177,6 +190,7 @@ class StageIO:
         if self.last:
             spec += [(p.name, p.datatype, [-1]) for p in SAMPLING]
             spec += [(n, d, [-1] * rank) for n, d, rank in PROCESSOR_INPUTS]
+            spec += [(NUM_TOP, "INT64", [-1])] + ([(TARGET_IDS, "INT64", [-1, -1])] if self.scoring else [])
         return [{"name": n, "datatype": d, "shape": s} for n, d, s in spec]
 
     def wire_outputs(self) -> list[dict[str, Any]]:
@@ -185,7 +199,9 @@ class StageIO:
                 {"name": TOKEN_IDS, "datatype": "INT64", "shape": [-1]},
                 {"name": LOGPROBS, "datatype": "FP32", "shape": [-1]},
                 {"name": LOGITS, "datatype": "FP32", "shape": [-1, self.vocab_size]},
-            ]
+                {"name": TOP_IDS, "datatype": "INT64", "shape": [-1, -1]},
+                {"name": TOP_LOGPROBS, "datatype": "FP32", "shape": [-1, -1]},
+            ] + (self._scoring_outputs() if self.scoring else [])
         return [{"name": self.y_name, "datatype": "FP32", "shape": [-1, -1, self.n_embd]}]
 
     def answer_bytes(self, rows: int, width: int, names: Iterable[str] | None) -> int:
@@ -198,6 +214,14 @@ class StageIO:
             dims = [d if d >= 0 else (rows if i == 0 else width) for i, d in enumerate(o["shape"])]
             total += math.prod(dims) * DATATYPES[o["datatype"]].itemsize
         return total
+
+    @staticmethod
+    def _scoring_outputs() -> list[dict[str, Any]]:
+        return [
+            {"name": TARGET_LOGPROBS, "datatype": "FP32", "shape": [-1]},
+            {"name": TARGET_TOP_IDS, "datatype": "INT64", "shape": [-1, -1]},
+            {"name": TARGET_TOP_LOGPROBS, "datatype": "FP32", "shape": [-1, -1]},
+        ]
 
 
 @dataclass(frozen=True)

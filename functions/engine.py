@@ -27,6 +27,7 @@ from functions.errors import ConflictError, PayloadTooLargeError
 from functions.kvcache import Entry, Group, KVCache
 from functions.kvstore import make_store, resolve_kv_store
 from functions.sampling import sample
+from functions.scoring import NO_HEAD, Head, ScoreRequest, score_outputs
 
 
 @dataclass
@@ -92,14 +93,19 @@ class StageEngine:
         import onnxruntime as ort
 
         self.manifest, self.stage = manifest, stage
+        last = stage.layers[1] == manifest.n_layer
+        # the scoring head, and the graph output it reads (both absent in bundles made before them)
+        graph_outputs = [t.name for t in stage.outputs]
+        self.hidden_out = c.FINAL_HIDDEN if last and c.FINAL_HIDDEN in graph_outputs else None
         self.io = StageIO(
             x_name=stage.inputs[0].name,
             y_name=stage.outputs[0].name,
             first=stage.first,
-            last=stage.layers[1] == manifest.n_layer,
+            last=last,
             n_embd=int(manifest.config["n_embd"]),
             vocab_size=manifest.vocab_size,
             n_positions=manifest.n_positions,
+            scoring=self.hidden_out is not None and manifest.head is not None,
         )
         self.x_name = self.io.x_name
         self.past_names = stage.past_names()
@@ -110,9 +116,15 @@ class StageEngine:
         )
         self.providers = self.session.get_providers()
         require_in_session(provider, self.providers)  # ProviderError: never a silent CPU fallback
-        # where the KV cache lives between steps (functions.kvstore)
+        # where the KV cache lives between steps (functions.kvstore); it fetches the final hidden
+        # states (scoring) only when a call asks for them
         self.kv = make_store(
             resolve_kv_store(kv_store, provider), self.session, (manifest.n_head, manifest.head_dim), provider
+        )
+        self.head = (
+            Head.load(bundle, manifest, session_options(threads), session_providers(provider))
+            if self.io.scoring
+            else None
         )
         self.cache = KVCache(cache_bytes, idle_seconds)
         self.lock = threading.Lock()  # one batch at a time: the 409 check and the update are atomic
@@ -135,8 +147,15 @@ class StageEngine:
     # ---- inference ----
     def infer(self, inputs: dict[str, np.ndarray], want: set[str] | None = None) -> StageResult:
         """Check and run one batch; `want` names the outputs asked for (None: the defaults)."""
+        if c.TARGET_IDS in inputs and not self.io.scoring:
+            raise c.ContractError(NO_HEAD.format(c.TARGET_IDS))
         batch = StageBatch.from_tensors(inputs, self.io)
         procs = processors.from_tensors(inputs, batch.size, self.io.vocab_size) if self.io.last else None
+        scoring = (
+            ScoreRequest.parse(inputs, batch, self.io.vocab_size, self.head is not None)
+            if self.io.last
+            else None
+        )
         if batch.size * batch.width > self.max_batch_tokens:  # before any allocation for it
             raise PayloadTooLargeError(
                 f"{batch.size} rows x {batch.width} positions = {batch.size * batch.width} per call; this "
@@ -144,7 +163,7 @@ class StageEngine:
             )
         self._check_bounds(batch, want)
         with self.lock:
-            return self._infer_locked(batch, want, procs)
+            return self._infer_locked(batch, want, procs, scoring)
 
     @property
     def max_call_positions(self) -> int:
@@ -169,7 +188,11 @@ class StageEngine:
             )
 
     def _infer_locked(
-        self, batch: StageBatch, want: set[str] | None, procs: processors.Processors | None = None
+        self,
+        batch: StageBatch,
+        want: set[str] | None,
+        procs: processors.Processors | None = None,
+        scoring: ScoreRequest | None = None,
     ) -> StageResult:
         ids, past, x, n_new = batch.sequence_ids, batch.past_lengths, batch.x, batch.n_new
         self.cache.expire()
@@ -218,7 +241,12 @@ class StageEngine:
             pos[b, S - n_new[b] :] = np.arange(past[b], past[b] + n_new[b])
         feeds.update({self.x_name: x, c.ATTENTION_MASK: full_mask, c.POSITION_IDS: pos})
         t0 = time.perf_counter()
-        host, presents = self.kv.run(self.session, feeds, self.shrink if B * (P + S) > SHRINK_ABOVE else None)
+        extra = []
+        if scoring is not None and scoring.scores_positions:
+            assert self.hidden_out is not None
+            extra = [self.hidden_out]
+        shrink = self.shrink if B * (P + S) > SHRINK_ABOVE else None
+        host, presents = self.kv.run(self.session, feeds, shrink, extra)
         seconds = time.perf_counter() - t0
         chosen_from = host[0]  # (B, V) last stage: the logits the token is chosen from
         if self.io.last:  # refused before storing: a refused request changes nothing
@@ -247,6 +275,9 @@ class StageEngine:
                 result[c.LOGPROBS] = logprobs
             if want is not None and c.LOGITS in want:
                 result[c.LOGITS] = logits
+            if scoring is not None:
+                hidden = host[-1] if extra else None  # (B, S, C)
+                result |= score_outputs(scoring, logits, hidden, self.head, want)
         else:
             result[self.io.y_name] = host[0]  # (B, S, C)
         phase = "prefill" if int(n_new.max()) > 1 else "decode"

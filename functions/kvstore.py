@@ -48,13 +48,17 @@ class KVStore:
     def __init__(self, session: Any, head: tuple[int, int]):
         names = [o.name for o in session.get_outputs()]
         self.present_names = [n for n in names if n.startswith(c.PRESENT_PREFIX)]
-        self.host_names = [n for n in names if not n.startswith(c.PRESENT_PREFIX)]
+        # the final hidden states (scoring) are fetched only when a call asks for them (`extra`)
+        self.host_names = [n for n in names if not n.startswith(c.PRESENT_PREFIX) and n != c.FINAL_HIDDEN]
         self.names = self.host_names + self.present_names
         self.n_head, self.head_dim = head
 
     # ---- what a subclass provides ----
-    def run(self, session: Any, feeds: dict[str, Any], options: Any) -> tuple[list[np.ndarray], list[Any]]:
-        """Run one step: (host outputs in `host_names` order, presents in `present_names` order)."""
+    def run(
+        self, session: Any, feeds: dict[str, Any], options: Any, extra: Sequence[str] = ()
+    ) -> tuple[list[np.ndarray], list[Any]]:
+        """Run one step: (host outputs in `host_names` order then `extra`'s, presents in
+        `present_names` order)."""
         raise NotImplementedError
 
     def _empty(self, shape: tuple[int, ...], zero: bool) -> Any:
@@ -98,10 +102,12 @@ class HostStore(KVStore):
 
     kind = "host"
 
-    def run(self, session: Any, feeds: dict[str, Any], options: Any) -> tuple[list[np.ndarray], list[Any]]:
-        outs = session.run(self.names, feeds, options)
-        k = len(self.host_names)
-        return outs[:k], outs[k:]
+    def run(
+        self, session: Any, feeds: dict[str, Any], options: Any, extra: Sequence[str] = ()
+    ) -> tuple[list[np.ndarray], list[Any]]:
+        host = [*self.host_names, *extra]
+        outs = session.run([*host, *self.present_names], feeds, options)
+        return outs[: len(host)], outs[len(host) :]
 
     def _empty(self, shape: tuple[int, ...], zero: bool) -> Any:
         return np.zeros(shape, dtype=np.float32) if zero else np.empty(shape, dtype=np.float32)
@@ -119,20 +125,23 @@ class DeviceStore(KVStore):
         super().__init__(session, head)
         self.device, self.device_id, self.copier = device, device_id, copier
 
-    def run(self, session: Any, feeds: dict[str, Any], options: Any) -> tuple[list[np.ndarray], list[Any]]:
+    def run(
+        self, session: Any, feeds: dict[str, Any], options: Any, extra: Sequence[str] = ()
+    ) -> tuple[list[np.ndarray], list[Any]]:
+        host = [*self.host_names, *extra]
         binding = session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)  # a small input, or an empty past (prefill)
             else:
                 binding.bind_ortvalue_input(name, value)
-        for name in self.host_names:
+        for name in host:
             binding.bind_output(name, "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.device, self.device_id)
         session.run_with_iobinding(binding, options)
         outs = binding.get_outputs()
-        k = len(self.host_names)
+        k = len(host)
         # numpy() of a host OrtValue is a view of memory the binding owns: copy it out
         return [np.array(o.numpy()) for o in outs[:k]], list(outs[k:])
 

@@ -22,6 +22,7 @@ from opentelemetry import trace
 from gateway.bodies import decode_strict
 from gateway.errors import GatewayError, InvalidRequestError
 from gateway.params import best, choices_from, sampling_from
+from gateway.scoring import choice_logprobs, logprobs_object
 from gateway.sequence import Event, SamplingParams, Sequence
 from gateway.service import Gateway, disconnected
 
@@ -144,11 +145,18 @@ def _params(gw: Gateway, data: CompletionRequest) -> tuple[SamplingParams, int, 
         if getattr(data, name) is not None:
             raise InvalidRequestError(f"{name} is not supported", param=name)
     n, generated = choices_from(data.n, data.best_of, data.stream)
-    if data.echo:
-        raise InvalidRequestError("echo is not supported", param="echo")
-    if data.logprobs not in (None, 0):
+    if data.echo and data.stream:
+        raise InvalidRequestError("echo is not supported with stream", param="echo")
+    if data.echo and data.logprobs is not None and generated > 1:
         raise InvalidRequestError(
-            "logprobs: only 0 (the chosen tokens' logprobs) is supported", param="logprobs"
+            "echo with logprobs (prompt scoring) takes n = 1 and no best_of: score once, then sample",
+            param="echo",
+        )
+    if data.echo and data.logprobs is not None and gw.layout is not None and not gw.layout.scoring:
+        raise InvalidRequestError(
+            "echo with logprobs scores the prompt, which needs the scoring head this model's bundle was "
+            "exported without: re-export it with `python -m export`",
+            param="echo",
         )
     max_tokens = gw.cfg.default_max_tokens if data.max_tokens is None else data.max_tokens
     stop = [data.stop] if isinstance(data.stop, str) else list(data.stop or [])
@@ -166,6 +174,8 @@ def _params(gw: Gateway, data: CompletionRequest) -> tuple[SamplingParams, int, 
         repetition_penalty=data.repetition_penalty,
         logit_bias=data.logit_bias,
         min_tokens=data.min_tokens,
+        top_logprobs=data.logprobs or 0,
+        echo=data.echo,
     )
     return params, n, generated
 
@@ -178,8 +188,11 @@ def _token_text(gw: Gateway, token: int) -> str:
     return gw.tokenizer.decode([token]) if gw.tokenizer is not None else ""
 
 
-def _logprobs_obj(tokens: list[str], lps: Seq[float | None]) -> dict[str, Any]:
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": []}
+def _prompt_text(gw: Gateway, texts: list[str] | None, i: int, seq: Sequence) -> str:
+    """Prompt i as text, for echo: as sent, or decoded from the token ids sent."""
+    if texts is not None:
+        return texts[i]
+    return gw.tokenizer.decode(seq.prompt) if gw.tokenizer is not None else ""
 
 
 ROUTE = "/v1/completions"
@@ -202,13 +215,23 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
 
     if not data.stream:
         every = await gw.collect(seqs, disconnected(request))
-        outs = best(every, n, generated, lambda o: sum(o.logprobs))
+        outs = best(every, n, generated, lambda o: sum(lp or 0.0 for lp in o.logprobs))
+
+        def text_of(t: int) -> str:
+            return _token_text(gw, t)
+
+        # choice i answers prompt i // n; its prompt (and, with echo scoring, its scores: then
+        # generated is 1) from that prompt's first sequence
+        firsts = seqs[::generated]
+        echoed = [_prompt_text(gw, texts, p, s) if data.echo else "" for p, s in enumerate(firsts)]
         choices = [
             {
                 "index": i,
-                "text": o.text,
+                "text": echoed[i // n] + o.text,
                 "finish_reason": o.finish_reason,
-                "logprobs": _logprobs_obj([_token_text(gw, t) for t in o.token_ids], o.logprobs)
+                "logprobs": choice_logprobs(
+                    text_of, firsts[i // n], o.token_ids, o.logprobs, o.tops, data.echo
+                )
                 if want_logprobs
                 else None,
             }
@@ -231,6 +254,7 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
         sched = gw.require_scheduler()
         queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
         counts = [0] * len(seqs)
+        offsets = [0] * len(seqs)  # characters of each choice's text so far (text_offset)
         reasons: list[str | None] = [None] * len(seqs)
 
         async def pump(i: int, s: Sequence) -> None:
@@ -261,7 +285,12 @@ async def completions(request: Request[Any, Any, Any], data: JSONBody[Completion
                 if ev.kind == "token":
                     counts[i] += 1
                     if want_logprobs:
-                        choice["logprobs"] = _logprobs_obj([_token_text(gw, ev.token_id)], [ev.logprob])
+                        tops = [ev.top] if params.top_logprobs else None
+                        lps = logprobs_object(
+                            lambda t: _token_text(gw, t), [ev.token_id], [ev.logprob], tops, offsets[i]
+                        )
+                        offsets[i] += len(lps["tokens"][0])
+                        choice["logprobs"] = lps
                 else:
                     choice["finish_reason"] = reasons[i] = ev.finish_reason
                 chunk = {**base, "choices": [choice]}

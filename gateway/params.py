@@ -31,10 +31,21 @@ def sampling_from(
     repetition_penalty: float = 1.0,
     logit_bias: dict[str, float] | None = None,
     min_tokens: int = 0,
+    top_logprobs: int = 0,
+    echo: bool = False,
 ) -> SamplingParams:
-    """Validated sampling parameters (the stage re-checks them; here they get a friendly 400)."""
-    if max_tokens < 1:
-        raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    """Validated sampling parameters (the stage re-checks them; here they get a friendly 400).
+    With `echo` and `logprobs` the prompt is scored too, and max_tokens may be 0 (score only)."""
+    if max_tokens < (0 if echo else 1):
+        least = "0 (with echo)" if echo else "1 (0 only with echo)"
+        raise InvalidRequestError(
+            f"max_tokens must be at least {least}, got {max_tokens}", param="max_tokens"
+        )
+    if not 0 <= top_logprobs <= contract.TOP_LOGPROBS_MAX:
+        raise InvalidRequestError(
+            f"logprobs must be between 0 and {contract.TOP_LOGPROBS_MAX}, got {top_logprobs}",
+            param="logprobs",
+        )
     if top_k < -1:
         raise InvalidRequestError(f"top_k must be -1 or 0 (off) or positive, got {top_k}", param="top_k")
     # the vocabulary bound on top_k is checked per prompt (Gateway.check_prompt) once the model is known
@@ -66,6 +77,8 @@ def sampling_from(
         stop=tuple(stop),
         ignore_eos=ignore_eos,
         logprobs=logprobs,
+        top_logprobs=top_logprobs if logprobs else 0,
+        score_prompt=echo and logprobs,
         presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
         repetition_penalty=repetition_penalty,

@@ -15,6 +15,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import inject
 
 from functions import contract as c
+from gateway import scoring
 from gateway.clients import Clients, StageConflict, StageRejected
 from gateway.config import GatewayConfig
 from gateway.deadlines import CallDeadlines
@@ -30,6 +31,9 @@ tracer = trace.get_tracer("tandem.gateway")
 MAX_REPLAYS = 4  # per stage call: conflicts or failovers before the rows fail
 
 
+LastResult = tuple[int, float | None, scoring.Top | None]
+
+
 @dataclass(frozen=True)
 class StageLayout:
     """What the gateway learns from the stages' model metadata at start-up."""
@@ -42,13 +46,14 @@ class StageLayout:
     model_id: str
     max_batch_tokens: int = 1 << 62  # rows x new positions a stage takes per call (the smallest)
     max_call_positions: int = 1 << 62  # rows x (past + new) positions per call: the KV budget
+    scoring: bool = False  # the last stage scores prompt positions (its bundle has the scoring head)
 
 
 @dataclass
 class StageOutcome:
     # per row that went through: the new positions' hidden states (n_new, C), or for the last
-    # stage (token id, logprob or None)
-    results: dict[int, np.ndarray | tuple[int, float | None]] = field(default_factory=dict)
+    # stage (token id, logprob or None, top-N or None)
+    results: dict[int, np.ndarray | LastResult] = field(default_factory=dict)
     failed: list[tuple[Sequence, GatewayError]] = field(default_factory=list)
 
 
@@ -204,13 +209,20 @@ class Pipeline:
 
     async def _call(
         self, k: int, rep: Replica, grp: list[Sequence], x: dict[int, np.ndarray], start: dict[int, int]
-    ) -> dict[int, np.ndarray | tuple[int, float | None]]:
+    ) -> dict[int, np.ndarray | LastResult]:
         pool = self.replicas.pools[k]
         last = k == self.cfg.stages - 1
         rows = [self._row_input(k, s, x, start[s.id]) for s in grp]
         inputs = self._inputs(k, grp, rows, start)
+        scored = scoring.targets(grp, rows, start) if last else None
         if last:  # log-softmax over the vocabulary costs ~1 ms per row: only when someone wants it
             outputs = [c.TOKEN_IDS, c.LOGPROBS] if any(s.params.logprobs for s in grp) else [c.TOKEN_IDS]
+            if scoring.wants_top(grp):  # per row: the rows that ask (functions/scoring.py)
+                inputs[c.NUM_TOP] = np.array([s.params.top_logprobs for s in grp], dtype=np.int64)
+                outputs += [c.TOP_IDS, c.TOP_LOGPROBS]
+            if scored is not None:
+                inputs[c.TARGET_IDS] = scored[0]
+                outputs += [c.TARGET_LOGPROBS, c.TARGET_TOP_IDS, c.TARGET_TOP_LOGPROBS]
         else:
             outputs = [self.layout.output_names[k]]
         headers: dict[str, str] = {}
@@ -265,7 +277,9 @@ class Pipeline:
         dt = time.perf_counter() - t0
         self.metrics.stage_call.labels(pool.name, rep.node.id).observe(dt)
         self.deadlines.observe(k, dt, len(grp) * S)
-        result: dict[int, np.ndarray | tuple[int, float | None]] = {}
+        if scored is not None:
+            scoring.record(grp, scored[1], out)
+        result: dict[int, np.ndarray | LastResult] = {}
         for b, s in enumerate(grp):
             s.stage_seconds[k] += dt
             n_new = len(s.tokens) - s.held[0] if k == 0 else len(x[s.id])
@@ -276,7 +290,8 @@ class Pipeline:
             s.held[k] = start[s.id] + len(rows[b])
             if last:
                 lp = out[c.LOGPROBS][b] if c.LOGPROBS in out else None
-                result[s.id] = (int(out[c.TOKEN_IDS][b]), None if lp is None else float(lp))
+                top = scoring.row_top(out, b, s.params.top_logprobs)
+                result[s.id] = (int(out[c.TOKEN_IDS][b]), None if lp is None else float(lp), top)
             else:
                 result[s.id] = out[self.layout.output_names[k]][b, S - n_new :]  # (n_new, C)
         return result

@@ -32,6 +32,7 @@ from gateway.forks import PARENT, Forks, choice_seed
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from gateway.replicas import Replica, Replicas
+from gateway.scoring import Top
 from gateway.sequence import Event, SamplingParams, Sequence
 
 logger = logging.getLogger("tandem.gateway")
@@ -212,11 +213,16 @@ class Scheduler:
             x = out.results  # type: ignore[assignment]  # hidden states for the next stage
         for s in alive:
             if not s.children:
-                token, logprob = out.results[s.id]
-                self._accept(s, int(token), logprob, ended_in_stages[s.id])
+                token, logprob, top = out.results[s.id]
+                self._accept(s, int(token), logprob, ended_in_stages[s.id], top)
         return [s for s in alive if s.children]
 
-    def _accept(self, s: Sequence, token: int, logprob: float | None, ended_in_stages: bool) -> None:
+    def _accept(
+        self, s: Sequence, token: int, logprob: float | None, ended_in_stages: bool, top: Top | None = None
+    ) -> None:
+        if s.params.max_tokens == 0:  # echo only (prompt scoring): the sampled token is not wanted
+            self._finish(s, "length", ended_in_stages)
+            return
         now = time.perf_counter()
         if s.t_first is None:
             s.t_first = now
@@ -225,7 +231,7 @@ class Scheduler:
             self.metrics.itl.observe(now - s.t_last)
         s.t_last = now
         self.metrics.generation_tokens.inc()
-        reason = s.accept(token, logprob, self.eos, self.n_positions)
+        reason = s.accept(token, logprob, self.eos, self.n_positions, top)
         if reason is not None:
             self._finish(s, reason, ended_in_stages)
 

@@ -16,6 +16,7 @@ from opentelemetry import trace
 
 from functions.tokenizer_core import IncrementalDecoder, TokenizerInputError
 from gateway.errors import GatewayError
+from gateway.scoring import Score, Top
 
 if TYPE_CHECKING:
     from gateway.replicas import Replica
@@ -31,6 +32,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False  # the last stage returns the chosen tokens' logprobs
+    top_logprobs: int = 0  # alternatives per token (OpenAI's logprobs: N), 0 = none
+    score_prompt: bool = False  # echo with logprobs: the prompt tokens' log-probabilities too
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM extension, over prompt and generated tokens
@@ -56,6 +59,7 @@ class Event:
     text: str = ""
     logprob: float | None = None
     finish_reason: str | None = None
+    top: Top | None = None  # the top-N alternatives, when asked
     error: GatewayError | None = None
 
 
@@ -106,12 +110,14 @@ class Sequence:
     finished: bool = False
     cancelled: bool = False
     seed: int = 0
+    _top: Top | None = None  # the alternatives of the token being accepted
     t_arrival: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     t_last: float | None = None
     stage_seconds: list[float] = field(default_factory=list)
     # a fork parent: prefills prompt[:-1] once for these children, then each continues from it
     children: list[Sequence] = field(default_factory=list)
+    prompt_scores: dict[int, Score] = field(default_factory=dict)  # prompt position -> its score
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -148,9 +154,12 @@ class Sequence:
         """The next token is this sequence's last under max_tokens (the stages may free it then)."""
         return self.n_generated + 1 >= self.params.max_tokens
 
-    def accept(self, token: int, logprob: float | None, eos: int | None, n_positions: int) -> str | None:
+    def accept(
+        self, token: int, logprob: float | None, eos: int | None, n_positions: int, top: Top | None = None
+    ) -> str | None:
         """Take one generated token: queue its event (text held back while it may still become a
         stop string) and return the finish reason when this token ends the sequence."""
+        self._top = top
         self.tokens.append(token)
         self.n_generated += 1
         early = self.n_generated < self.params.min_tokens  # no stop yet (EOS is banned in the stage)
@@ -191,7 +200,7 @@ class Sequence:
         return self.finish(None)
 
     def _emit(self, token: int, logprob: float | None, final: bool) -> None:
-        self.events.put_nowait(Event("token", token, self._drain_text(final), logprob))
+        self.events.put_nowait(Event("token", token, self._drain_text(final), logprob, top=self._top))
 
     def _stop_hit(self) -> int | None:
         """Where the earliest stop string starts in the text, searching only what it could newly match."""

@@ -36,6 +36,7 @@ from gateway.params import sampling_from
 from gateway.pipeline import Pipeline, StageLayout
 from gateway.replicas import Replicas
 from gateway.scheduler import Scheduler
+from gateway.scoring import Top
 from gateway.sequence import Event, SamplingParams, Sequence
 from gateway.tracing import annotate_request, annotate_response
 
@@ -50,6 +51,7 @@ class Outcome:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    tops: list[Top | None] = field(default_factory=list)  # per token: its alternatives, when asked
     finish_reason: str | None = None
     prompt_tokens: int = 0
     seconds: float = 0.0
@@ -115,6 +117,7 @@ class Gateway:
             model_id=str(p0["model_id"]),
             max_batch_tokens=min(int(m["parameters"].get("max_batch_tokens", 1 << 62)) for m in metas),
             max_call_positions=min(int(m["parameters"].get("max_call_positions") or 1 << 62) for m in metas),
+            scoring=contract.TARGET_IDS in {t["name"] for t in metas[-1]["inputs"]},
         )
         if self.layout.output_names[-1] != contract.TOKEN_IDS:
             raise RuntimeError(
@@ -294,6 +297,7 @@ class Gateway:
             out.text += ev.text
             if ev.logprob is not None:
                 out.logprobs.append(ev.logprob)
+            out.tops.append(ev.top)
         else:
             out.finish_reason = ev.finish_reason
 

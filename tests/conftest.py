@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,6 +65,14 @@ class Reference:
                 out.append(nxt)
                 ids = torch.tensor([[nxt]])
         return out
+
+    def logprobs(self, tokens: list[int]) -> Any:
+        """(L, V) float64 log-probabilities of the next token at every position of `tokens`, from
+        one forward pass: row i - 1 scores tokens[i]."""
+        torch = self.torch
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([tokens])).logits[0]  # (L, V)
+        return torch.log_softmax(logits.double(), dim=-1).numpy()
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,11 @@ def test_three_stages_parity_and_manifest(tiny_bundle: Path) -> None:
     assert s2.outputs[0].name == "hidden_states_4" and s3.inputs[0].name == "hidden_states_4"
     assert s3.outputs[0].name == "logits" and s3.outputs[0].shape == ["batch", m.config["vocab_size"]]
     assert s3.present_names()[-1] == "present.5.value"
-    assert s3.outputs[-1].shape == ["batch", 4, "total_sequence", 16]
+    assert s3.outputs[-2].shape == ["batch", 4, "total_sequence", 16]
+    # every position's final hidden states, for the scoring head listed among stage 3's files
+    assert s3.outputs[-1].name == "final_hidden_states" and s3.outputs[-1].shape == ["batch", "sequence", 64]
+    assert m.head is not None and m.head["file"] == "head.onnx" and "head.onnx" in s3.files
+    assert m.head["top_k"] == 5 and [t["name"] for t in m.head["outputs"]][0] == "target_logprobs"
     for s in m.stages:
         assert s.file == f"stage{s.index + 1}.onnx" and s.name == f"stage-{s.index + 1}"
         for f, digest in s.files.items():

@@ -81,3 +81,29 @@ def make_fake_bundle(directory: Path, stages: int = 3) -> Path:
     }
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
+
+
+def bundle_without_scoring_head(src: Path, dst: Path) -> Path:
+    """A copy of an exported bundle as the export made it before the scoring head existed: no
+    head file or manifest entry, and a last stage graph without the final hidden states output."""
+    import shutil
+
+    import onnx
+
+    from export.manifest import MANIFEST, sha256_file
+    from functions import contract
+
+    shutil.copytree(src, dst)
+    doc = json.loads((dst / MANIFEST).read_text())
+    doc.pop("head", None)
+    last = doc["stages"][-1]
+    model = onnx.load(str(dst / last["file"]))
+    kept = [o for o in model.graph.output if o.name != contract.FINAL_HIDDEN]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    onnx.save(model, str(dst / last["file"]))
+    (dst / contract.HEAD_FILE).unlink()
+    last["outputs"] = [t for t in last["outputs"] if t["name"] != contract.FINAL_HIDDEN]
+    last["files"] = {last["file"]: sha256_file(dst / last["file"])}
+    (dst / MANIFEST).write_text(json.dumps(doc, indent=2))
+    return dst
