@@ -150,7 +150,7 @@ def _params(gw: Gateway, data: CompletionRequest) -> tuple[SamplingParams, int, 
     if data.echo and data.logprobs is not None and generated > 1:
         raise InvalidRequestError(
             "echo with logprobs (prompt scoring) takes n = 1 and no best_of: score once, then sample",
-            param="echo",
+            param="n" if data.n > 1 else "best_of",
         )
     if data.echo and data.logprobs is not None and gw.layout is not None and not gw.layout.scoring:
         raise InvalidRequestError(

@@ -2,7 +2,7 @@
 
     python -m tests.benchmarks.bench [--bundle DIR] [--prompt-tokens 32] [--new-tokens 64]
         [--concurrency 1,16] [--repeats 3] [--variants monolith,hf,stack] [--stack-url URL]
-        [--skip-hf] [--out FILE.json]
+        [--skip-hf] [--out FILE.json] [--pipeline-depth D] [--hop-delay-ms MS]
 
 Variants, run one after the other (never at the same time: they share the CPU):
   monolith  DIR/reference/model.onnx (the whole model exported by optimum, with KV cache) run by
@@ -99,6 +99,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=8000,
         help="gateway port of the stack the benchmark starts itself (default 8000)",
+    )
+    p.add_argument(
+        "--pipeline-depth",
+        type=int,
+        default=None,
+        help="the started stack's pipeline_depth (lanes of micro-batches; default: the gateway's, 1)",
+    )
+    p.add_argument(
+        "--hop-delay-ms",
+        type=float,
+        default=0.0,
+        help="added to every stage call of the started stack, as if the stages were on other machines",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids (default 0)")
     p.add_argument("--out", default=None, help="write every figure to this JSON file")

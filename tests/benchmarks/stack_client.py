@@ -286,10 +286,19 @@ def open_stack(args, prompts: np.ndarray, bundle: Path, stack: list) -> Runner:
     if args.stack_url:
         url = args.stack_url.rstrip("/")
     else:
-        launcher = StackProcess(bundle, args.stack_port)
+        env = {"TANDEM_SIMULATED_HOP_DELAY": str(args.hop_delay_ms / 1000)}
+        if args.pipeline_depth is not None:
+            env["TANDEM_PIPELINE_DEPTH"] = str(args.pipeline_depth)
+        launcher = StackProcess(bundle, args.stack_port, env=env)
         stack.append(launcher)
         url = launcher.start()
     model = stack_model_id(url)
-    args.stack_used = {"url": url, "model": model, "started_by_bench": not args.stack_url}
+    args.stack_used = {
+        "url": url,
+        "model": model,
+        "started_by_bench": not args.stack_url,
+        "pipeline_depth": args.pipeline_depth,
+        "hop_delay_ms": args.hop_delay_ms,
+    }
     log(f"[stack] gateway {url}, model {model!r}")
     return lambda c: asyncio.run(_stack_run(url, model, prompts[:c], args.new_tokens))

@@ -108,7 +108,7 @@ def _batch(ids: list[int], past: list[int], tokens: list[list[int]], **extra: An
 
 def test_device_store_engine_matches_host_store_step_for_step(tiny_bundle: Path) -> None:
     # two 8-position sequences fit the budget (2 layers x K,V x 64 x 4 bytes per position), three do not
-    host, device = _engines(tiny_bundle, "stage-1", cache_bytes=20_000)
+    host, device = _engines(tiny_bundle, "stage-1", cache_bytes=22_000)
     assert (host.kv.kind, device.kv.kind) == ("host", "device")
     steps: list[dict[str, np.ndarray]] = [
         _batch([1, 2], [0, 0], [[5, 6, 7], [8, 9]]),  # prefill, left-padded

@@ -165,6 +165,9 @@ def ensure_base_image(engine: DockerEngine) -> str:
     return BASE_IMAGE
 
 
+SOURCE_ONLY = ["openapi-ui-bundles==0.3.0"]  # requirements/serve-common.txt: Swagger UI's files
+
+
 def wheelhouse(engine: DockerEngine, image: str) -> Path:
     """The serving requirements as wheels in build/wheels for `image`'s Python, downloaded with this
     machine's pip settings (a build inside the engine cannot see its index or find-links)."""
@@ -178,11 +181,21 @@ def wheelhouse(engine: DockerEngine, image: str) -> Path:
         "import sys; print('%d.%d' % sys.version_info[:2])",
     ).stdout.strip()
     out = REPO_ROOT / "build" / "wheels"
+    # pure-Python pins published only as source: built into wheels here, found by the download below
+    for pin in SOURCE_ONLY:
+        built = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", pin, "--wheel-dir", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if built.returncode != 0:
+            raise AssertionError(f"pip wheel {pin} failed:\n{built.stderr[-3000:]}")
     # fmt: off
     cmd = [
         sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
         "--python-version", version, "--requirement", str(REPO_ROOT / "requirements" / "serve.txt"),
-        "--dest", str(out),
+        "--find-links", str(out), "--dest", str(out),
     ]
     # fmt: on
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
