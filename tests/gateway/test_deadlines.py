@@ -5,7 +5,6 @@ checks pass; its rows move to the other replica and replay, answers unchanged.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from gateway.deadlines import MIN_SAMPLES, CallDeadlines
-from tests.gateway.test_inproc import PROMPT, greedy, run_to_end, sample, tokens_of
+from tests.gateway.test_inproc import PROMPT, greedy, run_breaking_its_replica, run_to_end, sample, tokens_of
 from tests.helpers.inproc import InProcessStack, in_process_stack
 
 
@@ -43,27 +42,9 @@ def stack(tiny_bundle: Path) -> Iterator[InProcessStack]:
 def test_a_hung_replica_is_given_up_at_its_deadline(stack: InProcessStack, reference: Any) -> None:
     gw = stack.gateway
     stack.run(run_to_end(gw, gw.require_scheduler().submit_all([PROMPT], greedy(8))[0]))  # latency
-    hung: list[str] = []
-
-    async def go() -> list[Any]:
-        (seq,) = gw.require_scheduler().submit_all([PROMPT], greedy(12))
-
-        def hang(n: int) -> None:
-            if n == 4:  # the replica holding the sequence takes calls and never answers
-                rep = seq.replica[1]
-                assert rep is not None
-                hung.append(rep.node.id)
-                stack.router.hung.add(stack.hosts[rep.node.id])
-
-        return await run_to_end(gw, seq, hang)
-
-    try:
-        t0 = time.perf_counter()
-        events = stack.run(go(), timeout=45)
-        took = time.perf_counter() - t0
-    finally:
-        stack.router.hung.clear()
+    # after 4 tokens the replica holding the sequence takes calls and never answers
+    events, hung, took = run_breaking_its_replica(stack, 12, 4, stack.router.hung, timeout=45)
     assert tokens_of(events) == reference.greedy(PROMPT, 12)
     assert took < 15, f"{took:.1f} s: the call waited far beyond its deadline"
-    assert sample(stack, "tandem_stage_deadline_misses_total", stage="stage-2", replica=hung[0]) == 1
+    assert sample(stack, "tandem_stage_deadline_misses_total", stage="stage-2", replica=hung) == 1
     assert sample(stack, "tandem_failovers_total", stage="stage-2") == 1

@@ -114,32 +114,43 @@ def test_replay_after_a_stage_lost_the_sequence(stack: InProcessStack, reference
     assert sample(stack, "tandem_replays_total", stage="stage-3") == before + 1
 
 
-def test_failover_to_the_other_replica(stack: InProcessStack, reference: Any) -> None:
+def run_breaking_its_replica(
+    stack: InProcessStack, max_tokens: int, at: int, broken: set[str], timeout: float = 30.0
+) -> tuple[list[Event], str, float]:
+    """One greedy sequence of PROMPT; after its `at`-th token the stage-2 replica holding it goes
+    into `broken` (the router's `down` or `hung` set, emptied again at the end). Returns the events,
+    that replica's id and the seconds the sequence took."""
     gw = stack.gateway
-    before = sample(stack, "tandem_failovers_total", stage="stage-2")
-    down: list[str] = []
+    broke: list[str] = []
 
     async def go() -> list[Event]:
-        (seq,) = gw.require_scheduler().submit_all([PROMPT], greedy(10))
+        (seq,) = gw.require_scheduler().submit_all([PROMPT], greedy(max_tokens))
 
-        def kill(n: int) -> None:
-            if n == 3:  # the replica holding the sequence stops answering
+        def brk(n: int) -> None:
+            if n == at:
                 rep = seq.replica[1]
                 assert rep is not None
-                down.append(rep.node.id)
-                stack.router.down.add(stack.hosts[rep.node.id])
+                broke.append(rep.node.id)
+                broken.add(stack.hosts[rep.node.id])
 
-        return await run_to_end(gw, seq, kill)
+        return await run_to_end(gw, seq, brk)
 
     try:
         t0 = time.perf_counter()
-        events = stack.run(go())
-        assert time.perf_counter() - t0 < 1.0
+        events = stack.run(go(), timeout=timeout)
+        return events, broke[0], time.perf_counter() - t0
     finally:
-        stack.router.down.clear()
+        broken.clear()
+
+
+def test_failover_to_the_other_replica(stack: InProcessStack, reference: Any) -> None:
+    before = sample(stack, "tandem_failovers_total", stage="stage-2")
+    # the replica holding the sequence stops answering (refuses connections) after 3 tokens
+    events, down, took = run_breaking_its_replica(stack, 10, 3, stack.router.down)
+    assert took < 1.0
     assert tokens_of(events) == reference.greedy(PROMPT, 10)
     assert sample(stack, "tandem_failovers_total", stage="stage-2") == before + 1
-    survivor = next(n for n in ("stage-2-r1", "stage-2-r2") if n not in down)
+    survivor = next(n for n in ("stage-2-r1", "stage-2-r2") if n != down)
     assert stack.router.calls[stack.hosts[survivor]] > 0
 
 
