@@ -19,6 +19,7 @@ gets a 409 whose body names the rows and the lengths held (`conflict_extra` / `p
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -207,13 +208,18 @@ class StageIO:
     def answer_bytes(self, rows: int, width: int, names: Iterable[str] | None) -> int:
         """Tensor bytes of an answer with these outputs (None: the first, the default) for a batch
         of `rows` x `width` new positions: a variable dimension is the rows, then the positions."""
-        outs = self.wire_outputs()
-        wanted = [outs[0]] if names is None else [o for o in outs if o["name"] in set(names)]
+        sizes = self._output_sizes
+        wanted = [next(iter(sizes.values()))] if names is None else [sizes[n] for n in names if n in sizes]
         total = 0
-        for o in wanted:
-            dims = [d if d >= 0 else (rows if i == 0 else width) for i, d in enumerate(o["shape"])]
-            total += math.prod(dims) * DATATYPES[o["datatype"]].itemsize
+        for shape, itemsize in wanted:
+            dims = [d if d >= 0 else (rows if i == 0 else width) for i, d in enumerate(shape)]
+            total += math.prod(dims) * itemsize
         return total
+
+    @functools.cached_property
+    def _output_sizes(self) -> dict[str, tuple[list[int], int]]:
+        """Each output's wire shape and item size, built once (answer_bytes runs on every call)."""
+        return {o["name"]: (o["shape"], DATATYPES[o["datatype"]].itemsize) for o in self.wire_outputs()}
 
     @staticmethod
     def _scoring_outputs() -> list[dict[str, Any]]:
