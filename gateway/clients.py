@@ -153,7 +153,10 @@ class Clients:
         inputs: dict[str, np.ndarray],
         outputs: list[str],
         headers: dict[str, str] | None = None,
+        timing: dict[str, float] | None = None,
     ) -> dict[str, np.ndarray]:
+        """One inference call; `timing`, when given, gets "server" = the stage's own seconds in its
+        session (its Server-Timing header), when it sends them."""
         body, hlen = protocol.encode_request(inputs, outputs=outputs, binary_outputs=True)
         url = f"{node.url}/v2/models/{stage}/infer"
         h = {
@@ -168,6 +171,8 @@ class Clients:
         )
         if status == 200:
             raw = rh.get(protocol.HEADER.lower())  # wire's headers are lower-cased; httpx's match any case
+            if timing is not None and (server := server_seconds(rh.get("server-timing"))) is not None:
+                timing["server"] = server
             try:
                 return protocol.decode_response(content, int(raw) if raw is not None else None).outputs
             except (protocol.ProtocolError, ValueError) as e:
@@ -263,3 +268,18 @@ def _detail_of(content: bytes) -> str:
         return str(body.get("detail") or body.get("error") or body)
     except (ValueError, AttributeError):
         return content[:200].decode(errors="replace")
+
+
+def server_seconds(header: str | None) -> float | None:
+    """The `dur` (milliseconds) of a Server-Timing header's first metric, in seconds; None when
+    absent or unreadable (a stage that does not send it is not wrong)."""
+    if not header:
+        return None
+    for part in header.split(",", 1)[0].split(";")[1:]:
+        key, _, value = part.strip().partition("=")
+        if key == "dur":
+            try:
+                return float(value) / 1000.0
+            except ValueError:
+                return None
+    return None

@@ -226,6 +226,7 @@ class Pipeline:
         else:
             outputs = [self.layout.output_names[k]]
         headers: dict[str, str] = {}
+        timing: dict[str, float] = {}
         t0 = time.perf_counter()
         # One span per request in the batch, each in its own request's trace (one trace per
         # request); the stage's server span hangs under the first. Long generations trace only
@@ -254,7 +255,7 @@ class Pipeline:
             if self.cfg.simulated_hop_delay:  # benchmark: the stage as if on another machine
                 await asyncio.sleep(self.cfg.simulated_hop_delay)
             async with asyncio.timeout(budget):
-                out = await self.clients.infer(rep.node, pool.name, inputs, outputs, headers)
+                out = await self.clients.infer(rep.node, pool.name, inputs, outputs, headers, timing)
         except TimeoutError:
             self.metrics.deadline_misses.labels(pool.name, rep.node.id).inc()
             raise StageTimeoutError(
@@ -276,6 +277,8 @@ class Pipeline:
                 span.end()
         dt = time.perf_counter() - t0
         self.metrics.stage_call.labels(pool.name, rep.node.id).observe(dt)
+        if "server" in timing:
+            self.metrics.hop_overhead.labels(pool.name).observe(max(dt - timing["server"], 0.0))
         self.deadlines.observe(k, dt, len(grp) * S)
         if scored is not None:
             scoring.record(grp, scored[1], out)

@@ -225,6 +225,19 @@ def test_explicit_tokenizer_wins(tmp_path: Path) -> None:
     assert cmd[cmd.index("--tokenizer") + 1] == "mine"
 
 
+def test_quantize_exports_an_int8_bundle_of_its_own(tmp_path: Path) -> None:
+    """`make up QUANTIZE=int8`: the export gets --quantize int8 and the bundle a name that does not
+    overwrite the float one; without it, no --quantize."""
+    args = parse("--random-init", "gpt2", "--quantize", "int8")
+    assert args.bundle == stack.REPO_ROOT / "bundles" / "gpt2-random-int8"
+    cmd, _ = export_step.export_command(args, tmp_path)
+    assert cmd[cmd.index("--quantize") + 1] == "int8"
+    assert cmd[cmd.index("--out") + 1] == str(args.bundle)
+    assert "--quantize" not in export_step.export_command(parse("--random-init", "gpt2"), tmp_path)[0]
+    with pytest.raises(SystemExit):
+        parse("--quantize", "int4")
+
+
 def test_random_tiny_trains_its_own_tokenizer(tmp_path: Path) -> None:
     (tmp_path / "encoder.json").write_text("{}")
     cmd, note = export_step.export_command(parse("--random-init", "tiny"), tmp_path)

@@ -19,6 +19,8 @@ OFFLINE = "`make up RANDOM_INIT=gpt2` (or `python -m infra.local.stack up --rand
 def export_command(args: argparse.Namespace, bpe_dir: Path = GPT2_BPE_DIR) -> tuple[list[str], str | None]:
     """The export subprocess, and a note on where a random model's tokenizer comes from."""
     cmd = [sys.executable, "-m", "export", "--out", str(args.bundle)]
+    if getattr(args, "quantize", None):
+        cmd += ["--quantize", args.quantize]
     if not args.random_init:
         return [*cmd, "--model", args.model], None
     cmd += ["--random-init", args.random_init]

@@ -74,6 +74,12 @@ def parse(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -
     opt("--model", "gpt2", help="hub id or local HF directory to export (default gpt2)")
     opt("--random-init", metavar="gpt2|tiny", help="export seeded random weights instead: works offline")
     opt("--tokenizer", metavar="PATH", help="tokenizer for --random-init (encoder.json + vocab.bpe dir)")
+    opt(
+        "--quantize",
+        choices=["int8"],
+        help="serve a dynamically int8-quantised export (weights int8, activations float; bundle "
+        "name gets -int8); the export prints its logit drift and top-1 agreement against PyTorch",
+    )
     opt("--host", "127.0.0.1", help="interface every service binds (default 127.0.0.1)")
     opt("--gateway-port", 8000, type=int)
     opt("--tokenizer-port", 8100, type=int)
@@ -108,6 +114,7 @@ def parse(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -
         p.error(str(e))
     if args.bundle is None:
         name = f"{Path(args.random_init).stem}-random" if args.random_init else Path(args.model).name
+        name += f"-{args.quantize}" if args.quantize else ""
         args.bundle = REPO_ROOT / "bundles" / name
     args.bundle = Path(args.bundle).resolve()
     return args

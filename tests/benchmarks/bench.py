@@ -2,7 +2,8 @@
 
     python -m tests.benchmarks.bench [--bundle DIR] [--prompt-tokens 32] [--new-tokens 64]
         [--concurrency 1,16] [--repeats 3] [--variants monolith,hf,stack] [--stack-url URL]
-        [--skip-hf] [--out FILE.json] [--pipeline-depth D] [--hop-delay-ms MS]
+        [--skip-hf] [--out FILE.json] [--plot FILE.png] [--stacks SPEC,SPEC,...]
+        [--pipeline-depth D] [--hop-delay-ms MS] [--int8-bundle DIR]
 
 Variants, run one after the other (never at the same time: they share the CPU):
   monolith  DIR/reference/model.onnx (the whole model exported by optimum, with KV cache) run by
@@ -13,6 +14,10 @@ Variants, run one after the other (never at the same time: they share the CPU):
   stack     the tandem stack over HTTP: the gateway's OpenAI-compatible streaming
             `POST /v1/completions`. Without --stack-url the benchmark starts
             `python -m infra.local.stack up --bundle DIR --no-export` itself and stops it at the end.
+            --stacks measures several configurations side by side, each its own stack: `:`-joined
+            tokens, dN (pipeline depth N), Xms (X ms added to every stage call, as if the stages
+            were on other machines), int8 (the int8 bundle, DIR-int8 or --int8-bundle); `base` is
+            the gateway's defaults. Example: --stacks base,d1,d3,d1:5ms,d3:5ms,int8
 
 For each concurrency level C: C sequences with a PROMPT_TOKENS-token prompt each (seeded random
 token ids, the same ids for every variant), NEW_TOKENS new tokens greedy, no early stop. The
@@ -27,6 +32,9 @@ that the drift mostly cancels out of.
   first token ms         start of the generation -> first new token (mean over the C sequences)
   decode tok/s/stream    (NEW_TOKENS - 1) / (last token - first token), mean over the sequences
   aggregate tok/s        C * NEW_TOKENS / wall time of the whole generation
+  inter-token p50/p99    over every gap between two tokens of one sequence, all sequences
+--out writes every figure as JSON; --plot draws aggregate tok/s and inter-token p50 against the
+number of streams, one line per variant (PNG).
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ from tests.benchmarks.common import (
 )
 from tests.benchmarks.inprocess import open_hf, open_monolith
 from tests.benchmarks.report import jsonable, ratios, report, run_checks, targets
-from tests.benchmarks.stack_client import StackProcess, open_stack
+from tests.benchmarks.stack_client import StackProcess, StackSpec, open_stack
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -112,9 +120,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="added to every stage call of the started stack, as if the stages were on other machines",
     )
+    p.add_argument(
+        "--stacks",
+        default="base",
+        help="stack configurations to measure side by side, comma-separated: base (the gateway's "
+        "defaults) or ':'-joined dN (pipeline depth), Xms (hop delay), int8 (default base)",
+    )
+    p.add_argument(
+        "--int8-bundle", default=None, help="the int8 bundle for int8 stacks (default: BUNDLE-int8)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids (default 0)")
     p.add_argument("--out", default=None, help="write every figure to this JSON file")
+    p.add_argument("--plot", default=None, help="draw tok/s and inter-token latency per variant to this PNG")
     args = p.parse_args(argv)
+    try:
+        specs = [StackSpec.parse(t, args.pipeline_depth, args.hop_delay_ms) for t in args.stacks.split(",")]
+    except ValueError as e:
+        p.error(f"--stacks: {e}")
+    args.stack_specs = list({sp.name: sp for sp in specs}.values())
+    if args.stack_url and len(args.stack_specs) > 1:
+        p.error("--stack-url measures one running stack: give one --stacks entry at most")
+    args.stack_used = []
 
     try:
         args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
@@ -198,14 +224,17 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
     runs: dict[str, dict[int, list[dict]]] = {}  # variant -> C -> one run per pass, in pass order
     first: dict[tuple[str, int], dict] = {}  # the warm-up run: tokens and texts to check
     try:
-        for v in args.variants:
+        names = [v for v in args.variants if v != "stack"]
+        names += [sp.name for sp in args.stack_specs] if "stack" in args.variants else []
+        specs = {sp.name: sp for sp in args.stack_specs}
+        for v in names:
             try:
                 if v == "monolith":
                     runners[v] = open_monolith(args, bundle, prompts)
                 elif v == "hf":
                     runners[v] = open_hf(args, bundle, manifest, prompts, machine)
                 else:
-                    runners[v] = open_stack(args, prompts, bundle, stack)
+                    runners[v] = open_stack(args, specs[v], len(stack), prompts, bundle, stack)
             except BenchError as e:
                 errors[v] = str(e)
                 log(f"[{v}] FAILED: {e}")
@@ -289,13 +318,14 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": args.repeats,
                 "seed": args.seed,
                 "variants": args.variants,
-                "stack": getattr(args, "stack_used", None),
+                "stacks": args.stack_used,
             },
             "machine": machine,
             "results": jsonable(results),
             "ratios": ratios(results, args.concurrency),
             "targets": [
-                {"name": n, "ratio": x, "want_at_least": w, "met": ok} for n, x, w, ok in targets(results)
+                {"name": n, "ratio": x, "want": w, "met": ok}
+                for n, x, w, ok in targets(results, args.stack_specs[0].name)
             ],
             "checks": checks,
             "stage_ready_seconds": startup,
@@ -304,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         Path(args.out).write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n")
         log(f"wrote {args.out}")
+    if args.plot and results:
+        from tests.benchmarks.plot import plot
+
+        plot(results, args, Path(args.plot))
+        log(f"wrote {args.plot}")
     return 1 if errors else 0
 
 

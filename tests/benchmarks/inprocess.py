@@ -75,6 +75,7 @@ class Monolith:
         nxt = outs[self.logits_idx][:, -1, :].argmax(axis=-1)
         out_tokens[:, 0] = nxt
         t_first = time.perf_counter()
+        steps = [t_first]
         for step in range(1, new_tokens):
             total = p + step  # positions the model has seen once this token is fed
             feed = {
@@ -88,9 +89,10 @@ class Monolith:
             outs = self.session.run(None, feed)
             nxt = outs[self.logits_idx][:, -1, :].argmax(axis=-1)
             out_tokens[:, step] = nxt
-        t_end = time.perf_counter()
+            steps.append(time.perf_counter())
+        t_end = steps[-1]
 
-        r = timing(t0, [t_first] * b, [t_end] * b, t_end, [new_tokens] * b)
+        r = timing(t0, [t_first] * b, [t_end] * b, t_end, [new_tokens] * b, gaps=np.diff(steps).tolist())
         r["tokens"] = out_tokens.tolist()
         return r
 

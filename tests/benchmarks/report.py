@@ -8,7 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.benchmarks.common import TARGET_STACK_SCALING, TARGET_STACK_VS_MONOLITH_C1, VARIANTS
+from tests.benchmarks.common import (
+    TARGET_DELAY_5MS_VS_NONE,
+    TARGET_INT8_VS_FP32,
+    TARGET_STACK_SCALING,
+    TARGET_STACK_VS_MONOLITH_C1,
+    TARGET_STACK_VS_MONOLITH_C16,
+    TARGET_TTFT_VS_MONOLITH,
+)
+from tests.benchmarks.stack_client import StackSpec
 
 # --------------------------------------------------------------------------------------------
 # checks, ratios, report
@@ -35,7 +43,8 @@ def run_checks(results: dict, bundle: Path) -> dict:
         for c in mono.keys() & results["hf"].keys():
             diff = compare_tokens(mono[c]["tokens"], results["hf"][c]["tokens"])
             checks[f"monolith_vs_hf_tokens_C{c}"] = "equal" if not diff else "differ: " + "; ".join(diff)
-    if "stack" in results:
+    stacks = [v for v in results if v.startswith("stack")]
+    if stacks:
         try:
             from tokenizers import Tokenizer
 
@@ -43,10 +52,10 @@ def run_checks(results: dict, bundle: Path) -> dict:
         except Exception as e:  # the tokenizers library raises plain Exceptions
             checks["monolith_vs_stack_text"] = f"not checked: {e}"
             tok = None
-        if tok is not None:
-            for c, r in mono.items():
-                texts = results["stack"].get(c, {}).get("texts")
-                if texts is None:
+        for v, (c, r) in ((v, cr) for v in stacks for cr in mono.items()):
+            if tok is not None:
+                texts = results[v].get(c, {}).get("texts")
+                if texts is None or v.startswith("stack:int8"):  # int8 is not meant to match fp32
                     continue
                 bad = []
                 for i, (ids, got) in enumerate(zip(r["tokens"], texts, strict=True)):
@@ -55,37 +64,78 @@ def run_checks(results: dict, bundle: Path) -> dict:
                         # incremental decoding may cut multi-byte characters differently
                         same = got.replace("\ufffd", "") == want.replace("\ufffd", "")
                         bad.append(f"row {i}" + (" (only U+FFFD placement)" if same else ""))
-                checks[f"monolith_vs_stack_text_C{c}"] = "equal" if not bad else "differ: " + "; ".join(bad)
+                checks[f"monolith_vs_{v}_text_C{c}"] = "equal" if not bad else "differ: " + "; ".join(bad)
     return checks
 
 
 def ratios(results: dict, levels: list[int]) -> dict:
-    """Paired ratios of aggregate tok/s (see `paired`)."""
+    """Paired ratios of aggregate tok/s (see `paired`): every variant against the monolith at each
+    level, each variant's highest level against its lowest, and every stack with a hop delay
+    against the same stack without it."""
     out: dict = {}
+    others = [v for v in results if v != "monolith"]
     for c in levels:
-        for v in ("stack", "hf"):
+        for v in others:
             x = paired(results, (v, c), ("monolith", c))
             if x is not None:
                 out[f"{v}/monolith aggregate tok/s, C={c}"] = x
     lo, hi = min(levels), max(levels)
     if hi != lo:
-        for v in ("stack", "monolith", "hf"):
+        for v in results:
             x = paired(results, (v, hi), (v, lo))
             if x is not None:
                 out[f"{v} C={hi} / {v} C={lo} aggregate tok/s"] = x
+    for v in (v for v in others if v.startswith("stack")):
+        spec = _spec(v)
+        base = spec.without_delay().name
+        if spec.delay_ms and base in results:
+            for c in levels:
+                x = paired(results, (v, c), (base, c))
+                if x is not None:
+                    out[f"{v}/{base} aggregate tok/s, C={c}"] = x
     return out
 
 
-def targets(results: dict) -> list[tuple[str, float, float, bool]]:
+def _spec(variant: str) -> StackSpec:
+    return StackSpec.parse(variant.removeprefix("stack"), None, 0.0)
+
+
+Target = tuple[str, float, str, bool]  # name, ratio, wanted (">= 0.95"), met
+
+
+def targets(results: dict, main: str = "stack") -> list[Target]:
+    """The performance issue's targets, for the variants this run measured. `main` (the first of
+    --stacks) stands for the stack."""
+    goals: list[tuple[str, tuple[str, int], tuple[str, int], float, str]] = [
+        (f"{main} single stream vs monolith", (main, 1), ("monolith", 1), TARGET_STACK_VS_MONOLITH_C1, "tok"),
+        (
+            f"{main} first token vs monolith, 1 stream",
+            (main, 1),
+            ("monolith", 1),
+            TARGET_TTFT_VS_MONOLITH,
+            "ttft",
+        ),
+        (f"{main} 16 streams vs monolith", (main, 16), ("monolith", 16), TARGET_STACK_VS_MONOLITH_C16, "tok"),
+        (f"{main} 16 streams vs 1 stream", (main, 16), (main, 1), TARGET_STACK_SCALING, "tok"),
+    ]
+    for v in (v for v in results if v.startswith("stack:")):
+        spec = _spec(v)
+        if spec.delay_ms == 5 and spec.without_delay().name in results:
+            base = spec.without_delay().name
+            goals.append((f"{v} vs {base}, 16 streams", (v, 16), (base, 16), TARGET_DELAY_5MS_VS_NONE, "tok"))
+        if spec.int8 and not spec.delay_ms:
+            fp32 = StackSpec(spec.depth, 0.0, False).name
+            goals.append((f"{v} vs {fp32}, 1 stream", (v, 1), (fp32, 1), TARGET_INT8_VS_FP32, "tok"))
     out = []
-    goals = (
-        ("stack single stream vs monolith", ("stack", 1), ("monolith", 1), TARGET_STACK_VS_MONOLITH_C1),
-        ("stack 16 streams vs stack 1 stream", ("stack", 16), ("stack", 1), TARGET_STACK_SCALING),
-    )
-    for name, a, b, want in goals:
-        r = paired(results, a, b)
-        if r is not None:
-            out.append((f"{name} (aggregate tok/s, paired)", r, want, r >= want))
+    for name, a, b, want, kind in goals:
+        if kind == "ttft":
+            r = paired(results, a, b, "first_token_ms")
+            if r is not None:
+                out.append((f"{name} (first token ms, paired)", r, f"<= {want}", r <= want))
+        else:
+            r = paired(results, a, b)
+            if r is not None:
+                out.append((f"{name} (aggregate tok/s, paired)", r, f">= {want}", r >= want))
     return out
 
 
@@ -99,7 +149,6 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
     labels = {
         "monolith": "monolith: optimum ONNX + ORT, KV cache, numpy loop (baseline)",
         "hf": "HF transformers PyTorch `generate`",
-        "stack": "tandem stack over HTTP (gateway `/v1/completions`, SSE)",
     }
     lines = [
         f"GPT-2 124M, random weights, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
@@ -110,27 +159,42 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
     ]
     if results:
         lines += [
-            "| variant | streams | first token ms | decode tok/s per stream | aggregate tok/s | vs monolith |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| variant | streams | first token ms | decode tok/s per stream | inter-token p50 / p99 ms "
+            "| aggregate tok/s | vs monolith |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
     else:
         lines.append("No variant produced figures.")
-    for v in VARIANTS:
-        for c, r in results.get(v, {}).items():
+    for v, per in results.items():
+        for c, r in per.items():
             x = paired(results, (v, c), ("monolith", c))
             rel = "1.00x" if v == "monolith" else (f"{x:.2f}x" if x is not None else "n/a")
             lines.append(
-                f"| {labels[v]} | {c} | {_fmt(r['first_token_ms'])} | "
-                f"{_fmt(r['decode_tok_s_per_stream'])} | {_fmt(r['aggregate_tok_s'])} | {rel} |"
+                f"| {labels[v] if v in labels else _stack_label(v)} | {c} | {_fmt(r['first_token_ms'])} | "
+                f"{_fmt(r['decode_tok_s_per_stream'])} | {_fmt(r.get('itl_p50_ms'))} / "
+                f"{_fmt(r.get('itl_p99_ms'))} | {_fmt(r['aggregate_tok_s'])} | {rel} |"
             )
     rat = ratios(results, args.concurrency)
-    tgt = targets(results)
+    tgt = targets(results, args.stack_specs[0].name if getattr(args, "stack_specs", None) else "stack")
     if rat or tgt:
         lines += ["", "Ratios (aggregate tok/s):"]
     for k, x in rat.items():
         lines.append(f"- {k}: {x:.2f}x")
     for name, x, want, ok in tgt:
-        lines.append(f"- target {name}: {x:.2f}x, want >= {want}x: {'met' if ok else 'NOT met'}")
+        lines.append(f"- target {name}: {x:.2f}x, want {want}x: {'met' if ok else 'NOT met'}")
+    hops = [
+        (v, c, r) for v, per in results.items() for c, r in per.items() if r.get("hop_overhead_p50_ms", 0) > 0
+    ]
+    if hops:
+        lines += [
+            "",
+            "Per-hop overhead (a stage call's time outside the stage's session, from the gateway's "
+            "tandem_stage_hop_overhead_seconds; a simulated delay counts in it):",
+        ]
+    for v, c, r in hops:
+        lines.append(
+            f"- {v}, {c} stream(s): p50 {r['hop_overhead_p50_ms']:.2f} ms, mean {r['hop_overhead_mean_ms']:.2f} ms"
+        )
     lines += [
         "",
         f"Machine: {machine['cpu_model']}, {machine['logical_cores']} logical cores "
@@ -155,17 +219,24 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
     return "\n".join(lines)
 
 
+def _stack_label(v: str) -> str:
+    spec = _spec(v)
+    words = ["tandem stack over HTTP (`/v1/completions`, SSE)"]
+    words += ["int8 bundle"] if spec.int8 else []
+    words += [f"pipeline depth {spec.depth}"] if spec.depth is not None else []
+    words += [f"+{spec.delay_ms:g} ms per stage call"] if spec.delay_ms else []
+    return words[0] + (": " + ", ".join(words[1:]) if len(words) > 1 else "")
+
+
 def jsonable(results: dict) -> dict:
     return {v: {str(c): r for c, r in per.items()} for v, per in results.items()}
 
 
-def paired(results: dict, a: tuple[str, int], b: tuple[str, int]) -> float | None:
-    """Median over passes of aggregate tok/s of a / of b in the same pass."""
+def paired(
+    results: dict, a: tuple[str, int], b: tuple[str, int], key: str = "aggregate_tok_s"
+) -> float | None:
+    """Median over passes of a figure (aggregate tok/s) of a / of b in the same pass."""
     ra = results.get(a[0], {}).get(a[1], {}).get("runs", [])
     rb = results.get(b[0], {}).get(b[1], {}).get("runs", [])
-    pairs = [
-        x["aggregate_tok_s"] / y["aggregate_tok_s"]
-        for x, y in zip(ra, rb, strict=False)
-        if y["aggregate_tok_s"]
-    ]
+    pairs = [x[key] / y[key] for x, y in zip(ra, rb, strict=False) if y[key]]
     return statistics.median(pairs) if pairs else None

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,7 @@ async def _one_stream(client, url: str, model: str, prompt: list[int], new_token
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
     first = last = None
+    times: list[float] = []  # when each token-carrying chunk arrived
     counted = 0
     usage_tokens = None
     finish = None
@@ -111,6 +114,7 @@ async def _one_stream(client, url: str, model: str, prompt: list[int], new_token
                     if first is None:
                         first = now
                     last = now
+                    times.append(now)
                 if ch.get("text"):
                     text.append(ch["text"])
                 if ch.get("finish_reason"):
@@ -127,10 +131,53 @@ async def _one_stream(client, url: str, model: str, prompt: list[int], new_token
         "end": time.perf_counter(),
         "tokens": usage_tokens if usage_tokens is not None else counted,
         "seen": counted,
+        "gaps": np.diff(times).tolist(),
         "tokens_source": "usage" if usage_tokens is not None else "chunks",
         "finish_reason": finish,
         "text": "".join(text),
     }
+
+
+HOP_METRIC = "tandem_stage_hop_overhead_seconds"
+
+
+def hop_histogram(url: str) -> dict[float, float]:
+    """The gateway's hop-overhead histogram, all stages together: {upper bound: cumulative count},
+    with "sum" under -1.0."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[float, float] = {}
+    text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    for fam in text_string_to_metric_families(text):
+        if fam.name != HOP_METRIC:
+            continue
+        for smp in fam.samples:
+            if smp.name.endswith("_bucket"):
+                le = float(smp.labels["le"])
+                out[le] = out.get(le, 0.0) + smp.value
+            elif smp.name.endswith("_sum"):
+                out[-1.0] = out.get(-1.0, 0.0) + smp.value
+    return out
+
+
+def hop_overhead(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """p50 (linear within its bucket, as Prometheus' histogram_quantile) and mean of the calls
+    between two scrapes, in milliseconds."""
+    bounds = sorted(b for b in after if b >= 0)
+    cum = [after[b] - before.get(b, 0.0) for b in bounds]
+    n = cum[-1] if cum else 0.0
+    if n <= 0:
+        return {}
+    rank, lo, below = n / 2, 0.0, 0.0
+    p50 = float("nan")
+    for b, k in zip(bounds, cum, strict=True):
+        if k >= rank:
+            p50 = b if b == float("inf") else lo + (b - lo) * (rank - below) / max(k - below, 1e-12)
+            break
+        lo, below = b, k
+    mean = (after.get(-1.0, 0.0) - before.get(-1.0, 0.0)) / n
+    return {"hop_overhead_p50_ms": 1000.0 * p50, "hop_overhead_mean_ms": 1000.0 * mean, "hop_calls": n}
 
 
 async def _stack_run(url: str, model: str, prompts: np.ndarray, new_tokens: int) -> dict:
@@ -166,6 +213,7 @@ async def _stack_run(url: str, model: str, prompts: np.ndarray, new_tokens: int)
         t_end,
         [s["tokens"] for s in streams],
         [s["seen"] for s in streams],
+        gaps=[g for s in streams for g in s["gaps"]],
     )
     # Chunk times tell the decode rate only if each chunk carries one token; usage counts the tokens.
     r["tokens_source"] = streams[0]["tokens_source"]
@@ -281,24 +329,93 @@ class StackProcess:
                 os.unlink(self.log_file.name)
 
 
-def open_stack(args, prompts: np.ndarray, bundle: Path, stack: list) -> Runner:
-    """The gateway to measure; a stack the benchmark starts itself goes into `stack` (to stop)."""
+@dataclass(frozen=True)
+class StackSpec:
+    """One configuration of the stack to measure, from a `--stacks` entry: `:`-separated tokens,
+    `dN` (the gateway's pipeline_depth), `Xms` (a simulated delay added to every stage call, as if
+    the stages were on other machines) and `int8` (the int8-quantised bundle). `base` alone is the
+    gateway's own defaults (with --pipeline-depth / --hop-delay-ms applied)."""
+
+    depth: int | None = None
+    delay_ms: float = 0.0
+    int8: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = (["int8"] if self.int8 else []) + ([f"d{self.depth}"] if self.depth is not None else [])
+        parts += [f"{self.delay_ms:g}ms"] if self.delay_ms else []
+        return ":".join(["stack", *parts])
+
+    @classmethod
+    def parse(cls, text: str, depth: int | None, delay_ms: float) -> StackSpec:
+        int8 = False
+        for tok in (t.strip().lower() for t in text.split(":") if t.strip()):
+            if tok == "base":
+                continue
+            if tok == "int8":
+                int8 = True
+            elif re.fullmatch(r"d[1-9]\d*", tok):
+                depth = int(tok[1:])
+            elif re.fullmatch(r"\d+(\.\d+)?ms", tok):
+                delay_ms = float(tok[:-2])
+            else:
+                raise ValueError(
+                    f"unknown stack token {tok!r} in {text!r}: use base, int8, dN (pipeline depth) or "
+                    "Xms (hop delay), joined with ':' (for example d3:5ms)"
+                )
+        return cls(depth, delay_ms, int8)
+
+    def without_delay(self) -> StackSpec:
+        return StackSpec(self.depth, 0.0, self.int8)
+
+
+def open_stack(args, spec: StackSpec, index: int, prompts: np.ndarray, bundle: Path, stack: list) -> Runner:
+    """The gateway to measure; a stack the benchmark starts itself goes into `stack` (to stop).
+    The index-th started stack takes its own ports and state directory, so several configurations
+    stay loaded side by side (each idles while another runs)."""
+    if spec.int8:
+        bundle = Path(args.int8_bundle) if args.int8_bundle else bundle.with_name(bundle.name + "-int8")
+        if not (bundle / "manifest.json").is_file():
+            raise BenchError(
+                f"no int8 bundle at {bundle}; export one with `python -m export ... --quantize int8 "
+                f"--out {bundle}` (the same model as --bundle) or pass --int8-bundle DIR"
+            )
     if args.stack_url:
         url = args.stack_url.rstrip("/")
     else:
-        env = {"TANDEM_SIMULATED_HOP_DELAY": str(args.hop_delay_ms / 1000)}
-        if args.pipeline_depth is not None:
-            env["TANDEM_PIPELINE_DEPTH"] = str(args.pipeline_depth)
-        launcher = StackProcess(bundle, args.stack_port, env=env)
+        env = {
+            "TANDEM_SIMULATED_HOP_DELAY": str(spec.delay_ms / 1000),
+            "TANDEM_STATE_DIR": tempfile.mkdtemp(prefix="tandem-bench-state-"),
+        }
+        if spec.depth is not None:
+            env["TANDEM_PIPELINE_DEPTH"] = str(spec.depth)
+        port = args.stack_port + 10 * index  # the gateway; then the tokenizer, then the stages
+        command = StackProcess.default_command(bundle, port) + [
+            "--tokenizer-port",
+            str(port + 1),
+            "--stage-port-base",
+            str(port + 2),
+        ]
+        launcher = StackProcess(bundle, port, command=command, env=env)
         stack.append(launcher)
         url = launcher.start()
     model = stack_model_id(url)
-    args.stack_used = {
-        "url": url,
-        "model": model,
-        "started_by_bench": not args.stack_url,
-        "pipeline_depth": args.pipeline_depth,
-        "hop_delay_ms": args.hop_delay_ms,
-    }
-    log(f"[stack] gateway {url}, model {model!r}")
-    return lambda c: asyncio.run(_stack_run(url, model, prompts[:c], args.new_tokens))
+    args.stack_used.append(
+        {
+            "variant": spec.name,
+            "url": url,
+            "model": model,
+            "bundle": str(bundle),
+            "started_by_bench": not args.stack_url,
+            "pipeline_depth": spec.depth,
+            "hop_delay_ms": spec.delay_ms,
+        }
+    )
+    log(f"[{spec.name}] gateway {url}, model {model!r}")
+
+    def run(c: int) -> dict:
+        before = hop_histogram(url)
+        r = asyncio.run(_stack_run(url, model, prompts[:c], args.new_tokens))
+        return r | hop_overhead(before, hop_histogram(url))
+
+    return run

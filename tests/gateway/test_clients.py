@@ -176,3 +176,12 @@ def test_every_tokenizer_failure_is_a_gateway_error(status: int, body: Any, kind
 def test_a_stage_rejection_is_a_stage_error_not_a_client_error() -> None:
     # a 4xx from a stage is the gateway's own fault (or a bound): the client sees 502, not 400
     assert issubclass(StageRejected, StageError) and StageRejected.status_code == 502
+
+
+def test_server_timing_header_is_read_leniently() -> None:
+    from gateway.clients import server_seconds
+
+    assert server_seconds("infer;dur=1.500") == 0.0015
+    assert server_seconds("infer;desc=x;dur=2, other;dur=9") == 0.002
+    assert server_seconds(None) is None and server_seconds("infer") is None
+    assert server_seconds("infer;dur=abc") is None

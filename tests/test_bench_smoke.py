@@ -1,0 +1,58 @@
+"""A short run of the benchmark command (python -m tests.benchmarks.bench) on the tiny model, one
+pass, so that it cannot rot: the monolith and four stack configurations (the defaults, pipelined,
+pipelined with a simulated hop delay, int8) loaded side by side, every figure in the JSON, the
+stack's greedy text equal to the monolith's, the targets evaluated and the plot drawn. It checks
+that the benchmark works, not how fast anything is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.benchmarks import bench
+from tests.conftest import run_export
+from tests.helpers.procs import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+STACKS = ["stack", "stack:d2", "stack:d2:3ms", "stack:int8"]
+
+
+def test_benchmark_smoke_run(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "tiny"
+    for out, extra in ((bundle, []), (tmp_path / "tiny-int8", ["--quantize", "int8"])):
+        r = run_export("--model", str(tiny_hf_dir), "--out", str(out), "--with-reference", *extra)
+        assert r.returncode == 0, r.stdout + r.stderr
+    doc_path, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = bench.main(
+        [
+            *("--bundle", str(bundle), "--variants", "monolith,stack", "--stacks", "base,d2,d2:3ms,int8"),
+            *("--concurrency", "1,3", "--new-tokens", "6", "--prompt-tokens", "5", "--rounds", "1"),
+            *("--skip-startup", "--stack-port", str(free_port())),
+            *("--out", str(doc_path), "--plot", str(png)),
+        ]
+    )
+    doc = json.loads(doc_path.read_text())
+    assert code == 0 and doc["errors"] == {}, doc["errors"]
+    assert list(doc["results"]) == ["monolith", *STACKS]
+    for variant, per in doc["results"].items():
+        assert set(per) == {"1", "3"}, variant
+        for c, r in per.items():
+            assert r["aggregate_tok_s"] > 0 and r["first_token_ms"] > 0 and r["itl_p50_ms"] > 0, variant
+            assert len(r["runs"]) == 1 and len(r["tokens" if variant == "monolith" else "texts"]) == int(c)
+            if variant != "monolith":  # from the gateway's hop histogram: a stage call per stage and token
+                assert r["runs"][0]["hop_calls"] >= 3 * 6 and r["hop_overhead_p50_ms"] > 0, variant
+    # every float stack streamed the monolith's greedy text; int8 is not held to it
+    assert {k for k, v in doc["checks"].items() if v == "equal"} == {
+        f"monolith_vs_{s}_text_C{c}" for s in STACKS if "int8" not in s for c in (1, 3)
+    }, doc["checks"]
+    # the simulated delay really is in every stage call: 3 ms x 3 stages per token, at least
+    assert doc["results"]["stack:d2:3ms"]["1"]["itl_p50_ms"] >= 9.0
+    assert [s["hop_delay_ms"] for s in doc["config"]["stacks"]] == [0.0, 0.0, 3.0, 0.0]
+    assert doc["config"]["stacks"][3]["bundle"].endswith("tiny-int8")
+    names = [t["name"] for t in doc["targets"]]
+    assert any("first token" in n for n in names) and any(n.startswith("stack:int8 vs stack,") for n in names)
+    assert "stack:d2:3ms/stack:d2 aggregate tok/s, C=3" in doc["ratios"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
