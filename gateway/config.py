@@ -54,6 +54,10 @@ class GatewayConfig:
     # running sequences spread over this many lanes that advance independently, so that the stages
     # work on different lanes at the same time (gateway.scheduler); 1 = one batch for all
     pipeline_depth: int = 1
+    # a prompt longer than this is prefilled this many positions per step (the lane's prompts being
+    # chunked share that budget), so that the running sequences keep getting a token per step
+    # (gateway.prefill); shorter prompts run whole; 0 = every prompt whole in one step
+    prefill_chunk: int = 256
     # benchmark only: seconds added to every stage call, as if the stages were on other machines
     simulated_hop_delay: float = 0.0
     strict_fields: bool = False  # refuse unknown request fields (default: ignore them, named in a header)

@@ -96,6 +96,11 @@ class GatewayMetrics:
             registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
         )
+        self.prefill_chunks = Counter(
+            "tandem_prefill_chunks",
+            "Prefill calls that ran part of a prompt and chose no token (prefill_chunk).",
+            registry=r,
+        )
         self.cancelled = Counter(
             "tandem_sequences_cancelled", "Sequences cancelled (client went away).", registry=r
         )

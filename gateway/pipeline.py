@@ -170,12 +170,12 @@ class Pipeline:
 
     def _row_length(self, k: int, s: Sequence, x: dict[int, np.ndarray], start: int) -> int:
         if k == 0:
-            return len(s.tokens) - start
+            return s.feed_end - start
         return s.held[k] - start + len(x[s.id])
 
     def _row_input(self, k: int, s: Sequence, x: dict[int, np.ndarray], start: int) -> np.ndarray:
         if k == 0:
-            return np.asarray(s.tokens[start:], dtype=np.int64)  # (n,)
+            return np.asarray(s.tokens[start : s.feed_end], dtype=np.int64)  # (n,)
         sent = s.sent[k]
         assert sent is not None
         if start == s.held[k]:
@@ -285,7 +285,7 @@ class Pipeline:
         result: dict[int, np.ndarray | LastResult] = {}
         for b, s in enumerate(grp):
             s.stage_seconds[k] += dt
-            n_new = len(s.tokens) - s.held[0] if k == 0 else len(x[s.id])
+            n_new = s.feed_end - s.held[0] if k == 0 else len(x[s.id])
             sent = s.sent[k]
             if sent is not None:
                 sent.truncate(s.held[k])  # replayed rows were already in the buffer

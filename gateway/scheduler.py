@@ -3,7 +3,8 @@
 Each step: new sequences (up to max_prefill_batch) run their prefill as one batch, then every
 running sequence advances one token in one batch, one call per stage (gateway.pipeline, which
 replays and fails over). Finished, failed and cancelled sequences leave, and their KV cache is
-freed in every stage that holds it.
+freed in every stage that holds it. With `prefill_chunk` C > 0 a prompt longer than C is prefilled
+C positions per step, so that it does not stall the running sequences (gateway.prefill).
 
 Pipelined micro-batches (`pipeline_depth` D > 1): the running sequences are spread over D lanes,
 each an independent step loop over its own sequences. While one lane's batch is in stage 2, another
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from functions.tokenizer_core import IncrementalDecoder, TokenizerCore
+from gateway import prefill
 from gateway.clients import Clients
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, OverloadedError, StageTimeoutError
@@ -145,14 +147,18 @@ class Scheduler:
             self._wake.clear()  # woken by a submission, a cancellation or a sequence leaving
             await self._wake.wait()
         self._drop_cancelled(lane)
-        new = [self.waiting.popleft() for _ in range(self._room(i))]
-        lane += new
+        lane += [self.waiting.popleft() for _ in range(self._room(i))]
         self._gauges()
-        if new:
-            parents = await self._step(new, "prefill")
+        old = [s for s in lane if s.n_generated > 0]  # the rest are in their prefill
+        rows = prefill.plan([s for s in lane if s.n_generated == 0], self.cfg.prefill_chunk)
+        if rows:
+            try:
+                parents = await self._step(rows, "prefill")
+            finally:
+                prefill.done(rows)
             if parents:  # their children are in `waiting` now, first in line (for any lane)
                 await self.forks.fork(parents, self.waiting)
-        old = [s for s in lane if s not in new and not s.finished]
+        old = [s for s in old if not s.finished]
         if old:
             await self._step(old, "decode")
         self._leave(lane)
@@ -211,6 +217,9 @@ class Scheduler:
                 self._fail(s, err)
             alive = [s for s in alive if s.id in out.results]
             x = out.results  # type: ignore[assignment]  # hidden states for the next stage
+        chunks = [s for s in alive if s.chunk_end is not None]  # not its last: the token is not theirs
+        self.metrics.prefill_chunks.inc(len(chunks))
+        alive = [s for s in alive if s.chunk_end is None]
         for s in alive:
             if not s.children:
                 token, logprob, top = out.results[s.id]

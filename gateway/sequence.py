@@ -118,6 +118,10 @@ class Sequence:
     # a fork parent: prefills prompt[:-1] once for these children, then each continues from it
     children: list[Sequence] = field(default_factory=list)
     prompt_scores: dict[int, Score] = field(default_factory=dict)  # prompt position -> its score
+    # during a prefill chunk that is not the prompt's last (gateway.prefill): the stages are sent
+    # positions up to here only, and the token the last stage chooses is not this sequence's
+    chunk_end: int | None = None
+    chunked: bool = False  # part of its prompt went through as a chunk: the rest goes by the budget
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -150,9 +154,15 @@ class Sequence:
         return cls(secrets.randbits(62), prompt, params, decoder, n_stages, width, parent)
 
     @property
+    def feed_end(self) -> int:
+        """The positions the stages are to hold after this step: every token, or the chunk's end."""
+        return len(self.tokens) if self.chunk_end is None else self.chunk_end
+
+    @property
     def last_step(self) -> bool:
-        """The next token is this sequence's last under max_tokens (the stages may free it then)."""
-        return self.n_generated + 1 >= self.params.max_tokens
+        """The next token is this sequence's last under max_tokens (the stages may free it then);
+        never during a prefill chunk before the prompt's last, which chooses no token."""
+        return self.chunk_end is None and self.n_generated + 1 >= self.params.max_tokens
 
     def accept(
         self, token: int, logprob: float | None, eos: int | None, n_positions: int, top: Top | None = None
