@@ -171,6 +171,13 @@ PIPELINE = (
         "s",
     ),
     Panel(
+        "Per-hop overhead by stage",
+        "A stage call's time outside the stage's ONNX session: encoding, HTTP both ways, checks, "
+        "decoding (tandem_stage_hop_overhead_seconds, from the stage's Server-Timing).",
+        quantiles("tandem_stage_hop_overhead_seconds", "stage", "{{stage}} "),
+        "s",
+    ),
+    Panel(
         "KV cache bytes",
         "Bytes of keys and values each stage replica holds (tandem_kv_cache_bytes).",
         (("{{stage}} {{instance}}", "sum by (stage, instance) (tandem_kv_cache_bytes)"),),

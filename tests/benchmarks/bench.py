@@ -42,9 +42,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -279,8 +281,14 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
     return results
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the stacks this run started are stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     bundle = Path(args.bundle)
     try:
         manifest = check_bundle(bundle, need_reference="monolith" in args.variants)

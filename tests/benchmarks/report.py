@@ -96,6 +96,11 @@ def ratios(results: dict, levels: list[int]) -> dict:
     return out
 
 
+def _same_depth(variant: str, depths: set[int | None]) -> bool:
+    spec = _spec(variant)
+    return not spec.int8 and not spec.delay_ms and spec.depth in depths
+
+
 def _spec(variant: str) -> StackSpec:
     return StackSpec.parse(variant.removeprefix("stack"), None, 0.0)
 
@@ -124,8 +129,13 @@ def targets(results: dict, main: str = "stack") -> list[Target]:
             base = spec.without_delay().name
             goals.append((f"{v} vs {base}, 16 streams", (v, 16), (base, 16), TARGET_DELAY_5MS_VS_NONE, "tok"))
         if spec.int8 and not spec.delay_ms:
-            fp32 = StackSpec(spec.depth, 0.0, False).name
-            goals.append((f"{v} vs {fp32}, 1 stream", (v, 1), (fp32, 1), TARGET_INT8_VS_FP32, "tok"))
+            # the float stack of the same depth; no depth given is the gateway's default, 1
+            same = {spec.depth} | ({None, 1} if spec.depth in (None, 1) else set())
+            fp32 = [u for u in results if u.startswith("stack") and _same_depth(u, same)]
+            if fp32:
+                goals.append(
+                    (f"{v} vs {fp32[0]}, 1 stream", (v, 1), (fp32[0], 1), TARGET_INT8_VS_FP32, "tok")
+                )
     out = []
     for name, a, b, want, kind in goals:
         if kind == "ttft":
