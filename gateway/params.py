@@ -15,6 +15,8 @@ T = TypeVar("T")
 MAX_CHOICES = 128  # n and best_of, per prompt (OpenAI's bound on n)
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias per request
 
+REPETITION_MIN = 1e-6  # repetition_penalty's floor (1 = off)
+
 
 def sampling_from(
     max_tokens: int,
@@ -60,9 +62,11 @@ def sampling_from(
     for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         if not (math.isfinite(value) and -m <= value <= m):
             raise InvalidRequestError(f"{name} must be in [{-m:g}, {m:g}], got {value}", param=name)
-    if not (math.isfinite(repetition_penalty) and 0 < repetition_penalty <= 1e6):
+    # the stage gets it as float32: a positive value too small for that would arrive as 0
+    if not (math.isfinite(repetition_penalty) and REPETITION_MIN <= repetition_penalty <= 1e6):
         raise InvalidRequestError(
-            f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}", param="repetition_penalty"
+            f"repetition_penalty must be in [{REPETITION_MIN:g}, 1e6] (1 = off), got {repetition_penalty}",
+            param="repetition_penalty",
         )
     if not 0 <= min_tokens <= max_tokens:
         raise InvalidRequestError(

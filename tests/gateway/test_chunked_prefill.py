@@ -25,7 +25,7 @@ from gateway.scheduler import Scheduler
 from gateway.sequence import SamplingParams, Sequence
 from tests.conftest import Reference
 from tests.gateway.test_inproc import greedy, run_to_end, sample, tokens_of
-from tests.helpers.inproc import InProcessStack, in_process_stack
+from tests.helpers.inproc import InProcessStack, head_calls, in_process_stack
 
 CHUNK = 8
 LONG = [(37 * i + 11) % 500 + 5 for i in range(61)]  # 61 = 7 chunks of 8 + one of 5
@@ -339,16 +339,6 @@ def test_a_long_prefill_past_the_request_deadline_fails_and_frees_every_stage(st
 def test_prompt_scores_are_the_same_with_and_without_chunks_each_position_once(
     stack: InProcessStack, reference: Reference
 ) -> None:
-    engine = stack.engine("stage-3-r1")
-    assert engine.head is not None
-    head = engine.head
-    scored: list[int] = []
-    real_run = head.run
-
-    def counting_run(hidden: np.ndarray, target_ids: np.ndarray) -> list[np.ndarray]:
-        scored.append(int((np.asarray(target_ids) >= 0).sum()))
-        return real_run(hidden, target_ids)
-
     def score() -> dict[str, Any]:
         body = {"prompt": LONG, "max_tokens": 0, "echo": True, "logprobs": 2, "temperature": 0}
         r = stack.call("POST", "/v1/completions", json=body)
@@ -356,17 +346,14 @@ def test_prompt_scores_are_the_same_with_and_without_chunks_each_position_once(
         lp: dict[str, Any] = r.json()["choices"][0]["logprobs"]
         return lp
 
-    head.run = counting_run  # type: ignore[method-assign]
     chunks0 = sample(stack, "tandem_prefill_chunks_total")
-    try:
+    with head_calls(stack) as scored:
         chunked = score()
         assert sample(stack, "tandem_prefill_chunks_total") == chunks0 + 7
         assert sum(scored) == len(LONG) - 1  # every prompt position exactly once, over 8 calls
         assert len(scored) == 8
         with chunking(stack, 0):
             whole = score()
-    finally:
-        del head.run
     assert chunked["tokens"] == whole["tokens"]
     assert chunked["token_logprobs"][0] is None and whole["token_logprobs"][0] is None
     got, want = np.array(chunked["token_logprobs"][1:]), np.array(whole["token_logprobs"][1:])

@@ -116,6 +116,7 @@ def test_min_tokens_holds_eos_back(stack: InProcessStack) -> None:
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": 6.4e-189}, "repetition_penalty"),  # 0 as float32 (found by the fuzzer)
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
         ({"min_tokens": -1}, "min_tokens"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),

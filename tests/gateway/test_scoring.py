@@ -16,7 +16,7 @@ from gateway.scoring import targets
 from gateway.sequence import SamplingParams, Sequence
 from tests.conftest import Reference
 from tests.helpers.bundles import bundle_without_scoring_head
-from tests.helpers.inproc import InProcessStack, in_process_stack
+from tests.helpers.inproc import InProcessStack, head_calls, in_process_stack
 
 PROMPTS = [[5, 17, 42, 99, 7], [300, 12], [8, 9, 10, 11, 12, 13, 14, 15, 200, 201, 3], [77]]
 TOL = 1e-3
@@ -123,16 +123,6 @@ def test_each_prompt_position_is_scored_once_even_after_the_last_stage_lost_it(
     """Stage 3 forgets the sequence after its prefill: the decode step's 409 makes the gateway
     replay the whole prefill there, and the replay asks the head for nothing (already scored)."""
     engine = stack.engine("stage-3-r1")
-    assert engine.head is not None
-    head = engine.head
-    scored: list[int] = []
-    real_run = head.run
-
-    def counting_run(hidden: np.ndarray, target_ids: np.ndarray) -> list[np.ndarray]:
-        scored.append(len(target_ids))
-        return real_run(hidden, target_ids)
-
-    head.run = counting_run  # type: ignore[method-assign]
     gw = stack.gateway
     prompt = PROMPTS[2]
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=1)
@@ -145,10 +135,8 @@ def test_each_prompt_position_is_scored_once_even_after_the_last_stage_lost_it(
                 assert engine.release(seq.id)  # as after an eviction or a restart
         return seq
 
-    try:
+    with head_calls(stack) as scored:
         seq = stack.run(go())
-    finally:
-        del head.run
     assert scored == [len(prompt) - 1]
     ref = reference.logprobs(prompt)
     got = [seq.prompt_scores[i][0] for i in range(1, len(prompt))]

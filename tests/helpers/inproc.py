@@ -198,3 +198,25 @@ def in_process_stack(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+@contextlib.contextmanager
+def head_calls(stack: InProcessStack, replica: str = "stage-3-r1") -> Iterator[list[int]]:
+    """While open, every call of the last stage's scoring head appends the number of prompt
+    positions it scores (targets >= 0), so that a test can tell each position is scored once."""
+    import numpy as np
+
+    head = stack.engine(replica).head
+    assert head is not None
+    calls: list[int] = []
+    real_run = head.run
+
+    def counting_run(hidden: Any, target_ids: Any) -> list[Any]:
+        calls.append(int((np.asarray(target_ids) >= 0).sum()))
+        return real_run(hidden, target_ids)
+
+    head.run = counting_run  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        del head.run
