@@ -347,7 +347,7 @@ def test_prompt_scores_are_the_same_with_and_without_chunks_each_position_once(
         return lp
 
     chunks0 = sample(stack, "tandem_prefill_chunks_total")
-    with head_calls(stack) as scored:
+    with head_calls(stack, "stage-3-r1") as scored:
         chunked = score()
         assert sample(stack, "tandem_prefill_chunks_total") == chunks0 + 7
         assert sum(scored) == len(LONG) - 1  # every prompt position exactly once, over 8 calls

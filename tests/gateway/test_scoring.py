@@ -135,7 +135,7 @@ def test_each_prompt_position_is_scored_once_even_after_the_last_stage_lost_it(
                 assert engine.release(seq.id)  # as after an eviction or a restart
         return seq
 
-    with head_calls(stack) as scored:
+    with head_calls(stack, "stage-3-r1") as scored:
         seq = stack.run(go())
     assert scored == [len(prompt) - 1]
     ref = reference.logprobs(prompt)

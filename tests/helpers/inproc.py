@@ -201,7 +201,7 @@ def in_process_stack(
 
 
 @contextlib.contextmanager
-def head_calls(stack: InProcessStack, replica: str = "stage-3-r1") -> Iterator[list[int]]:
+def head_calls(stack: InProcessStack, replica: str) -> Iterator[list[int]]:
     """While open, every call of the last stage's scoring head appends the number of prompt
     positions it scores (targets >= 0), so that a test can tell each position is scored once."""
     import numpy as np
