@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,16 +49,25 @@ def test_health_and_version(stack: InProcessStack) -> None:
 
 
 def test_health_is_503_while_a_stage_has_no_ready_replica(stack: InProcessStack) -> None:
-    gw = stack.gateway
-    pool = gw.replicas.pools[1]
-    for rep in pool.replicas:
-        pool.mark(rep, False, "test: down")
+    # the stage's only replica really stops answering (marking it down by hand races the health
+    # loop, which marks it up again at its next check while the replica still answers)
+    pool = stack.gateway.replicas.pools[1]
+    hosts = {stack.hosts[rep.node.id] for rep in pool.replicas}
+    stack.router.down |= hosts
     try:
+        deadline = time.monotonic() + 10
+        while pool.up() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not pool.up(), "the health loop never saw the replica go down"
         r = call(stack, "GET", "/health")
         assert openai_error(r, 503, "not ready")
     finally:
-        for rep in pool.replicas:
-            pool.mark(rep, True, "test: up")
+        stack.router.down -= hosts
+    deadline = time.monotonic() + 10
+    while not pool.up() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pool.up()
+    assert call(stack, "GET", "/health").status_code == 200
 
 
 def test_tokenize_and_detokenize_round_trip(stack: InProcessStack) -> None:
