@@ -194,6 +194,16 @@ class StageIO:
             spec += [(NUM_TOP, "INT64", [-1])] + ([(TARGET_IDS, "INT64", [-1, -1])] if self.scoring else [])
         return [{"name": n, "datatype": d, "shape": s} for n, d, s in spec]
 
+    @functools.cached_property
+    def input_names(self) -> frozenset[str]:
+        """The names `wire_inputs` lists, built once (every call checks against them)."""
+        return frozenset(t["name"] for t in self.wire_inputs())
+
+    @functools.cached_property
+    def output_names(self) -> frozenset[str]:
+        """The names `wire_outputs` lists, built once."""
+        return frozenset(t["name"] for t in self.wire_outputs())
+
     def wire_outputs(self) -> list[dict[str, Any]]:
         if self.last:
             return [
@@ -264,9 +274,9 @@ class StageBatch:
     @classmethod
     def from_tensors(cls, inputs: Mapping[str, np.ndarray], io: StageIO) -> StageBatch:
         """Check decoded wire tensors against the contract; raises ContractError saying what is wrong."""
-        allowed = {t["name"] for t in io.wire_inputs()}
-        unknown = sorted(set(inputs) - allowed)
-        if unknown:
+        allowed = io.input_names
+        if not allowed.issuperset(inputs):
+            unknown = sorted(set(inputs) - allowed)
             raise ContractError(f"unknown input tensor(s) {unknown}; this stage takes {sorted(allowed)}")
         for req in (SEQUENCE_IDS, PAST_LENGTHS, io.x_name):
             if req not in inputs:

@@ -78,6 +78,9 @@ class FastRoutesApp:
         self.allowed_hosts = allowed_hosts
         self.app, self.routes, self.service, self.auth = app, tuple(routes), service, auth
         self.requests, self.duration, self.max_body_bytes = requests, duration, max_body_bytes
+        # metric children resolved once per route (and status), not per request
+        self._durations = {r.template: duration.labels(service, r.template) for r in self.routes}
+        self._counts: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -114,8 +117,14 @@ class FastRoutesApp:
             raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
             await send({"type": "http.response.start", "status": status, "headers": raw})
             await send({"type": "http.response.body", "body": out})
-        self.duration.labels(self.service, route.template).observe(time.perf_counter() - start)
-        self.requests.labels(self.service, route.template, route.method, str(status)).inc()
+        self._durations[route.template].observe(time.perf_counter() - start)
+        key = (route.template, route.method, status)
+        count = self._counts.get(key)
+        if count is None:
+            count = self._counts[key] = self.requests.labels(
+                self.service, route.template, route.method, str(status)
+            )
+        count.inc()
 
     async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
         limit = self.max_body_bytes

@@ -4,6 +4,7 @@ pinning the serving thread to one CPU. Nothing here is needed to build or test a
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -45,6 +46,11 @@ def serve(app: ASGIApp, settings: FunctionSettings) -> int:
     received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: received.append(signum))
+    # What startup built (modules, the app, its routes: ~80,000 objects, a 45 ms full collection
+    # on the 2-core machine) never becomes garbage: keep it out of every later collection, so a
+    # full collection mid-generation costs what the requests allocated, not what the process is.
+    gc.collect()
+    gc.freeze()
     uvicorn.Server(config).run()
     if received:
         logger.info("stopped by signal %s after a graceful shutdown", received[0])

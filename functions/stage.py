@@ -91,6 +91,9 @@ def create_stage_app(
         ["stage"],
         registry=registry,
     )
+    # label lookups once, not per call (each takes a lock and a dict lookup)
+    infer_child = {phase: infer_seconds.labels(name, phase) for phase in ("prefill", "decode")}
+    batch_child = batch_size.labels(name)
     registry.register(CacheCollector(loader, name))
     registry.register(DeviceCollector(loader, name))
     tracer = get_tracer("tandem.stage")
@@ -158,7 +161,7 @@ def create_stage_app(
         req = protocol.decode_request(body, header_len)
         want = {o.name for o in req.outputs} or None
         if want is not None:  # refuse before inferring: a refused request changes nothing
-            known = {o["name"] for o in engine.wire_outputs()}
+            known = engine.io.output_names
             if not want <= known:
                 raise BadRequestError(
                     f"unknown output(s) {sorted(want - known)}; {name} returns {sorted(known)}"
@@ -170,8 +173,8 @@ def create_stage_app(
                 span.set_attribute("tandem.phase", result.phase)
         else:  # even a no-op span costs ~0.1 ms here, three times per token
             result = await compute(engine, req.inputs, want)
-        infer_seconds.labels(name, result.phase).observe(result.seconds)
-        batch_size.labels(name).observe(result.batch_size)
+        infer_child[result.phase].observe(result.seconds)
+        batch_child.observe(result.batch_size)
         outputs = result.outputs if want is None else {k: v for k, v in result.outputs.items() if k in want}
         binary = req.binary_output_names(outputs)
         out, hlen = protocol.encode_response(name, outputs, binary=binary, request_id=req.id)
