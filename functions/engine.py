@@ -62,6 +62,20 @@ def give_back_memory() -> None:
         trim(0)
 
 
+def stage_io(manifest: Manifest, stage: StageEntry, *, scoring: bool = False) -> StageIO:
+    """What `stage` of the bundle takes and returns on the wire."""
+    return StageIO(
+        x_name=stage.inputs[0].name,
+        y_name=stage.outputs[0].name,
+        first=stage.first,
+        last=stage.layers[1] == manifest.n_layer,
+        n_embd=int(manifest.config["n_embd"]),
+        vocab_size=manifest.vocab_size,
+        n_positions=manifest.n_positions,
+        scoring=scoring,
+    )
+
+
 def session_options(threads: int | None) -> Any:
     import onnxruntime as ort
 
@@ -97,16 +111,7 @@ class StageEngine:
         # the scoring head, and the graph output it reads (both absent in bundles made before them)
         graph_outputs = [t.name for t in stage.outputs]
         self.hidden_out = c.FINAL_HIDDEN if last and c.FINAL_HIDDEN in graph_outputs else None
-        self.io = StageIO(
-            x_name=stage.inputs[0].name,
-            y_name=stage.outputs[0].name,
-            first=stage.first,
-            last=last,
-            n_embd=int(manifest.config["n_embd"]),
-            vocab_size=manifest.vocab_size,
-            n_positions=manifest.n_positions,
-            scoring=self.hidden_out is not None and manifest.head is not None,
-        )
+        self.io = stage_io(manifest, stage, scoring=self.hidden_out is not None and manifest.head is not None)
         self.x_name = self.io.x_name
         self.past_names = stage.past_names()
         if provider == "cuda":

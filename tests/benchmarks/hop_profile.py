@@ -39,6 +39,7 @@ from export.manifest import load_manifest
 from functions import contract as c
 from functions import protocol
 from functions.engine import StageEngine
+from functions.engine import stage_io as wire_io
 from gateway.clients import server_seconds
 from gateway.wire import WireClient
 from tests.helpers.procs import free_port, start_stage, stop_process
@@ -67,17 +68,8 @@ def stage_io(bundle: Path, k: int) -> tuple[str, c.StageIO, list[str]]:
     """The stage's name, what it takes and returns, and the output the gateway asks it for."""
     manifest = load_manifest(bundle)
     entry = manifest.stage(c.stage_name(k))
-    last = entry.layers[1] == manifest.n_layer
-    io = c.StageIO(
-        x_name=entry.inputs[0].name,
-        y_name=entry.outputs[0].name,
-        first=entry.first,
-        last=last,
-        n_embd=int(manifest.config["n_embd"]),
-        vocab_size=manifest.vocab_size,
-        n_positions=manifest.n_positions,
-    )
-    return entry.name, io, [c.TOKEN_IDS] if last else [io.y_name]
+    io = wire_io(manifest, entry)
+    return entry.name, io, [c.TOKEN_IDS] if io.last else [io.y_name]
 
 
 def steps_of(io: c.StageIO, prompt: int, steps: int) -> list[dict[str, np.ndarray]]:
