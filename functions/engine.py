@@ -62,18 +62,25 @@ def give_back_memory() -> None:
         trim(0)
 
 
-def stage_io(manifest: Manifest, stage: StageEntry, *, scoring: bool = False) -> StageIO:
-    """What `stage` of the bundle takes and returns on the wire."""
+def stage_io(manifest: Manifest, stage: StageEntry) -> StageIO:
+    """What `stage` of the bundle takes and returns on the wire. It scores prompts (takes
+    target_ids) when it is the last stage, its graph gives the final hidden states and the bundle
+    has the scoring head (both absent in bundles made before them)."""
+    last = stage.layers[1] == manifest.n_layer
     return StageIO(
         x_name=stage.inputs[0].name,
         y_name=stage.outputs[0].name,
         first=stage.first,
-        last=stage.layers[1] == manifest.n_layer,
+        last=last,
         n_embd=int(manifest.config["n_embd"]),
         vocab_size=manifest.vocab_size,
         n_positions=manifest.n_positions,
-        scoring=scoring,
+        scoring=last and _gives_final_hidden(stage) and manifest.head is not None,
     )
+
+
+def _gives_final_hidden(stage: StageEntry) -> bool:
+    return any(t.name == c.FINAL_HIDDEN for t in stage.outputs)
 
 
 def session_options(threads: int | None) -> Any:
@@ -107,11 +114,9 @@ class StageEngine:
         import onnxruntime as ort
 
         self.manifest, self.stage = manifest, stage
-        last = stage.layers[1] == manifest.n_layer
-        # the scoring head, and the graph output it reads (both absent in bundles made before them)
-        graph_outputs = [t.name for t in stage.outputs]
-        self.hidden_out = c.FINAL_HIDDEN if last and c.FINAL_HIDDEN in graph_outputs else None
-        self.io = stage_io(manifest, stage, scoring=self.hidden_out is not None and manifest.head is not None)
+        self.io = stage_io(manifest, stage)
+        # the graph output the scoring head reads
+        self.hidden_out = c.FINAL_HIDDEN if self.io.last and _gives_final_hidden(stage) else None
         self.x_name = self.io.x_name
         self.past_names = stage.past_names()
         if provider == "cuda":

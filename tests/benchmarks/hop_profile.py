@@ -38,8 +38,7 @@ import numpy as np
 from export.manifest import load_manifest
 from functions import contract as c
 from functions import protocol
-from functions.engine import StageEngine
-from functions.engine import stage_io as wire_io
+from functions.engine import StageEngine, stage_io
 from gateway.clients import server_seconds
 from gateway.wire import WireClient
 from tests.helpers.procs import free_port, start_stage, stop_process
@@ -64,11 +63,11 @@ def step_inputs(engine_io: c.StageIO, past: int, width: int, seq: int = 7) -> di
     return inputs
 
 
-def stage_io(bundle: Path, k: int) -> tuple[str, c.StageIO, list[str]]:
+def describe(bundle: Path, k: int) -> tuple[str, c.StageIO, list[str]]:
     """The stage's name, what it takes and returns, and the output the gateway asks it for."""
     manifest = load_manifest(bundle)
     entry = manifest.stage(c.stage_name(k))
-    io = wire_io(manifest, entry)
+    io = stage_io(manifest, entry)
     return entry.name, io, [c.TOKEN_IDS] if io.last else [io.y_name]
 
 
@@ -158,7 +157,7 @@ def in_process(
 
 
 def profile_stage(bundle: Path, k: int, steps: int, prompt: int, threads: int | None) -> dict[str, Any]:
-    name, io, outputs = stage_io(bundle, k)
+    name, io, outputs = describe(bundle, k)
     plan = steps_of(io, prompt, steps)
     port = free_port()
     proc = start_stage(bundle, k, port, threads=threads)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import pytest
 
 from functions.tokenizer_core import TokenizerCore
 from tests.conftest import Reference
-from tests.helpers.procs import free_port, stop_process
+from tests.helpers.procs import eventually, free_port, stop_process
 from tests.helpers.stack import Stack, start_stack
 
 pytestmark = pytest.mark.slow
@@ -57,14 +57,6 @@ def metric(url: str, name: str, labels: str = "") -> float:
             if key == name or key.startswith(name + "{"):
                 total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def node(stack: Stack, node_id: str) -> tuple[str, int]:

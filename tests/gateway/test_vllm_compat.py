@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from gateway.openai import IGNORED_HEADER
 from tests.helpers.inproc import InProcessStack, in_process_stack
-from tests.helpers.procs import REPO_ROOT
+from tests.helpers.procs import REPO_ROOT, eventually
 
 TEXT = "Hello, my name is"
 
@@ -55,18 +54,12 @@ def test_health_is_503_while_a_stage_has_no_ready_replica(stack: InProcessStack)
     hosts = {stack.hosts[rep.node.id] for rep in pool.replicas}
     stack.router.down |= hosts
     try:
-        deadline = time.monotonic() + 10
-        while pool.up() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not pool.up(), "the health loop never saw the replica go down"
+        eventually(lambda: not pool.up(), 10, "the health loop sees the replica go down")
         r = call(stack, "GET", "/health")
         assert openai_error(r, 503, "not ready")
     finally:
         stack.router.down -= hosts
-    deadline = time.monotonic() + 10
-    while not pool.up() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert pool.up()
+    eventually(lambda: bool(pool.up()), 10, "the health loop sees the replica come back")
     assert call(stack, "GET", "/health").status_code == 200
 
 

@@ -12,11 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import httpx
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +34,15 @@ class ProcessHandle:
         self.stderr_file.flush()
         text = self.stderr_path.read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
+
+
+def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `check` until it is true; fail the test after `timeout` seconds, saying `what`."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
 
 
 def free_port() -> int:
