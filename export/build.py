@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
-from export.manifest import (
+from functions import contract as c
+from functions.bundle import (
     FORMAT_VERSION,
     MANIFEST,
     BundleError,
@@ -21,7 +22,6 @@ from export.manifest import (
     sha256_file,
     verify_files,
 )
-from functions import contract as c
 
 FP32_MAX_DIFF = 1e-3
 

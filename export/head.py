@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.manifest import TensorSpec
 from export.to_onnx import to_program
 from functions import contract as c
+from functions.bundle import TensorSpec
 
 
 class ScoringHead(nn.Module):
@@ -86,7 +86,7 @@ def build_head(model: Any, work: Path, opset: int | None, log: Any) -> tuple[dic
     from dataclasses import asdict
 
     from export.errors import ExportError
-    from export.manifest import sha256_file
+    from functions.bundle import sha256_file
 
     path = work / c.HEAD_FILE
     inputs, outputs = export_head(model, path, opset)

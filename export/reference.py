@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from export.manifest import sha256_file
+from functions.bundle import sha256_file
 
 
 def export_reference(model_ref: str, revision: str | None, bundle: Path) -> dict[str, Any]:

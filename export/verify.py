@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.manifest import StageEntry
 from functions import contract as c
+from functions.bundle import StageEntry
 
 PROMPT_SETS = {"batch1": [16], "batch4": [16, 9, 5, 12]}
 

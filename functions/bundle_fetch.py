@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from export.manifest import MANIFEST, BundleError, Manifest, load_manifest, sha256_file, verify_files
 from functions import contract
+from functions.bundle import MANIFEST, BundleError, Manifest, load_manifest, sha256_file, verify_files
 from functions.settings import Env
 
 TOKENIZER_ROLE = "tokenizer"

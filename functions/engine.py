@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from export.manifest import Manifest, StageEntry
 from functions import contract as c
 from functions import processors
+from functions.bundle import Manifest, StageEntry
 from functions.contract import StageBatch, StageIO
 from functions.device import preload_cuda_libraries, require_in_session, session_providers
 from functions.errors import ConflictError, PayloadTooLargeError

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from export.manifest import Manifest
 from functions import contract as c
+from functions.bundle import Manifest
 from functions.contract import ContractError, StageBatch
 from functions.sampling import log_softmax
 

@@ -25,9 +25,9 @@ from litestar import Litestar, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from export.manifest import BundleError, load_manifest
 from functions import protocol
 from functions.app import LATENCY_BUCKETS, create_function_app
+from functions.bundle import BundleError, load_manifest
 from functions.bundle_fetch import prepare_bundle
 from functions.device import ProviderError, require_available
 from functions.engine import StageEngine, StageResult

@@ -12,8 +12,8 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
-from export.manifest import BundleError, Manifest, verify_files
 from functions import contract
+from functions.bundle import BundleError, Manifest, verify_files
 from functions.device import ProviderError, gpu_memory
 from functions.engine import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RESPONSE_BYTES, StageEngine
 from functions.kvstore import KV_STORE_CHOICES

@@ -17,9 +17,9 @@ from litestar import Litestar, Response, get, post
 from litestar.params import JSONBody
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from export.manifest import BundleError
 from functions import contract
 from functions.app import LATENCY_BUCKETS, create_function_app
+from functions.bundle import BundleError
 from functions.bundle_fetch import TOKENIZER_ROLE, prepare_bundle
 from functions.errors import BadRequestError, NotReadyError
 from functions.fastpath import ASGIApp

@@ -23,7 +23,7 @@ from gateway.errors import GatewayError, StageError, StageTimeoutError, StageUna
 from gateway.metrics import GatewayMetrics
 from gateway.processor_inputs import processor_inputs
 from gateway.replicas import Replica, Replicas
-from gateway.sequence import Sequence
+from gateway.sequence import Sequence, Top
 from gateway.tracing import step_traced, unsampled
 
 logger = logging.getLogger("tandem.gateway")
@@ -31,7 +31,7 @@ tracer = trace.get_tracer("tandem.gateway")
 MAX_REPLAYS = 4  # per stage call: conflicts or failovers before the rows fail
 
 
-LastResult = tuple[int, float | None, scoring.Top | None]
+LastResult = tuple[int, float | None, Top | None]
 
 
 @dataclass(frozen=True)

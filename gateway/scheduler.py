@@ -34,8 +34,7 @@ from gateway.forks import PARENT, Forks, choice_seed
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from gateway.replicas import Replica, Replicas
-from gateway.scoring import Top
-from gateway.sequence import Event, SamplingParams, Sequence
+from gateway.sequence import Event, SamplingParams, Sequence, Top
 
 logger = logging.getLogger("tandem.gateway")
 

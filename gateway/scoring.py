@@ -12,17 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from functions import contract as c
-
-if TYPE_CHECKING:
-    from gateway.sequence import Sequence
-
-Top = tuple[tuple[int, float], ...]  # (token id, logprob), best first
-Score = tuple[float, Top]  # a prompt token's logprob and the top-N at its position
+from gateway.sequence import Sequence, Top
 
 
 def wants_top(grp: Seq[Sequence]) -> bool:

@@ -16,10 +16,13 @@ from opentelemetry import trace
 
 from functions.tokenizer_core import IncrementalDecoder, TokenizerInputError
 from gateway.errors import GatewayError
-from gateway.scoring import Score, Top
 
 if TYPE_CHECKING:
     from gateway.replicas import Replica
+
+
+Top = tuple[tuple[int, float], ...]  # (token id, logprob), best first
+Score = tuple[float, Top]  # a prompt token's logprob and the top-N at its position
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,7 @@ from gateway.params import sampling_from
 from gateway.pipeline import Pipeline, StageLayout
 from gateway.replicas import Replicas
 from gateway.scheduler import Scheduler
-from gateway.scoring import Top
-from gateway.sequence import Event, SamplingParams, Sequence
+from gateway.sequence import Event, SamplingParams, Sequence, Top
 from gateway.tracing import annotate_request, annotate_response
 
 logger = logging.getLogger("tandem.gateway")

@@ -19,7 +19,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/tmp/huggingface
 COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
-COPY functions/__init__.py functions/contract.py functions/
+COPY functions/ functions/
 COPY export/ export/
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "export"]

@@ -34,7 +34,6 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
 COPY functions/ functions/
-COPY export/__init__.py export/manifest.py export/
 
 # Stage and tokenizer functions: `python -m functions.stage --bundle /bundle --stage K` or the
 # default command below. The bundle is mounted, baked (infra/docker/bundle.Dockerfile) or fetched

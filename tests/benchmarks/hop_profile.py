@@ -35,9 +35,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from export.manifest import load_manifest
 from functions import contract as c
 from functions import protocol
+from functions.bundle import load_manifest
 from functions.engine import StageEngine, stage_io
 from gateway.clients import server_seconds
 from gateway.wire import WireClient

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from export.manifest import FORMAT_VERSION, load_manifest, sha256_file, verify_files
+from functions.bundle import FORMAT_VERSION, load_manifest, sha256_file, verify_files
 from tests.conftest import run_export
 from tests.helpers.procs import REPO_ROOT
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from export.manifest import BundleError
+from functions.bundle import BundleError
 from functions.bundle_fetch import TOKENIZER_ROLE, fetch_bundle, prepare_bundle
 from tests.helpers.bundles import make_fake_bundle
 from tests.helpers.procs import REPO_ROOT, free_port

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from export.manifest import load_manifest
 from functions import contract as c
+from functions.bundle import load_manifest
 from functions.device import HostCopier
 from functions.engine import StageEngine
 from functions.errors import ConflictError

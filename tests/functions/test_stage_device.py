@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from export.manifest import load_manifest
+from functions.bundle import load_manifest
 from functions.device import CUDA_EP, ProviderError, require_in_session
 from functions.stage_state import Loader, StageSettings
 from tests.helpers.procs import REPO_ROOT, free_port

@@ -13,9 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-from export.manifest import load_manifest
 from functions import contract as c
 from functions import protocol
+from functions.bundle import load_manifest
 from functions.engine import StageEngine
 from functions.errors import PayloadTooLargeError
 from tests.gateway.test_batch_bound import PROMPTS

@@ -73,8 +73,8 @@ def export_bundle(size: str, work: Path) -> tuple[Path, Path]:
 def cuda_parity(hf_dir: Path, bundle: Path) -> bool:
     from transformers import GPT2LMHeadModel
 
-    from export.manifest import load_manifest
     from export.verify import verify
+    from functions.bundle import load_manifest
 
     manifest = load_manifest(bundle)
     model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()

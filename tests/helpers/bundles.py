@@ -42,8 +42,8 @@ def make_fake_bundle(directory: Path, stages: int = 3) -> Path:
     """A bundle in the export's manifest format whose stage files are placeholder bytes (distinct
     per stage, listed with their sha256): for what reads the manifest and files but never runs
     ONNX (fetching, verifying, building an app). Returns the directory."""
-    from export.manifest import FORMAT_VERSION
     from functions import contract
+    from functions.bundle import FORMAT_VERSION
 
     make_tokenizer_bundle(directory, manifest=False)
     entries = []
@@ -90,8 +90,8 @@ def bundle_without_scoring_head(src: Path, dst: Path) -> Path:
 
     import onnx
 
-    from export.manifest import MANIFEST, sha256_file
     from functions import contract
+    from functions.bundle import MANIFEST, sha256_file
 
     shutil.copytree(src, dst)
     doc = json.loads((dst / MANIFEST).read_text())

@@ -1,4 +1,5 @@
-"""The model bundle manifest: the contract between `export` and the functions.
+"""The model bundle manifest: the contract between `export` and the functions (export builds it,
+the functions and the gateway read it).
 
 Standard library only, so a function that reads a bundle never imports torch.
 """
