@@ -1,80 +1,100 @@
-"""Session fixtures: a tiny random-weight GPT-2 written as a local HF directory, exported through
-the real `python -m export` (from_pretrained on that directory), and a PyTorch reference."""
+"""Session fixtures shared by the whole suite, and how the suite is spread over workers.
+
+Bundles (tests.helpers.exports; built once per run and kept between runs of the same code):
+  exports        ExportCache. `exports.bundle(family, stages, *options)` is the tiny random-weight
+                 model of `family` exported by the real `python -m export` into `stages` stages
+                 (`layers="0:1,1:6"` for an explicit split; options such as "--quantize", "int8"),
+                 parity verified by the export; `exports.hf_dir(family)` is that model as a local HF
+                 directory. Each distinct export runs once for all the workers of a run (a file
+                 lock), and its files are checked against the manifest before each hand-out. A new
+                 family adds its tiny-model writer to exports.TINY_MODELS.
+  tiny_hf_dir    exports.hf_dir("gpt2")
+  tiny_bundle    exports.bundle("gpt2", 3, "--with-reference"): the 3-stage tiny GPT-2, with the
+                 optimum monolith the benchmark compares against
+  reference      Reference(tiny_hf_dir): PyTorch greedy generation and log-probabilities
+
+Processes (tests.helpers.stack; every process of a stack starts at once):
+  stacks         StackPool. `stacks.get(bundle, replicas=(1, 1, 1), gateway_env=None)` is a running
+                 stack (tokenizer, stage replicas, gateway) shared by every module that asks for the
+                 same one; stopped at the end of the run. Only for tests that read: a test that
+                 stops, restarts or reconfigures a process starts its own with start_stack().
+  default_stack  stacks.get(tiny_bundle): the stack most end-to-end modules use
+  stages         (tests/functions/conftest.py) stage processes without a gateway, per serving mode
+
+Cost markers (pyproject.toml; `make test-fast` leaves out every one but `processes`):
+  export     runs `python -m export` itself (beyond the shared bundles above)
+  processes  starts service processes (given automatically to users of stacks, default_stack, stages)
+  docker     builds images and runs containers in a private dockerd
+  browser    drives Chromium
+  fuzz       schema and protocol fuzzing (thousands of generated requests)
+  slow       long on its own: benchmark smoke runs, load, third-party clients and harnesses
+
+Workers: `make test` runs pytest-xdist (`-n auto --dist loadgroup`); tests.helpers.schedule gives
+every test its group (its module, or the shared fixture it needs) and queues the costliest first.
+Session fixtures are per worker except the bundles, which the workers share.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.helpers.procs import REPO_ROOT
+from tests.helpers import schedule
+from tests.helpers.exports import ExportCache, cache_root, run_export
+from tests.helpers.reference import Reference
+from tests.helpers.stack import Stack, StackPool
+
+__all__ = ["Reference", "run_export"]  # imported from here by test modules
 
 
-def run_export(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "export", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(schedule.Ordering(), "tandem-ordering")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects and xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    schedule.mark(items)
+
+
+def run_root(factory: pytest.TempPathFactory) -> Path:
+    """This run's temporary directory, shared by its xdist workers (each has its own below it)."""
+    base = factory.getbasetemp()
+    return base.parent if base.name.startswith("popen-gw") else base
 
 
 @pytest.fixture(scope="session")
-def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exports(tmp_path_factory: pytest.TempPathFactory) -> ExportCache:
+    return ExportCache(cache_root(run_root(tmp_path_factory)))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(exports: ExportCache) -> Path:
     """A GPT-2-architecture model with seeded random weights, saved like a hub download."""
-    from export.source import make_random_model
-
-    d = tmp_path_factory.mktemp("tiny-hf")
-    make_random_model("tiny", d, None, seed=0)
-    return d
+    return exports.hf_dir("gpt2")
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model exported as a 3-stage bundle (parity verified by the export itself)."""
-    out = tmp_path_factory.mktemp("bundles") / "tiny-3"
-    r = run_export("--model", str(tiny_hf_dir), "--out", str(out), "--stages", "3")
-    assert r.returncode == 0, r.stdout + r.stderr
-    return out
-
-
-class Reference:
-    """Greedy generation with the PyTorch model, one prompt at a time: the monolithic truth."""
-
-    def __init__(self, hf_dir: Path):
-        import torch
-        from transformers import GPT2LMHeadModel
-
-        self.torch = torch
-        self.model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-
-    def greedy(self, prompt: list[int], n: int) -> list[int]:
-        torch = self.torch
-        ids = torch.tensor([prompt])
-        out: list[int] = []
-        past = None
-        with torch.no_grad():
-            for _ in range(n):
-                r = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = r.past_key_values
-                nxt = int(r.logits[0, -1].argmax())
-                out.append(nxt)
-                ids = torch.tensor([[nxt]])
-        return out
-
-    def logprobs(self, tokens: list[int]) -> Any:
-        """(L, V) float64 log-probabilities of the next token at every position of `tokens`, from
-        one forward pass: row i - 1 scores tokens[i]."""
-        torch = self.torch
-        with torch.no_grad():
-            logits = self.model(input_ids=torch.tensor([tokens])).logits[0]  # (L, V)
-        return torch.log_softmax(logits.double(), dim=-1).numpy()
+def tiny_bundle(exports: ExportCache) -> Path:
+    """The tiny model exported as a 3-stage bundle with the monolithic reference."""
+    return exports.bundle("gpt2", 3, "--with-reference")
 
 
 @pytest.fixture(scope="session")
 def reference(tiny_hf_dir: Path) -> Reference:
     return Reference(tiny_hf_dir)
+
+
+@pytest.fixture(scope="session")
+def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackPool]:
+    pool = StackPool(tmp_path_factory.mktemp("stacks"))
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+@pytest.fixture(scope="session")
+def default_stack(stacks: StackPool, tiny_bundle: Path) -> Stack:
+    return stacks.get(tiny_bundle)

@@ -8,24 +8,28 @@ that the benchmark works, not how fast anything is. The per-hop profile command
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.benchmarks import bench
-from tests.conftest import run_export
+from tests.helpers.exports import ExportCache
 from tests.helpers.procs import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.processes, pytest.mark.timeout(900)]
 
 STACKS = ["stack:d2", "stack:d2:5ms", "stack:int8:d2"]
 
 
-def test_benchmark_smoke_run(tiny_hf_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.export  # the int8 twin of the shared bundle
+def test_benchmark_smoke_run(tiny_bundle: Path, exports: ExportCache, tmp_path: Path) -> None:
+    # the shared bundle (exported with the reference) and its int8 twin, laid out as the benchmark
+    # finds them: BUNDLE and BUNDLE-int8
     bundle = tmp_path / "tiny"
-    for out, extra in ((bundle, []), (tmp_path / "tiny-int8", ["--quantize", "int8"])):
-        r = run_export("--model", str(tiny_hf_dir), "--out", str(out), "--with-reference", *extra)
-        assert r.returncode == 0, r.stdout + r.stderr
+    int8 = exports.bundle("gpt2", 3, "--with-reference", "--quantize", "int8")
+    for src, dst in ((tiny_bundle, bundle), (int8, tmp_path / "tiny-int8")):
+        shutil.copytree(src, dst)
     doc_path, png = tmp_path / "bench.json", tmp_path / "bench.png"
     code = bench.main(
         [

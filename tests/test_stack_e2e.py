@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from functions import contract as c
 from tests.helpers.procs import REPO_ROOT, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 def _launcher(args: list[str], state: Path, **env: str) -> subprocess.Popen[str]:
@@ -58,8 +59,14 @@ def check_prometheus(out: str, port: int) -> None:
         assert "Prometheus is not installed" in out, out
         return
     url = f"http://127.0.0.1:{port}"
-    assert f"prometheus    {url}" in out, out
+    line = next((x for x in out.splitlines() if x.startswith(f"  prometheus    {url}")), None)
+    assert line is not None, out
     assert httpx.get(f"{url}/-/ready", timeout=5).status_code == 200
+    # the targets and alerts pages it prints are the ones this Prometheus serves (Debian's: /classic/)
+    pages = dict(re.findall(r"(targets|alerts) (http://\S+?)[,)]", line))
+    assert set(pages) == {"targets", "alerts"}, line
+    for page, link in pages.items():
+        assert httpx.get(link, timeout=5).status_code == 200, (page, link)
     deadline = time.monotonic() + 20  # file_sd targets reach the scrape manager within ~5 s
     while True:
         targets = httpx.get(f"{url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]

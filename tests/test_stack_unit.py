@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.local import export_step, stack
+from infra.local import export_step, options, plan, prometheus, stack
+from tests.helpers.static_server import serve_directory
 
 # What `python -m export --model gpt2` prints when the hub cannot be reached (export/source.py).
 HUB_FAILURE = (
@@ -30,7 +31,7 @@ def test_defaults() -> None:
     assert (args.model, args.random_init, args.tokenizer, args.host) == ("gpt2", None, None, "127.0.0.1")
     assert (args.gateway_port, args.tokenizer_port, args.stage_port_base) == (8000, 8100, 8101)
     assert (args.replicas, args.threads, args.ready_timeout, args.no_export) == (1, None, 120.0, False)
-    assert args.loop_cpu == stack.resolve_loop_cpu("auto")
+    assert args.loop_cpu == options.resolve_loop_cpu("auto")
 
 
 @pytest.mark.parametrize(("kind", "bundle"), [("gpt2", "gpt2-random"), ("tiny", "tiny-random")])
@@ -68,15 +69,15 @@ def test_every_option_has_an_env_variable() -> None:
 
 def test_loop_cpu_choices(capsys: pytest.CaptureFixture[str]) -> None:
     two, many = {0, 1}, set(range(8))
-    assert stack.resolve_loop_cpu("auto", two) == 0
-    assert stack.resolve_loop_cpu("auto", {3, 5}) == 3  # the first CPU this process may use
-    assert stack.resolve_loop_cpu("auto", many) is None  # enough cores: no pinning
-    assert stack.resolve_loop_cpu("auto", {0}) is None  # one core: nothing to separate
-    assert stack.resolve_loop_cpu(" None ", two) is None
-    assert stack.resolve_loop_cpu("1", two) == 1
+    assert options.resolve_loop_cpu("auto", two) == 0
+    assert options.resolve_loop_cpu("auto", {3, 5}) == 3  # the first CPU this process may use
+    assert options.resolve_loop_cpu("auto", many) is None  # enough cores: no pinning
+    assert options.resolve_loop_cpu("auto", {0}) is None  # one core: nothing to separate
+    assert options.resolve_loop_cpu(" None ", two) is None
+    assert options.resolve_loop_cpu("1", two) == 1
     for bad in ("2", "-1", "cpu0", "1.0"):
         with pytest.raises(ValueError, match="usable CPUs \\[0, 1\\]"):
-            stack.resolve_loop_cpu(bad, two)
+            options.resolve_loop_cpu(bad, two)
     with pytest.raises(SystemExit):
         parse("--loop-cpu", "9999")
     assert "--loop-cpu must be" in capsys.readouterr().err
@@ -155,8 +156,8 @@ def test_model_name_comes_from_the_bundle(model_id: str, name: str) -> None:
 
 
 def test_stage_ports() -> None:
-    assert stack.stage_ports(2, 100, 3) == [[100, 101, 102], [103, 104, 105]]
-    assert stack.stage_ports(4, 8101, 1) == [[8101], [8102], [8103], [8104]]
+    assert plan.stage_ports(2, 100, 3) == [[100, 101, 102], [103, 104, 105]]
+    assert plan.stage_ports(4, 8101, 1) == [[8101], [8102], [8103], [8104]]
 
 
 def test_wildcard_bind_is_reached_over_loopback() -> None:
@@ -292,3 +293,40 @@ def test_launcher_imports_nothing_heavy() -> None:
         [sys.executable, "-c", code], cwd=stack.REPO_ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("pages", "expected"),
+    [
+        # Debian's package: the classic UI only (/targets and /alerts are 404 there)
+        (["classic/targets", "classic/alerts"], {"targets": "/classic/targets", "alerts": "/classic/alerts"}),
+        # an upstream build: the React UI (which keeps /classic/ too in 2.x)
+        (["targets", "alerts", "classic/targets"], {"targets": "/targets", "alerts": "/alerts"}),
+        ([], {}),
+    ],
+    ids=["debian-classic-ui", "upstream-react-ui", "neither"],
+)
+def test_prometheus_links_are_the_pages_that_answer(
+    tmp_path: Path, pages: list[str], expected: dict[str, str]
+) -> None:
+    for page in pages:
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / page).write_text("<html>page</html>")
+    with serve_directory(tmp_path) as (url, _):
+        base = url.rstrip("/")
+        assert prometheus.ui_links(base) == {k: base + v for k, v in expected.items()}
+
+
+def test_banner_shows_the_prometheus_pages() -> None:
+    args = parse()
+    config = stack.gateway_config(args, "gpt2", ["stage-1", "stage-2", "stage-3"])
+    svcs = [*stack.services(args, config, Path("c.json")), plan.Service("prometheus", 9090, [])]
+    links = {
+        "targets": "http://127.0.0.1:9090/classic/targets",
+        "alerts": "http://127.0.0.1:9090/classic/alerts",
+    }
+    text = stack.banner(args, config, svcs, None, links)
+    assert (
+        "  prometheus    http://127.0.0.1:9090  (targets http://127.0.0.1:9090/classic/targets, "
+        "alerts http://127.0.0.1:9090/classic/alerts)\n"
+    ) in text

@@ -18,7 +18,7 @@ import pytest
 from tests.helpers.otlp import OtlpReceiver, SpanRecord
 from tests.helpers.stack import Stack, start_stack
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 SERVICES = {"gateway", "tokenizer", "stage-1", "stage-2", "stage-3"}  # functions/telemetry.py's service.name
 STAGES = ("stage-1", "stage-2", "stage-3")
@@ -324,16 +324,10 @@ def test_batched_requests_keep_their_own_traces(traced_stack: Stack, otlp: OtlpR
 
 
 @pytest.fixture(scope="module")
-def untraced_stack(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A stack with no OTEL_* variable at all: tracing must stay off."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name in OTEL_VARS:
-            mp.delenv(name, raising=False)
-        stack = start_stack(tiny_bundle, tmp_path_factory.mktemp("untraced"))
-    try:
-        yield stack
-    finally:
-        stack.stop()
+def untraced_stack(default_stack: Stack) -> Stack:
+    """The shared default stack: no OTEL_* variable at all (tests.helpers.stack.hermetic_env), so
+    tracing must stay off."""
+    return default_stack
 
 
 def test_without_tracing_every_response_still_carries_an_id(untraced_stack: Stack) -> None:

@@ -15,11 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "observability" / "prometheus"
 LOCAL_CONFIG = CONFIG_DIR / "prometheus.local.yml"
 RULES_DIR = CONFIG_DIR / "rules"
 READY_PATH = "/-/ready"
+# the UI's pages: upstream builds serve the React UI at /targets, /alerts; Debian's package (no
+# React assets) serves only the classic UI, under /classic/ (its / redirects to /classic/graph)
+UI_PAGES = {"targets": ("/targets", "/classic/targets"), "alerts": ("/alerts", "/classic/alerts")}
 MISSING = (
     "Prometheus is not installed, so the stack runs without it; `sudo apt-get install "
     "--no-install-recommends prometheus` (Debian/Ubuntu) provides it, --no-prometheus hides this note"
@@ -89,3 +94,18 @@ def plan(args: Any, config: dict[str, Any], stage_names: list[str], folder: Path
     config_path = prepare(folder, targets)
     port = args.prometheus_port
     return PrometheusPlan(command(binary, config_path, port), port)
+
+
+def ui_links(base_url: str) -> dict[str, str]:
+    """The running Prometheus's targets and alerts pages (page -> URL), whichever UI it serves."""
+    links = {}
+    with httpx.Client(timeout=2.0) as client:
+        for page, paths in UI_PAGES.items():
+            for path in paths:
+                try:
+                    if client.get(base_url + path).status_code == 200:
+                        links[page] = base_url + path
+                        break
+                except httpx.TransportError:
+                    break
+    return links

@@ -7,16 +7,16 @@ Nothing is downloaded: the tasks and their data are under tests/clients/lm_eval_
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers.stack import Stack, start_stack
+from tests.helpers.stack import Stack
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.processes,
     # third-party import-time warnings (lm-eval's dependencies), not ours
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -29,12 +29,8 @@ TASKS = ["tandem_mc", "tandem_gen"]
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = start_stack(tiny_bundle, tmp_path_factory.mktemp("lm-eval-stack"))
-    try:
-        yield s
-    finally:
-        s.stop()
+def stack(default_stack: Stack) -> Stack:
+    return default_stack
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from infra.local import frontend
 from tests.helpers.otlp import OtlpReceiver
 from tests.helpers.procs import REPO_ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.browser, pytest.mark.processes]
 
 CHROMIUM = Path("/usr/bin/chromium")
 DRIVER = frontend.FRONTEND_DIR / "e2e" / "drive.mjs"

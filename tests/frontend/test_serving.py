@@ -16,6 +16,8 @@ from infra.local import frontend
 from infra.local import stack as launcher
 from tests.helpers.procs import REPO_ROOT, free_port, start_process, stop_process
 
+pytestmark = pytest.mark.processes  # the UI's static server, as a process
+
 FAKE_NPM = """#!/bin/sh
 echo "$@" >> calls.txt
 if [ "$1" = "run" ]; then

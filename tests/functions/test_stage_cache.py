@@ -29,7 +29,7 @@ from tests.helpers.stage_calls import (
     release,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 @BOTH_KV_STORES

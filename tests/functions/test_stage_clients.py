@@ -8,7 +8,7 @@ import pytest
 from functions import contract as c
 from tests.helpers.stage_calls import N_EMBD, STAGE_1, VOCAB, Stages, new_id
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 def test_tritonclient_binary_and_json(stages: Stages) -> None:

@@ -18,7 +18,7 @@ from functions.stage_state import Loader, StageSettings
 from tests.helpers.procs import REPO_ROOT, free_port
 from tests.helpers.stage_calls import BOTH_KV_STORES, DEVICE_KV, Stages
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 needs_cpu_onnxruntime = pytest.mark.skipif(
     __import__("onnxruntime").get_available_providers().count(CUDA_EP) > 0,

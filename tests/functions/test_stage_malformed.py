@@ -28,7 +28,7 @@ from tests.helpers.stage_calls import (
     release,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 def _raw(header: dict[str, Any], data: bytes = b"") -> tuple[bytes, dict[str, str]]:

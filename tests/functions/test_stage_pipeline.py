@@ -22,7 +22,7 @@ from tests.helpers.stage_calls import (
 )
 from tests.helpers.stage_driver import Sequence, StageDriver
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 @BOTH_KV_STORES

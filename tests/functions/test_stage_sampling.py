@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers.stage_calls import N_EMBD, VOCAB, Stages, held, hidden_inputs, infer, new_id, outputs_of
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 def _sampled(

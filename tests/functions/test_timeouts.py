@@ -16,7 +16,7 @@ import pytest
 from tests.helpers.bundles import make_tokenizer_bundle
 from tests.helpers.procs import ProcessHandle, free_port, start_process, stop_process
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 LIMIT = 0.6  # seconds, for both the head and each body chunk
 
 

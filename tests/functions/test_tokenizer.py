@@ -16,6 +16,8 @@ from functions.tokenizer_core import IncrementalDecoder, TokenizerCore, Tokenize
 from tests.helpers.bundles import EOS, make_tokenizer_bundle
 from tests.helpers.procs import ProcessHandle, free_port, start_process, stop_process
 
+pytestmark = pytest.mark.processes  # the HTTP tests run the tokenizer function as a process
+
 TEXTS = ["é", "😀", "日本語", "Emoji: 😀 🚀 ok ñ 🦀 zebra 中 déjà", "plain ascii text"]
 
 

@@ -27,7 +27,7 @@ from schemathesis import Case, GenerationMode
 from tests.helpers.procs import ProcessHandle
 from tests.helpers.stack import Stack, start_stack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.fuzz, pytest.mark.processes]
 
 CASES = 2000  # per service
 MAX_TOKENS = 3  # generated max_tokens above this are capped (each token is a pass through 3 stages)

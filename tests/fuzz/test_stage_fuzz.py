@@ -30,7 +30,7 @@ from functions import contract as c
 from functions import protocol
 from tests.helpers.procs import ProcessHandle, free_port, start_stage, stop_process
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.fuzz, pytest.mark.processes]
 
 # stage -> cases: the first stage (token ids), and the last (hidden states in, sampling parameters)
 CASES = {1: 3000, 3: 1500}

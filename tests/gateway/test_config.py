@@ -360,7 +360,7 @@ def test_missing_file_names_the_file(tmp_path: Path) -> None:
 
 
 # ---- the command line ----
-@pytest.mark.slow  # a Python process per case
+@pytest.mark.processes  # a Python process per case
 @pytest.mark.parametrize(
     ("content", "env", "fragment"),
     [

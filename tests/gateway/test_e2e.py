@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,9 +14,9 @@ import pytest
 
 from functions.tokenizer_core import TokenizerCore
 from tests.conftest import Reference
-from tests.helpers.stack import Stack, start_stack
+from tests.helpers.stack import Stack
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 PROMPTS = [
     "Hello the model",
@@ -28,10 +27,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = start_stack(tiny_bundle, tmp_path_factory.mktemp("stack"))
-    yield s
-    s.stop()
+def stack(default_stack: Stack) -> Stack:
+    return default_stack
 
 
 @pytest.fixture(scope="module")

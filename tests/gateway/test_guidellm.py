@@ -9,23 +9,20 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.stack import Stack, start_stack
+from tests.helpers.stack import Stack
 
 # the session fixtures export the tiny model first when this module runs alone (minutes on 2 cores)
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.processes, pytest.mark.timeout(600)]
 REQUESTS = 4
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = start_stack(tiny_bundle, tmp_path_factory.mktemp("stack"))
-    yield s
-    s.stop()
+def stack(default_stack: Stack) -> Stack:
+    return default_stack
 
 
 def test_guidellm_streaming_benchmark_reports_ttft_and_itl(

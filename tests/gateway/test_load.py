@@ -13,7 +13,7 @@ import pytest
 from tests.benchmarks import load
 from tests.helpers.procs import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 
 def test_many_clients_get_well_formed_answers_and_memory_comes_back(

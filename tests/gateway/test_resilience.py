@@ -25,7 +25,7 @@ from tests.conftest import Reference
 from tests.helpers.procs import eventually, free_port, stop_process
 from tests.helpers.stack import Stack, start_stack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 PROMPT = "quick brown fox jumps over the lazy dog today and"
 N = 300  # long enough that the test can kill a stage while the sequence runs

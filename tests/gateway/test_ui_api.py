@@ -18,7 +18,7 @@ from gateway.cors import cors_origins
 from tests.helpers.procs import stop_process
 from tests.helpers.stack import Stack, start_stack
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 UI = "http://127.0.0.1:5173"
 OTHER = "http://evil.example"

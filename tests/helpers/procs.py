@@ -12,7 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -52,24 +53,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_process(
-    args: list[str],
-    ready_url: str,
-    *,
-    timeout: float = 30.0,
-    env: dict[str, str] | None = None,
-) -> ProcessHandle:
-    """Start `args` in the repository root and poll `ready_url` until it answers 200."""
+def launch(args: list[str], *, env: Mapping[str, str | None] | None = None) -> ProcessHandle:
+    """Start `args` in the repository root, output to a temp file; `env` adds variables to this
+    process's environment (a None value removes one). Does not wait: see wait_ready."""
     stderr_file = tempfile.NamedTemporaryFile(prefix="tandem-proc-", suffix=".log", delete=False)
+    merged: dict[str, str | None] = {**os.environ, **(env or {})}
     process = subprocess.Popen(
         args,
         cwd=REPO_ROOT,
-        env={**os.environ, **(env or {})},
+        env={k: v for k, v in merged.items() if v is not None},
         stdin=subprocess.DEVNULL,
         stdout=stderr_file,
         stderr=subprocess.STDOUT,
     )
-    handle = ProcessHandle(process, args, Path(stderr_file.name), stderr_file)
+    return ProcessHandle(process, args, Path(stderr_file.name), stderr_file)
+
+
+def wait_ready(handle: ProcessHandle, ready_url: str, timeout: float = 30.0) -> ProcessHandle:
+    """Poll `ready_url` until it answers 200; a process that exits first, or is not ready within
+    `timeout`, is stopped and fails with its output's tail."""
+    process, args = handle.process, handle.args
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while time.monotonic() < deadline:
@@ -86,13 +89,53 @@ def start_process(
             last = f"{response.status_code} {response.text[:200]}"
         except httpx.TransportError as exc:
             last = repr(exc)
-        time.sleep(0.1)
+        time.sleep(0.05)
     tail = handle.stderr_tail()
     stop_process(handle)
     raise AssertionError(
         f"{' '.join(args)} was not ready at {ready_url} after {timeout} s (last: {last}); "
         f"output tail:\n{tail}"
     )
+
+
+def start_process(
+    args: list[str],
+    ready_url: str,
+    *,
+    timeout: float = 30.0,
+    env: Mapping[str, str | None] | None = None,
+) -> ProcessHandle:
+    """Start `args` in the repository root and poll `ready_url` until it answers 200."""
+    return wait_ready(launch(args, env=env), ready_url, timeout)
+
+
+@dataclass
+class Command:
+    """A process to start and the URL that answers 200 once it is ready; `env` as for launch()."""
+
+    args: list[str]
+    ready_url: str
+    env: Mapping[str, str | None] | None = None
+
+
+def start_all(commands: Mapping[str, Command], *, timeout: float = 60.0) -> dict[str, ProcessHandle]:
+    """Start every command at once and wait until all are ready (process start is mostly imports:
+    in parallel, a stack is up in the time of its slowest process). If one fails, the others are
+    stopped and the failure names it."""
+    handles = {name: launch(c.args, env=c.env) for name, c in commands.items()}
+    errors: list[str] = []
+    with ThreadPoolExecutor(max(1, len(handles))) as pool:
+        waits = {n: pool.submit(wait_ready, h, commands[n].ready_url, timeout) for n, h in handles.items()}
+        for name, future in waits.items():
+            try:
+                future.result()
+            except AssertionError as e:
+                errors.append(f"{name}: {e}")
+    if errors:
+        for h in handles.values():
+            stop_process(h)
+        raise AssertionError("\n".join(errors))
+    return handles
 
 
 def stop_process(handle: ProcessHandle, *, timeout: float = 10.0) -> int:
@@ -113,10 +156,28 @@ def _close(handle: ProcessHandle) -> None:
     handle.stderr_file.close()
 
 
-def start_stage(
-    bundle: Path, stage: int | str, port: int, *, env: dict[str, str] | None = None, threads: int | None = 1
-) -> ProcessHandle:
-    """`python -m functions.stage` for one stage of `bundle` on 127.0.0.1:`port`, once ready."""
+def stage_command(
+    bundle: Path,
+    stage: int | str,
+    port: int,
+    *,
+    env: Mapping[str, str | None] | None = None,
+    threads: int | None = 1,
+) -> Command:
+    """`python -m functions.stage` for one stage of `bundle` on 127.0.0.1:`port`."""
     args = [sys.executable, "-m", "functions.stage", "--bundle", str(bundle), "--stage", str(stage)]
     args += ["--port", str(port)] + (["--threads", str(threads)] if threads else [])
-    return start_process(args, f"http://127.0.0.1:{port}/v2/health/ready", timeout=60, env=env)
+    return Command(args, f"http://127.0.0.1:{port}/v2/health/ready", env)
+
+
+def start_stage(
+    bundle: Path,
+    stage: int | str,
+    port: int,
+    *,
+    env: Mapping[str, str | None] | None = None,
+    threads: int | None = 1,
+) -> ProcessHandle:
+    """One stage process of `bundle` on 127.0.0.1:`port`, once ready."""
+    c = stage_command(bundle, stage, port, env=env, threads=threads)
+    return start_process(c.args, c.ready_url, timeout=60, env=c.env)

@@ -1,16 +1,29 @@
-"""A whole tandem stack as real processes on 127.0.0.1: tokenizer, stage replicas, gateway."""
+"""A whole tandem stack as real processes on 127.0.0.1: tokenizer, stage replicas, gateway, started
+in parallel; and the pool of stacks that test modules share (StackPool, the `stacks` fixture)."""
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from functions import contract
-from tests.helpers.procs import ProcessHandle, free_port, start_process, start_stage, stop_process
+from tests.helpers.procs import (
+    Command,
+    ProcessHandle,
+    free_port,
+    stage_command,
+    start_all,
+    start_process,
+    start_stage,
+    stop_process,
+)
 
 
 @dataclass
@@ -63,17 +76,20 @@ def start_stack(
     workdir: Path,
     *,
     replicas: tuple[int, ...] = (1, 1, 1),
-    gateway_env: dict[str, str] | None = None,
+    gateway_env: Mapping[str, str | None] | None = None,
+    env: Mapping[str, str | None] | None = None,
 ) -> Stack:
+    """Tokenizer, `replicas[k]` replicas of stage k + 1 and a gateway, all started at once (the
+    gateway discovers the functions as they come up, and is ready once every stage is). `env` goes
+    to every process (a None value removes a variable), `gateway_env` to the gateway only."""
     cfg_path = workdir / "config.json"
     stack = Stack(bundle, cfg_path)
-    tok_port = free_port()
+    tok_port, gw_port = free_port(), free_port()
     stack.tokenizer_url = f"http://127.0.0.1:{tok_port}"
-    stack.procs["tokenizer"] = start_process(
-        [sys.executable, "-m", "functions.tokenizer", "--bundle", str(bundle), "--port", str(tok_port)],
-        f"{stack.tokenizer_url}/v2/health/ready",
-        timeout=60,
-    )
+    stack.gateway_url = f"http://127.0.0.1:{gw_port}"
+    tokenizer = [sys.executable, "-m", "functions.tokenizer", "--bundle", str(bundle)]
+    tokenizer += ["--port", str(tok_port)]
+    commands = {"tokenizer": Command(tokenizer, f"{stack.tokenizer_url}/v2/health/ready", env)}
     nodes = []
     for k, n in enumerate(replicas):
         name = contract.stage_name(k + 1)
@@ -82,7 +98,7 @@ def start_stack(
             node_id = f"{name}-r{r + 1}"
             nodes.append({"id": node_id, "address": f"127.0.0.1:{port}", "model_part": k})
             stack.stage_urls.setdefault(name, []).append(f"http://127.0.0.1:{port}")
-            stack.start_stage(node_id, k + 1, port)
+            commands[node_id] = stage_command(bundle, k + 1, port, env=env)
     config = {
         "model_name": "gpt2",
         "tokenizer": {"address": f"127.0.0.1:{tok_port}"},
@@ -90,5 +106,50 @@ def start_stack(
         "health_interval": 0.2,
     }
     cfg_path.write_text(json.dumps(config))
-    stack.gateway_url = stack.start_gateway("gateway", config, env=gateway_env)
+    gateway = [sys.executable, "-m", "gateway", "--config", str(cfg_path), "--port", str(gw_port)]
+    gateway_vars = {**(env or {}), **(gateway_env or {})}
+    commands["gateway"] = Command(gateway, f"{stack.gateway_url}/readyz", gateway_vars)
+    stack.procs.update(start_all(commands))
     return stack
+
+
+def hermetic_env() -> dict[str, str | None]:
+    """Removes the caller's OTEL_* and TANDEM_* variables: a shared stack runs on its defaults
+    (tracing off), whatever the shell that started pytest had set."""
+    return {k: None for k in os.environ if k.startswith(("OTEL_", "TANDEM_"))}
+
+
+class StackPool:
+    """Running stacks shared by every test module that only reads them (a session fixture, one
+    pool per pytest-xdist worker): one stack per (bundle, replicas, gateway env), started on first
+    use and stopped at the end of the run. A stack whose process died (a test must not stop one:
+    a test that changes a stack starts its own with start_stack) is started again for the next
+    user."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.stacks: dict[tuple[object, ...], Stack] = {}
+
+    def get(
+        self,
+        bundle: Path,
+        *,
+        replicas: tuple[int, ...] = (1, 1, 1),
+        gateway_env: Mapping[str, str] | None = None,
+    ) -> Stack:
+        key = (str(bundle), tuple(replicas), tuple(sorted((gateway_env or {}).items())))
+        stack = self.stacks.get(key)
+        if stack is not None and all(h.process.poll() is None for h in stack.procs.values()):
+            return stack
+        if stack is not None:
+            stack.stop()
+        workdir = self.workdir / f"stack-{len(self.stacks)}-{secrets.token_hex(3)}"
+        workdir.mkdir(parents=True)
+        stack = start_stack(bundle, workdir, replicas=replicas, gateway_env=gateway_env, env=hermetic_env())
+        self.stacks[key] = stack
+        return stack
+
+    def stop(self) -> None:
+        for stack in self.stacks.values():
+            stack.stop()
+        self.stacks.clear()

@@ -24,7 +24,7 @@ from tests.helpers.docker import DockerEngine, ensure_base_image, missing_tools,
 from tests.helpers.procs import REPO_ROOT, free_port
 from tests.helpers.static_server import serve_directory
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 SERVICE_TOKEN = "container-test-service-token-0123456789"

@@ -38,7 +38,7 @@ from tests.helpers.prometheus import (
 )
 from tests.helpers.stack import Stack, start_stack
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 STAGES = [contract.stage_name(k) for k in (1, 2, 3)]
 SLOTS = {"TANDEM_MAX_RUNNING": "2", "TANDEM_MAX_WAITING": "2"}  # 4 sequences at most: 429 is easy to reach
