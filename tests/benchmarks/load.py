@@ -54,7 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--stack-url", help="a running stack's gateway (its processes' memory is not read)")
-    p.add_argument("--port", type=int, default=8090, help="gateway port of the stack this command starts")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=8090,
+        help="gateway port of the stack this command starts (the tokenizer and stages take the next ones)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the figures as JSON here")
     return p.parse_args(argv)
@@ -207,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             bundle = (REPO_ROOT / args.bundle) if not Path(args.bundle).is_absolute() else Path(args.bundle)
             if not (bundle / "manifest.json").is_file():
                 raise BenchError(f"no bundle at {bundle}; export one first (see README, Benchmarks)")
-            stack = StackProcess(bundle, args.port, env={"TANDEM_STATE_DIR": str(state)})
+            # the tokenizer and the stages on the ports after the gateway's, not on 8100-8103
+            ports = ["--tokenizer-port", str(args.port + 1), "--stage-port-base", str(args.port + 2)]
+            command = StackProcess.default_command(bundle, args.port) + ports
+            stack = StackProcess(bundle, args.port, command=command, env={"TANDEM_STATE_DIR": str(state)})
             url = stack.start()
             services = json.loads((state / "pids.json").read_text())["services"]
             pids = {s["name"]: s["pid"] for s in services}

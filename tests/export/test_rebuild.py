@@ -12,7 +12,7 @@ from functions.bundle import load_manifest, verify_files
 from tests.conftest import run_export
 from tests.export.test_export import _check_parity
 
-pytestmark = pytest.mark.export
+pytestmark = [pytest.mark.export, pytest.mark.timeout(900)]  # three exports: minutes on a busy host
 
 
 def test_explicit_split_idempotent_rerun_and_corruption(tiny_hf_dir: Path, tmp_path: Path) -> None:

@@ -35,7 +35,10 @@ DRIVER = frontend.FRONTEND_DIR / "e2e" / "drive.mjs"
 @pytest.fixture(scope="module")
 def built_ui() -> Path:
     if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; CI installs it)")
+        pytest.skip(
+            "Debian's chromium is not installed (`make test` installs it as root; "
+            "else sudo apt-get install --no-install-recommends chromium)"
+        )
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node 20 with npm is needed to build and drive the UI")
     why = frontend.build_if_missing()
@@ -68,7 +71,7 @@ def _port_run(n: int) -> list[int]:
 def launched(
     tiny_bundle: Path, built_ui: Path, otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    gw, tok, ui, base = _port_run(6)[:4]  # the stages take base, base + 1, base + 2
+    gw, tok, ui, prom, base = _port_run(7)[:5]  # the stages take base, base + 1, base + 2
     state = tmp_path_factory.mktemp("ui-stack")
     args = [
         "--bundle",
@@ -80,6 +83,7 @@ def launched(
         str(tok),
     ]
     args += ["--stage-port-base", str(base), "--frontend-port", str(ui), "--threads", "1"]
+    args += ["--prometheus-port", str(prom)]  # not 9090: another stack may hold it
     env = {**os.environ, "TANDEM_STATE_DIR": str(state), "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint}
     env.pop("TANDEM_CORS_ORIGINS", None)  # the launcher's default: the UI's own origins
     p = subprocess.Popen(

@@ -29,10 +29,13 @@ TOOLS = ("dockerd", "docker", "docker-compose", "mmdebstrap")
 def missing_tools() -> str | None:
     """Why the engine cannot start here, or None."""
     if os.geteuid() != 0:
-        return "dockerd needs root (CI runs as root)"
+        return "dockerd needs root: `sudo make test` runs the container tests (CI runs as root)"
     absent = [t for t in TOOLS if shutil.which(t) is None]
     if absent:
-        return f"{', '.join(absent)} not installed (CI installs docker.io docker-compose mmdebstrap)"
+        return (
+            f"{', '.join(absent)} not installed (`make test` installs them as root; else sudo apt-get "
+            "install --no-install-recommends docker.io docker-compose mmdebstrap)"
+        )
     return None
 
 

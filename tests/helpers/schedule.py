@@ -1,33 +1,23 @@
-"""How a run is spread over pytest-xdist workers (`make test` runs `-n auto --dist loadgroup`).
-
-Every test gets an xdist_group, so that whatever its module shares (a module-scoped stack, a
-parametrised session fixture) is set up on one worker only: its own xdist_group mark if it has one,
-else the group of the parametrised shared fixture it uses (SHARED_PARAMS: the `stages` processes
-that every stage-function module reuses), else its module. Groups are queued costliest first
-(COST, from the cost markers), so that the long ones start at once and the short ones fill in
-around them. Tests that use a process fixture get the `processes` marker without asking.
+"""How a run is spread over pytest-xdist workers: `make test` runs `-n auto --dist loadscope
+--no-loadscope-reorder`, so each module runs whole on one worker (its module-scoped fixtures, a
+stack say, set up once) and modules are handed out in collection order, which the Ordering plugin
+makes costliest first (COST, from the cost markers): the long ones start at once, the short ones
+fill in around them. Tests that use a process fixture get the `processes` marker without asking.
+(Not --dist loadgroup: pytest-xdist 3.8 appends the group to `_nodeid`, which pytest 9 no longer
+reads, so every test would be its own unit.)
 """
 
 from __future__ import annotations
 
 import pytest
 
-# cost markers, costliest first: a group is queued by its costliest test
+# cost markers, costliest first: a module is queued by its costliest test
 COST = {"docker": 6, "export": 5, "slow": 4, "browser": 3, "fuzz": 2, "processes": 1}
 # fixtures that start processes: a test using one is marked `processes`
-PROCESS_FIXTURES = frozenset({"stages", "stacks", "default_stack"})
-# parametrised session fixtures: the tests that use one run on one worker, in pytest's order
-SHARED_PARAMS = ("stages",)
+PROCESS_FIXTURES = frozenset({"stages", "stage_sets", "stacks", "default_stack"})
 
 
-def group_of(item: pytest.Item) -> str:
-    mark = item.get_closest_marker("xdist_group")
-    if mark is not None:
-        return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-    fixtures = getattr(item, "fixturenames", ())
-    for name in SHARED_PARAMS:
-        if name in fixtures:
-            return f"fixture-{name}"
+def module_of(item: pytest.Item) -> str:
     return item.nodeid.split("::", 1)[0]
 
 
@@ -36,26 +26,24 @@ def cost(item: pytest.Item) -> int:
 
 
 def mark(items: list[pytest.Item]) -> None:
-    """Give every item its group (and `processes` where a fixture starts them)."""
+    """`processes` on every test that uses a fixture which starts them."""
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.processes)
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(group_of(item)))
 
 
 def order(items: list[pytest.Item]) -> None:
-    """Costliest groups first (then the larger), each group's tests in pytest's own order."""
-    groups: dict[str, list[pytest.Item]] = {}
+    """Costliest modules first (then the larger), each module's tests in pytest's own order."""
+    modules: dict[str, list[pytest.Item]] = {}
     for item in items:
-        groups.setdefault(group_of(item), []).append(item)
-    ranked = sorted(groups.values(), key=lambda g: (-max(cost(i) for i in g), -len(g)))
-    items[:] = [item for group in ranked for item in group]
+        modules.setdefault(module_of(item), []).append(item)
+    ranked = sorted(modules.values(), key=lambda m: (-max(cost(i) for i in m), -len(m)))
+    items[:] = [item for module in ranked for item in module]
 
 
 class Ordering:
     """The plugin that orders a run's tests (registered by tests/conftest.py)."""
 
-    @pytest.hookimpl(trylast=True)  # after pytest grouped the parametrised fixtures' tests
+    @pytest.hookimpl(trylast=True)  # after every other hook has reordered or deselected
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         order(items)

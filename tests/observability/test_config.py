@@ -22,7 +22,10 @@ STAGES = ["stage-1", "stage-2", "stage-3"]
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed (Debian package prometheus; CI installs it)")
+        pytest.skip(
+            "promtool not installed: Debian package prometheus (`make test` installs it as root; "
+            "else sudo apt-get install --no-install-recommends prometheus)"
+        )
     return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
 
 

@@ -200,7 +200,10 @@ def test_every_process_exports_its_memory(observed: Observed) -> None:
 
 def prometheus_of(observed: Observed) -> PrometheusServer:
     if observed.prometheus is None:
-        pytest.skip("prometheus not installed (Debian package prometheus; CI installs it)")
+        pytest.skip(
+            "prometheus not installed: Debian package prometheus (`make test` installs it as root; "
+            "else sudo apt-get install --no-install-recommends prometheus)"
+        )
     return observed.prometheus
 
 
