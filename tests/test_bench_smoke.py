@@ -2,8 +2,8 @@
 pass, so that it cannot rot: the monolith and three stack configurations, all pipelined (depth 2):
 plain, with a simulated hop delay, and int8, loaded side by side, every figure in the JSON, the
 stack's greedy text equal to the monolith's, the targets evaluated and the plot drawn. It checks
-that the benchmark works, not how fast anything is. The per-hop profile command
-(tests.benchmarks.hop_profile) gets the same kind of run."""
+that the benchmark works, not how fast anything is. (The per-hop profile's run:
+tests/test_hop_profile_smoke.py.)"""
 
 from __future__ import annotations
 
@@ -67,24 +67,3 @@ def test_benchmark_smoke_run(tiny_bundle: Path, exports: ExportCache, tmp_path: 
     assert any(n.startswith("stack:int8:d2 vs stack:d2, 1 stream") for n in names)
     assert "stack:d2:5ms/stack:d2 aggregate tok/s, C=3" in doc["ratios"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-
-
-def test_hop_profile_smoke_run(tiny_bundle: Path, tmp_path: Path) -> None:
-    # the per-hop profile (python -m tests.benchmarks.hop_profile): a real stage process called
-    # with the gateway's client, and the same steps on the engine in-process; every figure there
-    from tests.benchmarks import hop_profile
-
-    out = tmp_path / "hops.json"
-    steps = 30
-    code = hop_profile.main(
-        ["--bundle", str(tiny_bundle), "--stages", "1,3", "--steps", str(steps), "--out", str(out)]
-    )
-    doc = json.loads(out.read_text())
-    assert code == 0 and [s["stage"] for s in doc["stages"]] == ["stage-1", "stage-3"]
-    for s in doc["stages"]:
-        assert s["decode_steps"] == steps
-        assert 0 < s["session_ms"]["p50"] < s["rtt_ms"]["p50"]
-        assert 0 < s["overhead_ms"]["p50"] <= s["overhead_ms"]["p90"] <= s["overhead_ms"]["p99"]
-        split = s["split_mean_ms"]
-        assert split["transport"] > 0 and split["engine"] > 0 and split["handler"] >= 0
-        assert split["transport"] + split["engine"] < s["rtt_ms"]["p99"]
