@@ -1,10 +1,12 @@
 """Gateway configuration: the original config.json shape (model_name, nodes with id, address,
-model_part), extended with a tokenizer address and tuning knobs; every knob can be overridden by
-a `TANDEM_*` environment variable. Unknown keys are rejected, naming the key.
+model_part), extended with a tokenizer address (optional: `default_tokenizer`) and tuning knobs;
+every knob can be overridden by a `TANDEM_*` environment variable. Unknown keys are rejected,
+naming the key. `check_served_model` holds model_name against the bundle the stages serve.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -12,12 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from functions.bundle import names_model, short_name
 from functions.settings import Env, SettingsError
 
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which key and why."""
+
+
+TOKENIZER_PORT = 8100  # the tokenizer's port when config.json names no tokenizer
+TOKENIZER_SERVICE = "tokenizer"  # its host then, unless every node is on one loopback host
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,8 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         tok = tok.get("address")
     e = Env(env)
     tok = e.text("TANDEM_TOKENIZER_ADDRESS", tok)
-    if not isinstance(tok, str) or not tok:
-        raise ConfigError('tokenizer must be {"address": "host:port"}')
+    if (tok is not None or "tokenizer" in data) and (not isinstance(tok, str) or not tok):
+        raise ConfigError('tokenizer must be {"address": "host:port"}, or left out (then tokenizer:8100)')
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise ConfigError("nodes must be a non-empty list of {id, address, model_part}")
@@ -177,7 +185,41 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     except SettingsError as err:
         raise ConfigError(str(err)) from None
     model = e.text("TANDEM_MODEL_NAME", data["model_name"])
+    tok = tok or default_tokenizer(nodes)
     return GatewayConfig(model, tok, tuple(nodes), stages=len(parts), strict_fields=strict, **tuned)
+
+
+def default_tokenizer(nodes: list[Node]) -> str:
+    """The tokenizer's address when config.json (the original shape) names none: port 8100 on the
+    nodes' host when every node is on the same loopback host (one machine: localhost, 127.x.y.z,
+    ::1), else the compose service, `tokenizer:8100`."""
+    hosts = {urlsplit(n.url).hostname or "" for n in nodes}
+    host = hosts.pop() if len(hosts) == 1 else ""
+    if host == "localhost" or _is_loopback_ip(host):
+        return f"[{host}]:{TOKENIZER_PORT}" if ":" in host else f"{host}:{TOKENIZER_PORT}"
+    return f"{TOKENIZER_SERVICE}:{TOKENIZER_PORT}"
+
+
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return False
+
+
+def check_served_model(model_name: str, model_ids: list[str]) -> None:
+    """Raise ConfigError unless every stage serves one bundle and model_name names its model
+    (the id in its manifest, or the short name: "gpt2" for "openai-community/gpt2" or
+    "random-init:gpt2")."""
+    if len(set(model_ids)) > 1:
+        raise ConfigError(
+            f"the stages serve different bundles (models {sorted(set(model_ids))}); export once"
+        )
+    if model_ids and not names_model(model_name, model_ids[0]):
+        raise ConfigError(
+            f"config.json's model_name {model_name!r} does not name the model the stages serve "
+            f"({model_ids[0]!r}, short name {short_name(model_ids[0])!r}); fix model_name or the bundle"
+        )
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from functions import contract
 from functions.tokenizer_core import TokenizerCore
 from gateway.clients import Clients, StagePoster
-from gateway.config import GatewayConfig, Node
+from gateway.config import GatewayConfig, Node, check_served_model
 from gateway.errors import (
     ClientClosedError,
     GatewayError,
@@ -102,6 +102,7 @@ class Gateway:
                 metas = []
                 for pool in self.replicas.pools:
                     metas.append(await self._stage_metadata(pool.name, [r.node for r in pool.replicas]))
+                check_served_model(self.cfg.model_name, [str(m["parameters"]["model_id"]) for m in metas])
                 break
             except Exception as e:  # keep trying: functions may start after the gateway
                 self.status = f"waiting for the functions: {e}"
