@@ -67,9 +67,10 @@ class Gateway:
         poster: StagePoster | None = None,
         *,
         auth_token: str | None = None,
+        id_tokens: httpx.Auth | None = None,
     ):
         self.cfg = cfg
-        self.clients = Clients(cfg, transport, poster, auth_token=auth_token)
+        self.clients = Clients(cfg, transport, poster, auth_token=auth_token, id_tokens=id_tokens)
         self.replicas = Replicas(cfg, self.clients)
         self.metrics = GatewayMetrics(registry)
         self.metrics.init_stages([p.name for p in self.replicas.pools])
