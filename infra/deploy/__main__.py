@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file differs")
     args = p.parse_args(argv)
     try:
-        plan = Plan.from_bundle(args.bundle) if args.bundle else Plan(3 if args.stages is None else args.stages)
+        plan = (
+            Plan.from_bundle(args.bundle) if args.bundle else Plan(3 if args.stages is None else args.stages)
+        )
         if args.model:
             plan = Plan(plan.stages, args.model)
     except (BundleError, ValueError) as e:

@@ -94,3 +94,16 @@ def service(
     spec["selector"] = Flow({NAME: name})
     spec["ports"] = [Flow(name="http", port=port, targetPort=target)]
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta(name, component), "spec": spec}
+
+
+def deployment(name: str, component: str, pod: dict[str, Any], replicas: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(name, component),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": Flow({NAME: name})},
+            "template": {"metadata": {"labels": labels(name, component)}, "spec": pod},
+        },
+    }

@@ -9,6 +9,7 @@ here from Debian's, the image Docker Hub would give) scraping every replica; Gra
 whose images cannot be pulled here, are checked by `docker-compose config` (test_manifests.py).
 The stage-2 replica fetches its file from a bundle store serving the volume, as in Kubernetes.
 Images run as non-root, the serving ones without torch; the function image stays within its size.
+(Over 300 lines: one compose run, the slow part, serves every check, so they share one module.)
 """
 
 from __future__ import annotations
