@@ -31,6 +31,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from functions import stage_api as api
 from functions.auth import CHALLENGE, Authenticator, host_refusal
 from functions.errors import problem_details_handler, problem_media, problem_response
 from functions.fastpath import ASGIApp, FastRoute, FastRoutesApp, Message, Receive, Scope, Send
@@ -176,7 +177,7 @@ def create_function_app(
             "^/v2/health/",
             "^/healthz$",
             "^/readyz$",
-            "/sequences",
+            api.SEQUENCES_PART,
             "^/v1/tokenizer$",
             "^/api/nodes$",  # the UI polls it every 2 s
         ],

@@ -29,6 +29,7 @@ from gateway.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    StageError,
     StageUnavailableError,
 )
 from gateway.metrics import GatewayMetrics, StageUpCollector
@@ -135,13 +136,13 @@ class Gateway:
         last_error = "no replica configured"
         for node in nodes:  # errors name the replica by id: addresses stay out of /readyz
             try:
-                r = await self.clients.http.get(f"{node.url}/v2/models/{name}", timeout=2.0)
+                r = await self.clients.model_metadata(node, name)
                 meta: dict[str, Any] = r.json()
                 if r.status_code == 200 and meta.get("inputs"):
                     return meta
                 last_error = f"{node.id}: {r.status_code} {meta.get('detail', 'not loaded yet')}"
-            except (httpx.HTTPError, ValueError) as e:
-                last_error = f"{node.id}: {type(e).__name__}"
+            except (StageError, ValueError) as e:  # StageError: the retrying face's, from httpx's
+                last_error = f"{node.id}: {type(e.__cause__ or e).__name__}"
         raise StageUnavailableError(f"{name} metadata unavailable ({last_error})")
 
     def readiness(self) -> tuple[bool, str]:
