@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 
 from functions import contract as c
+from functions.answers import answer
 from functions.batch import StageBatch
 from functions.bundle import Manifest, StageEntry
 from functions.device import preload_cuda_libraries, require_in_session, session_options, session_providers
 from functions.errors import ConflictError, PayloadTooLargeError
 from functions.kvcache import Entry, Group, KVCache, give_back_memory
 from functions.kvstore import make_store, resolve_kv_store
-from functions.last_stage import last_outputs
 from functions.scoring import Head
 from functions.stage_io import gives_final_hidden, stage_io
 
@@ -154,12 +154,8 @@ class StageEngine:
         t0 = time.perf_counter()
         host, presents = self.kv.run(self.session, feeds, shrink, extra)
         seconds = time.perf_counter() - t0
-        if self.io.last:  # before storing: a refused request changes nothing
-            outputs = last_outputs(
-                batch, host[0], host[-1] if extra else None, self.head
-            )  # (B, V), (B, S, C)
-        else:
-            outputs = {self.io.y_name: host[0]}  # (B, S, C)
+        # before storing: a refused request changes nothing
+        outputs = answer(self.io, batch, host[0], host[-1] if extra else None, self.head)
         self._store(batch, P, presents)
         if len(self.cache) == 0:
             give_back_memory()

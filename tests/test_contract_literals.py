@@ -56,7 +56,7 @@ STAGE_SIDE_MODULES = {
     "functions/stage_io.py",
     "functions/batch.py",
     "functions/last_inputs.py",
-    "functions/last_stage.py",
+    "functions/answers.py",
     "functions/scoring.py",
     "functions/sampling.py",
     "functions/processors.py",
