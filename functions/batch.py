@@ -119,8 +119,7 @@ def _check_outputs(
     return frozenset(want)
 
 
-def _check_rows(inputs: Mapping[str, np.ndarray], io: StageIO) -> tuple[np.ndarray, np.ndarray]:
-    """The batch's sequence ids and past lengths, after the input names are checked."""
+def _check_names(inputs: Mapping[str, np.ndarray], io: StageIO) -> None:
     if TARGET_IDS in inputs and io.last and not io.scoring:
         raise ContractError(NO_HEAD.format(TARGET_IDS))
     allowed = io.input_names
@@ -130,6 +129,11 @@ def _check_rows(inputs: Mapping[str, np.ndarray], io: StageIO) -> tuple[np.ndarr
     for req in (SEQUENCE_IDS, PAST_LENGTHS, io.x_name):
         if req not in inputs:
             raise ContractError(f"missing input tensor {req!r}")
+
+
+def _check_rows(inputs: Mapping[str, np.ndarray], io: StageIO) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's sequence ids and past lengths, after the input names are checked."""
+    _check_names(inputs, io)
     ids, past = inputs[SEQUENCE_IDS], inputs[PAST_LENGTHS]
     for name, a in ((SEQUENCE_IDS, ids), (PAST_LENGTHS, past)):
         if a.dtype != np.int64 or a.ndim != 1:

@@ -1,5 +1,6 @@
-"""One pipeline stage in ONNX Runtime: checks a batch (functions.contract), joins it with the cached
-KV of each row, runs the session, stores the new KV, and (last stage) samples. No HTTP here.
+"""One pipeline stage in ONNX Runtime: checks a batch (functions.batch), joins it with the cached KV
+of each row, runs the session, answers (functions.answers: the last stage samples) and stores the
+new KV. No HTTP here.
 
 A row whose past_lengths is not what this stage holds -> ConflictError, nothing changed;
 past_lengths 0 always starts the sequence afresh.
@@ -95,13 +96,6 @@ class StageEngine:
         self.shrink = ort.RunOptions()
         arenas = "cpu:0;gpu:0" if provider == "cuda" else "cpu:0"
         self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
-
-    # ---- wire description (the stage's Open Inference Protocol model metadata) ----
-    def wire_inputs(self) -> list[dict[str, Any]]:
-        return self.io.wire_inputs()
-
-    def wire_outputs(self) -> list[dict[str, Any]]:
-        return self.io.wire_outputs()
 
     # ---- inference ----
     def infer(self, inputs: dict[str, np.ndarray], want: Collection[str] | None = None) -> StageResult:

@@ -158,47 +158,49 @@ def _decode_tensors(entries: list[Any], kind: str, body: bytes, offset: int) -> 
         where = f"{kind} {name!r}"
         if name in tensors:
             raise ProtocolError(f"{where} appears twice; tensor names must be unique")
-        datatype = _field(entry, "datatype", str, where)
-        dtype = DATATYPES.get(datatype)
-        if dtype is None:
-            hint = " (BYTES tensors are not supported)" if datatype == "BYTES" else ""
-            raise ProtocolError(
-                f"{where} has datatype {datatype!r}{hint}; expected one of {', '.join(DATATYPES)}"
-            )
-        shape = check_shape(_field(entry, "shape", list, where), where)
-        count = math.prod(shape)
-        params = _optional(entry, "parameters", dict, where) or {}
-        size = params.get("binary_data_size")
-        if size is None:
-            if "data" not in entry:
-                raise ProtocolError(f"{where} has neither 'data' nor parameters.binary_data_size")
-            tensors[name] = from_json(entry["data"], dtype, shape, count, where)
-            continue
-        if "data" in entry:
-            raise ProtocolError(f"{where} has both 'data' and parameters.binary_data_size")
-        require(size, int, f"{where} parameters.binary_data_size")
-        if size != count * dtype.itemsize:
-            raise ProtocolError(
-                f"{where} has binary_data_size {size} but shape {shape} of {datatype} "
-                f"needs {count * dtype.itemsize} bytes"
-            )
-        if offset + size > len(body):
-            raise ProtocolError(
-                f"body truncated: {where} needs {size} bytes at offset {offset} "
-                f"but the body has {len(body)} bytes"
-            )
-        array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
-        array = array.reshape(tuple(shape))  # a list [] would mean 'no change', not a scalar
-        if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
-            raise ProtocolError(f"{where} is BOOL but holds bytes other than 0 and 1")
-        tensors[name] = array
-        offset += size
+        tensors[name], offset = _decode_tensor(entry, where, body, offset)
     if offset != len(body):
         raise ProtocolError(
             f"{len(body) - offset} unexpected bytes after the last binary tensor: the "
             f"binary_data_size values must add up to the body length minus {HEADER}"
         )
     return tensors
+
+
+def _decode_tensor(entry: dict[str, Any], where: str, body: bytes, offset: int) -> tuple[np.ndarray, int]:
+    """One tensor, from its JSON `data` or from the binary part at `offset`; and the next offset."""
+    datatype = _field(entry, "datatype", str, where)
+    dtype = DATATYPES.get(datatype)
+    if dtype is None:
+        hint = " (BYTES tensors are not supported)" if datatype == "BYTES" else ""
+        raise ProtocolError(
+            f"{where} has datatype {datatype!r}{hint}; expected one of {', '.join(DATATYPES)}"
+        )
+    shape = check_shape(_field(entry, "shape", list, where), where)
+    count = math.prod(shape)
+    params = _optional(entry, "parameters", dict, where) or {}
+    size = params.get("binary_data_size")
+    if size is None:
+        if "data" not in entry:
+            raise ProtocolError(f"{where} has neither 'data' nor parameters.binary_data_size")
+        return from_json(entry["data"], dtype, shape, count, where), offset
+    if "data" in entry:
+        raise ProtocolError(f"{where} has both 'data' and parameters.binary_data_size")
+    require(size, int, f"{where} parameters.binary_data_size")
+    if size != count * dtype.itemsize:
+        raise ProtocolError(
+            f"{where} has binary_data_size {size} but shape {shape} of {datatype} "
+            f"needs {count * dtype.itemsize} bytes"
+        )
+    if offset + size > len(body):
+        raise ProtocolError(
+            f"body truncated: {where} needs {size} bytes at offset {offset} but the body has {len(body)} bytes"
+        )
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    array = array.reshape(tuple(shape))  # a list [] would mean 'no change', not a scalar
+    if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
+        raise ProtocolError(f"{where} is BOOL but holds bytes other than 0 and 1")
+    return array, offset + size
 
 
 def _field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
