@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from functions import contract
 from functions.tokenizer_core import TokenizerCore
+from gateway.call_inputs import StageLayout
 from gateway.clients import Clients, StagePoster
 from gateway.config import GatewayConfig, Node
 from gateway.errors import (
@@ -34,7 +35,7 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics, StageUpCollector
 from gateway.params import sampling_from
-from gateway.pipeline import Pipeline, StageLayout
+from gateway.pipeline import Pipeline
 from gateway.replicas import Replicas
 from gateway.scheduler import Scheduler
 from gateway.sequence import Event, SamplingParams, Sequence, Top
