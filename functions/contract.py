@@ -11,8 +11,10 @@ A batch sent to a stage (B rows, S new positions, left-padded):
     replaces a sequence's KV cache by mistake;
   last stage only: temperature, top_p (B,) float32, top_k, seed (B,) int64; optionally the logits
     processors' inputs (functions.processors): penalties (B,) float32 with penalty_token_ids (B, L)
-    and penalty_prompt_lengths (B,), logit_bias_ids / _values (B, K), banned_token_ids (B, K).
-The last stage answers token_ids (B,) int64 (+ logprobs (B,) float32, logits (B, V) when asked);
+    and penalty_prompt_lengths (B,), logit_bias_ids / _values (B, K), banned_token_ids (B, K);
+    and the scoring inputs num_top_logprobs (B,), target_ids (B, S) (functions.scoring).
+The last stage answers token_ids (B,) int64 and logprobs (B,) float32 by default, and any output it
+lists when asked (logits (B, V); top_* and target_* only with the input they need, OUTPUT_NEEDS);
 the others hidden_states_{next layer} (B, S, C). A row whose past length is not what the stage holds
 gets a 409 whose body names the rows and the lengths held (`conflict_extra` / `parse_conflict`).
 What a stage takes and returns is `functions.stage_io`; a batch is checked by `functions.batch`;

@@ -2,7 +2,8 @@
 
 Run: `python -m functions.stage --bundle DIR --stage K [--port P] [--provider cpu|cuda] [--threads N]`.
 The session loads in the background after the port opens; /v2/health/ready is 503 until a
-warm-up inference has run.
+warm-up inference has run. This module wires the app (loader, metrics, the one service object
+functions.stage_service, the routes functions.stage_routes) and runs it.
 """
 
 from __future__ import annotations

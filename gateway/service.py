@@ -30,7 +30,6 @@ from gateway.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
-    StageError,
     StageUnavailableError,
 )
 from gateway.metrics import GatewayMetrics, StageUpCollector
@@ -142,7 +141,7 @@ class Gateway:
                 if r.status_code == 200 and meta.get("inputs"):
                     return meta
                 last_error = f"{node.id}: {r.status_code} {meta.get('detail', 'not loaded yet')}"
-            except (StageError, ValueError) as e:  # StageError: the retrying face's, from httpx's
+            except (GatewayError, ValueError) as e:  # the retrying face's, from httpx's
                 last_error = f"{node.id}: {type(e.__cause__ or e).__name__}"
         raise StageUnavailableError(f"{name} metadata unavailable ({last_error})")
 
