@@ -64,6 +64,7 @@ STAGE_SIDE_MODULES = {
     "gateway/forks.py",
     "gateway/processor_inputs.py",
     "gateway/pipeline.py",
+    "gateway/call_inputs.py",
     "gateway/clients.py",
     "export/stages.py",
     "export/build.py",
