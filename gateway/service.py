@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from functions import contract
 from functions.tokenizer_core import TokenizerCore
+from gateway.call_inputs import StageLayout
 from gateway.clients import Clients, StagePoster
 from gateway.config import GatewayConfig, Node, check_served_model
 from gateway.errors import (
@@ -33,7 +34,7 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics, StageUpCollector
 from gateway.params import sampling_from
-from gateway.pipeline import Pipeline, StageLayout
+from gateway.pipeline import Pipeline
 from gateway.replicas import Replicas
 from gateway.scheduler import Scheduler
 from gateway.sequence import Event, SamplingParams, Sequence, Top
@@ -137,13 +138,13 @@ class Gateway:
         last_error = "no replica configured"
         for node in nodes:  # errors name the replica by id: addresses stay out of /readyz
             try:
-                r = await self.clients.http.get(f"{node.url}/v2/models/{name}", timeout=2.0)
+                r = await self.clients.model_metadata(node, name)
                 meta: dict[str, Any] = r.json()
                 if r.status_code == 200 and meta.get("inputs"):
                     return meta
                 last_error = f"{node.id}: {r.status_code} {meta.get('detail', 'not loaded yet')}"
-            except (httpx.HTTPError, ValueError) as e:
-                last_error = f"{node.id}: {type(e).__name__}"
+            except (GatewayError, ValueError) as e:  # the retrying face's, from httpx's
+                last_error = f"{node.id}: {type(e.__cause__ or e).__name__}"
         raise StageUnavailableError(f"{name} metadata unavailable ({last_error})")
 
     def readiness(self) -> tuple[bool, str]:
