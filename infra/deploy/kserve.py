@@ -149,6 +149,6 @@ Ingress and monitoring of infra/k8s apply unchanged. {GENERATED}"""
 
 def files(plan: Plan) -> dict[str, str]:
     return {
-        "infra/kserve/inference-services.yaml": inference_services(plan),
+        "infra/kserve/functions.yaml": inference_services(plan),
         "infra/kserve/gateway.yaml": gateway(plan),
     }
