@@ -10,6 +10,7 @@ from functions.settings import FunctionSettings, SettingsError
 from gateway.app import create_gateway_app
 from gateway.config import ConfigError, load_config
 from gateway.cors import cors_origins
+from gateway.id_tokens import google_id_tokens
 
 DEFAULT_PORT = 8000
 
@@ -24,10 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         settings = FunctionSettings.from_env(DEFAULT_PORT, port=args.port, host=args.host)
         origins = cors_origins()
+        id_tokens = google_id_tokens()
     except (ConfigError, SettingsError) as e:
         print(f"gateway: error: {e}", file=sys.stderr)
         return 2
-    return serve(create_gateway_app(cfg, settings, cors_origins=origins), settings)
+    return serve(create_gateway_app(cfg, settings, cors_origins=origins, id_tokens=id_tokens), settings)
 
 
 if __name__ == "__main__":

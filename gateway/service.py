@@ -21,8 +21,9 @@ from tokenizers import Tokenizer
 
 from functions import contract
 from functions.tokenizer_core import TokenizerCore
+from gateway.call_inputs import StageLayout
 from gateway.clients import Clients, StagePoster
-from gateway.config import GatewayConfig, Node
+from gateway.config import GatewayConfig, Node, check_served_model
 from gateway.errors import (
     ClientClosedError,
     GatewayError,
@@ -33,7 +34,7 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics, StageUpCollector
 from gateway.params import sampling_from
-from gateway.pipeline import Pipeline, StageLayout
+from gateway.pipeline import Pipeline
 from gateway.replicas import Replicas
 from gateway.scheduler import Scheduler
 from gateway.sequence import Event, SamplingParams, Sequence, Top
@@ -67,9 +68,10 @@ class Gateway:
         poster: StagePoster | None = None,
         *,
         auth_token: str | None = None,
+        id_tokens: httpx.Auth | None = None,
     ):
         self.cfg = cfg
-        self.clients = Clients(cfg, transport, poster, auth_token=auth_token)
+        self.clients = Clients(cfg, transport, poster, auth_token=auth_token, id_tokens=id_tokens)
         self.replicas = Replicas(cfg, self.clients)
         self.metrics = GatewayMetrics(registry)
         self.metrics.init_stages([p.name for p in self.replicas.pools])
@@ -102,6 +104,7 @@ class Gateway:
                 metas = []
                 for pool in self.replicas.pools:
                     metas.append(await self._stage_metadata(pool.name, [r.node for r in pool.replicas]))
+                check_served_model(self.cfg.model_name, [str(m["parameters"]["model_id"]) for m in metas])
                 break
             except Exception as e:  # keep trying: functions may start after the gateway
                 self.status = f"waiting for the functions: {e}"
@@ -135,13 +138,13 @@ class Gateway:
         last_error = "no replica configured"
         for node in nodes:  # errors name the replica by id: addresses stay out of /readyz
             try:
-                r = await self.clients.http.get(f"{node.url}/v2/models/{name}", timeout=2.0)
+                r = await self.clients.model_metadata(node, name)
                 meta: dict[str, Any] = r.json()
                 if r.status_code == 200 and meta.get("inputs"):
                     return meta
                 last_error = f"{node.id}: {r.status_code} {meta.get('detail', 'not loaded yet')}"
-            except (httpx.HTTPError, ValueError) as e:
-                last_error = f"{node.id}: {type(e).__name__}"
+            except (GatewayError, ValueError) as e:  # the retrying face's, from httpx's
+                last_error = f"{node.id}: {type(e.__cause__ or e).__name__}"
         raise StageUnavailableError(f"{name} metadata unavailable ({last_error})")
 
     def readiness(self) -> tuple[bool, str]:

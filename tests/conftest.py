@@ -5,7 +5,7 @@ Bundles (tests.helpers.exports; built once per run and kept between runs of the 
                  model of `family` exported by the real `python -m export` into `stages` stages
                  (`layers="0:1,1:6"` for an explicit split; options such as "--quantize", "int8"),
                  parity verified by the export; `exports.hf_dir(family)` is that model as a local HF
-                 directory. Each distinct export runs once for all the workers of a run (a file
+                 directory named `family` (so the bundle's model is called `family`). Each distinct export runs once for all the workers of a run (a file
                  lock), and its files are checked against the manifest before each hand-out. A new
                  family adds its tiny-model writer to exports.TINY_MODELS.
   tiny_hf_dir    exports.hf_dir("gpt2")
@@ -73,7 +73,9 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> ExportCache:
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(exports: ExportCache) -> Path:
-    """A GPT-2-architecture model with seeded random weights, saved like a hub download."""
+    """A GPT-2-architecture model with seeded random weights, saved like a hub download. Its folder
+    is named gpt2, so its bundle's model is called "gpt2", as the test stacks' configs name it (the
+    gateway checks model_name against the bundle)."""
     return exports.hf_dir("gpt2")
 
 

@@ -1,5 +1,6 @@
 """What the launcher starts: the gateway's config (one node per stage replica), one Service per
-process with its command line, and the banner printed once everything is ready. Stdlib only."""
+process with its command line, and the banner printed once everything is ready. Stdlib and
+functions.bundle (stdlib) only."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from functions.bundle import short_name
 from infra.local import frontend
 from infra.local.procs import REPO_ROOT, shown
 
@@ -29,12 +31,7 @@ class Service:
 
 def model_name(manifest: dict[str, Any]) -> str:
     """The name clients pass as `model`: the bundle's model id, without path or random-init prefix."""
-    model_id = str(manifest.get("model", {}).get("id", "gpt2"))
-    return (
-        Path(model_id.removeprefix("random-init:")).stem
-        if model_id.startswith("random-init:")
-        else Path(model_id).name
-    )
+    return short_name(str(manifest.get("model", {}).get("id", "gpt2")))
 
 
 def client_host(host: str) -> str:

@@ -114,11 +114,12 @@ class ExportCache:
                 shutil.rmtree(d, ignore_errors=True)
 
     def hf_dir(self, family: str = "gpt2") -> Path:
-        """The tiny random-weight `family` model as a local HF directory."""
+        """The tiny random-weight `family` model as a local HF directory named `family`."""
         if family not in TINY_MODELS:
             raise KeyError(f"no tiny {family!r} model: add its writer to TINY_MODELS in {__name__}")
-        out, done = self.root / f"hf-{family}", self.root / f"hf-{family}.complete"
-        with locked(self.root / f"hf-{family}.lock"):
+        # the folder's name is the bundle's model name (functions.bundle.short_name)
+        out, done = self.root / "hf" / family, self.root / "hf" / f"{family}.complete"
+        with locked(self.root / "hf" / f"{family}.lock"):
             if not done.is_file():
                 shutil.rmtree(out, ignore_errors=True)
                 TINY_MODELS[family](out)
