@@ -29,6 +29,7 @@ Cost markers (pyproject.toml; `make test-fast` leaves out every one but `process
   browser    drives Chromium
   fuzz       schema and protocol fuzzing (thousands of generated requests)
   slow       long on its own: benchmark smoke runs, load, third-party clients and harnesses
+  quiet      (not a cost) reads millisecond splits a busy host blurs: queued after everything else
 
 Workers: `make test` runs pytest-xdist (`-n auto --dist loadscope`): each module whole on one
 worker, the costliest modules first (tests.helpers.schedule). Session fixtures are per worker,

@@ -1,8 +1,8 @@
 """A short run of the per-hop profile command (python -m tests.benchmarks.hop_profile) on the tiny
 bundle, so that it cannot rot: a real stage process called with the gateway's client, the same
 steps on the engine in-process, and every figure in the JSON. It checks that the profile works, not
-how fast anything is. (Its own module, apart from the benchmark's smoke run: it is queued with the
-light modules, not next to the exports, whose load can swamp its millisecond splits.)"""
+how fast anything is. (Its own module, apart from the benchmark's smoke run, marked `quiet`: queued
+after everything else, not next to the exports, whose load can swamp its sub-millisecond split.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.slow, pytest.mark.processes, pytest.mark.quiet]
 
 
 def test_hop_profile_smoke_run(tiny_bundle: Path, tmp_path: Path) -> None:

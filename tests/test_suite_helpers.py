@@ -62,6 +62,7 @@ def test_costliest_modules_first_each_module_in_its_own_order() -> None:
         FakeItem("tests/c.py::one"),
         FakeItem("tests/c.py::two", {"docker"}),
         FakeItem("tests/d.py::one", {"export"}),
+        FakeItem("tests/e.py::one", {"slow", "quiet"}),
     ]
     schedule.order(items)  # type: ignore[arg-type]
     assert [i.nodeid for i in items] == [
@@ -71,4 +72,5 @@ def test_costliest_modules_first_each_module_in_its_own_order() -> None:
         "tests/b.py::one",
         "tests/a.py::one",
         "tests/a.py::two",
+        "tests/e.py::one",
     ]

@@ -2,7 +2,8 @@
 --no-loadscope-reorder`, so each module runs whole on one worker (its module-scoped fixtures, a
 stack say, set up once) and modules are handed out in collection order, which the Ordering plugin
 makes costliest first (COST, from the cost markers): the long ones start at once, the short ones
-fill in around them. Tests that use a process fixture get the `processes` marker without asking.
+fill in around them; modules marked `quiet` (they read millisecond splits that a busy host blurs)
+go last. Tests that use a process fixture get the `processes` marker without asking.
 (Not --dist loadgroup: pytest-xdist 3.8 appends the group to `_nodeid`, which pytest 9 no longer
 reads, so every test would be its own unit.)
 """
@@ -22,6 +23,8 @@ def module_of(item: pytest.Item) -> str:
 
 
 def cost(item: pytest.Item) -> int:
+    if item.get_closest_marker("quiet") is not None:
+        return -1  # last: by then the other workers are winding down
     return max((w for m, w in COST.items() if item.get_closest_marker(m) is not None), default=0)
 
 

@@ -81,9 +81,8 @@ def start_stack(
     gateway_env: Mapping[str, str | None] | None = None,
     env: Mapping[str, str | None] | None = None,
 ) -> Stack:
-    """Tokenizer, `replicas[k]` replicas of stage k + 1 and a gateway, all started at once (the
-    gateway discovers the functions as they come up, and is ready once every stage is). `env` goes
-    to every process (a None value removes a variable), `gateway_env` to the gateway only."""
+    """Tokenizer and `replicas[k]` replicas of stage k + 1, all started at once, then a gateway.
+    `env` goes to every process (a None value removes a variable), `gateway_env` to the gateway."""
     cfg_path = workdir / "config.json"
     stack = Stack(bundle, cfg_path)
     tok_port, gw_port = free_port(), free_port()
@@ -110,8 +109,16 @@ def start_stack(
     cfg_path.write_text(json.dumps(config))
     gateway = [sys.executable, "-m", "gateway", "--config", str(cfg_path), "--port", str(gw_port)]
     gateway_vars = {**(env or {}), **(gateway_env or {})}
-    commands["gateway"] = Command(gateway, f"{stack.gateway_url}/readyz", gateway_vars)
     stack.procs.update(start_all(commands))
+    # the gateway once every function is ready, so that its first health round finds every replica
+    # up (its /readyz needs only one per stage)
+    try:
+        stack.procs["gateway"] = start_process(
+            gateway, f"{stack.gateway_url}/readyz", timeout=60, env=gateway_vars
+        )
+    except AssertionError:
+        stack.stop()
+        raise
     return stack
 
 
