@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from functions import contract as c
-from tests.helpers.procs import REPO_ROOT, free_port
+from tests.helpers.procs import REPO_ROOT, port_run
 
 pytestmark = pytest.mark.processes
 
@@ -84,9 +84,8 @@ def check_prometheus(out: str, port: int) -> None:
 
 
 def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> None:
-    gw, tok, base, prom = free_port(), free_port(), free_port(), free_port()
-    while any(p in (gw, tok, prom) for p in range(base, base + 3)):
-        base = free_port()
+    # below the ephemeral range: a free_port() base + 1 can be some connection's source port
+    gw, tok, prom, base = port_run(6)[:4]  # the stages take base, base + 1, base + 2
     p = _launcher(
         [
             "up",

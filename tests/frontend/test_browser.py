@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +22,7 @@ import pytest
 from functions import contract
 from infra.local import frontend
 from tests.helpers.otlp import OtlpReceiver
-from tests.helpers.procs import REPO_ROOT
+from tests.helpers.procs import REPO_ROOT, port_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.processes]
 
@@ -52,26 +50,11 @@ def otlp() -> Iterator[OtlpReceiver]:
         yield receiver
 
 
-def _port_run(n: int) -> list[int]:
-    """n consecutive ports, each free a moment ago, below the kernel's ephemeral range (from 32768),
-    where no client connection can take one as its source port before the launcher binds it."""
-    rng = random.Random()
-    while True:
-        base = rng.randrange(20000, 32000 - n)
-        try:
-            for port in range(base, base + n):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return list(range(base, base + n))
-
-
 @pytest.fixture(scope="module")
 def launched(
     tiny_bundle: Path, built_ui: Path, otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    gw, tok, ui, prom, base = _port_run(7)[:5]  # the stages take base, base + 1, base + 2
+    gw, tok, ui, prom, base = port_run(7)[:5]  # the stages take base, base + 1, base + 2
     state = tmp_path_factory.mktemp("ui-stack")
     args = [
         "--bundle",

@@ -6,6 +6,7 @@ stderr goes to a temp file whose tail is put in every failure message, so a cras
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -96,6 +97,21 @@ def wait_ready(handle: ProcessHandle, ready_url: str, timeout: float = 30.0) -> 
         f"{' '.join(args)} was not ready at {ready_url} after {timeout} s (last: {last}); "
         f"output tail:\n{tail}"
     )
+
+
+def port_run(n: int) -> list[int]:
+    """n consecutive ports, each free a moment ago, below the kernel's ephemeral range (from 32768),
+    where no client connection can take one as its source port before the launcher binds it."""
+    rng = random.Random()
+    while True:
+        base = rng.randrange(20000, 32000 - n)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return list(range(base, base + n))
 
 
 def start_process(
