@@ -78,6 +78,12 @@ class CountResponse(msgspec.Struct):
     count: int
 
 
+class ChatTemplateResponse(msgspec.Struct):
+    chat_template: str | None  # Jinja source; null when the model has none
+    bos_token: str | None
+    eos_token: str | None
+
+
 class InfoResponse(msgspec.Struct):
     model_id: str | None
     vocab_size: int
@@ -211,6 +217,14 @@ def create_tokenizer_app(
         headers = {} if tok.eos_token_id is None else {contract.EOS_HEADER: str(tok.eos_token_id)}
         return Response(tok.raw_json, media_type="application/json", headers=headers)
 
+    @get(contract.CHAT_TEMPLATE_PATH, sync_to_thread=False, tags=["tokenizer"])
+    def chat_template() -> ChatTemplateResponse:
+        """The model's chat template (null when the bundle has none) and the special tokens' strings
+        it is rendered with; the gateway renders it for /v1/chat/completions."""
+        tok = core()
+        bos, eos = tok.special_tokens.get("bos_token"), tok.special_tokens.get("eos_token")
+        return ChatTemplateResponse(chat_template=tok.chat_template, bos_token=bos, eos_token=eos)
+
     @get("/v1/info", sync_to_thread=False, tags=["tokenizer"])
     def info() -> InfoResponse:
         """Vocabulary size, end-of-text id and model id of the loaded tokenizer."""
@@ -219,7 +233,7 @@ def create_tokenizer_app(
 
     return create_function_app(
         service_name=SERVICE_NAME,
-        route_handlers=[encode, decode, decode_stream, count, tokenizer_json, info],
+        route_handlers=[encode, decode, decode_stream, count, tokenizer_json, chat_template, info],
         settings=settings,
         lifespan=[load],
         is_ready=is_ready,
