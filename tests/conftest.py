@@ -78,3 +78,18 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(tiny_hf_dir: Path) -> Reference:
     return Reference(tiny_hf_dir)
+
+
+@pytest.fixture(scope="session")
+def chat_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle as a chat model: a tokenizer with chat special tokens (same vocabulary size,
+    BOS added by its post-processor when asked) and a ChatML-with-BOS chat template, written as the
+    export writes them (tests/helpers/chat.py)."""
+    from tests.helpers.chat import TEMPLATES
+    from tests.helpers.chat import chat_bundle as make
+
+    return make(
+        tiny_bundle,
+        tmp_path_factory.mktemp("bundles") / "tiny-chat",
+        (TEMPLATES / "served.jinja").read_text(),
+    )
