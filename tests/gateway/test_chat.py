@@ -252,3 +252,21 @@ def test_a_model_without_a_template_refuses_chat_and_an_override_serves_it(tiny_
         assert body["usage"]["completion_tokens"] == 2
         tokens = ok(given.call("POST", "/tokenize", json={"messages": MESSAGES[1:2]}))["tokens"]
         assert given.gateway.decode(tokens).endswith("<start_of_turn>model\n")
+
+
+def test_gateway_refuses_to_start_with_a_chat_template_it_cannot_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.__main__ import main
+
+    config = tmp_path / "config.json"
+    node = {"id": "n1", "address": "127.0.0.1:1", "model_part": 0}
+    config.write_text(
+        json.dumps({"model_name": "gpt2", "tokenizer": {"address": "127.0.0.1:2"}, "nodes": [node]})
+    )
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }}")
+    assert main(["--config", str(config), "--chat-template", str(broken)]) == 2
+    assert f"the chat template from {broken} does not compile" in capsys.readouterr().err
+    assert main(["--config", str(config), "--chat-template", str(tmp_path / "missing.jinja")]) == 2
+    assert "missing.jinja: cannot read it" in capsys.readouterr().err
