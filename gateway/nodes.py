@@ -1,5 +1,6 @@
 """GET /api/nodes: every stage's replicas as the gateway sees them (up or down and why, from the
-health loop in gateway.replicas) with the KV cache each one holds, for the UI's node health panel.
+health loop in gateway.replicas) with the KV cache each one holds, for the UI's node health panel,
+and whether the gateway traces (the UI shows a trace link only then).
 
 The KV figures come from each replica's `GET /v2/models/{stage}/sequences`, asked in parallel with
 a short timeout on the gateway's control-plane httpx client (the per-token calls use their own
@@ -53,6 +54,7 @@ class NodesStatus(msgspec.Struct):
     reason: str
     tokenizer: ServiceStatus
     stages: list[StageStatus]
+    tracing: bool  # the gateway exports traces (OTEL_*): the UI links a request's trace only then
 
 
 async def kv_use(http: httpx.AsyncClient, stage: str, replica: Replica) -> tuple[KVUse | None, str | None]:
@@ -92,4 +94,4 @@ async def nodes(request: Request[Any, Any, Any]) -> NodesStatus:
     ]
     ready, reason = gw.readiness()
     tok = ServiceStatus(gw.replicas.tokenizer_up, gw.replicas.tokenizer_reason)
-    return NodesStatus(gw.cfg.model_name, ready, reason, tok, stages)
+    return NodesStatus(gw.cfg.model_name, ready, reason, tok, stages, gw.tracing)
