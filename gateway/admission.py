@@ -5,8 +5,8 @@ refusal is a 400 (or 413) that names the field and the bound.
 
 from __future__ import annotations
 
+from gateway.call_inputs import StageLayout
 from gateway.errors import InvalidRequestError, PayloadTooLargeError
-from gateway.pipeline import StageLayout
 from gateway.sequence import SamplingParams
 
 

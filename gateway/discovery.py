@@ -15,11 +15,11 @@ from tokenizers import Tokenizer
 
 from functions import contract
 from functions.tokenizer_core import TokenizerCore
+from gateway.call_inputs import StageLayout
 from gateway.chat_template import ChatTemplate, ChatTemplateSyntaxError
 from gateway.clients import Clients
 from gateway.config import Node
 from gateway.errors import StageUnavailableError
-from gateway.pipeline import StageLayout
 from gateway.replicas import Replicas
 
 logger = logging.getLogger("tandem.gateway")

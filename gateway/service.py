@@ -22,13 +22,14 @@ from prometheus_client import CollectorRegistry
 
 from functions.tokenizer_core import TokenizerCore
 from gateway.admission import check_prompt
+from gateway.call_inputs import StageLayout
 from gateway.chat_template import ChatTemplate
 from gateway.clients import Clients, StagePoster
 from gateway.config import GatewayConfig
 from gateway.discovery import ChatOverride, discover
 from gateway.errors import ClientClosedError, InvalidRequestError, NotFoundError, StageUnavailableError
 from gateway.metrics import GatewayMetrics, StageUpCollector
-from gateway.pipeline import Pipeline, StageLayout
+from gateway.pipeline import Pipeline
 from gateway.replicas import Replicas
 from gateway.scheduler import Scheduler
 from gateway.sequence import Event, SamplingParams, Sequence, Top
