@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -32,40 +31,11 @@ from gateway.metrics import GatewayMetrics, StageUpCollector
 from gateway.pipeline import Pipeline
 from gateway.replicas import Replicas
 from gateway.scheduler import Scheduler
-from gateway.sequence import Event, SamplingParams, Sequence, Top
+from gateway.sequence import Event, Outcome, SamplingParams, Sequence
 from gateway.tracing import annotate_request, annotate_response
 
 logger = logging.getLogger("tandem.gateway")
 tracer = trace.get_tracer("tandem.gateway")
-
-
-@dataclass
-class Outcome:
-    """A whole (non-streamed) generation."""
-
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[float] = field(default_factory=list)
-    tops: list[Top | None] = field(default_factory=list)  # per token: its alternatives, when asked
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    seconds: float = 0.0
-    ttft: float | None = None
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-
-    def apply(self, ev: Event) -> None:
-        """Take one event of the sequence (an error event is raised)."""
-        if ev.kind == "error":
-            assert ev.error is not None
-            raise ev.error
-        if ev.kind == "token":
-            self.token_ids.append(ev.token_id)
-            self.text += ev.text
-            if ev.logprob is not None:
-                self.logprobs.append(ev.logprob)
-            self.tops.append(ev.top)
-        else:
-            self.finish_reason = ev.finish_reason
 
 
 class Gateway:
