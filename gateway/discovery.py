@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from tokenizers import Tokenizer
 
 from functions import contract
@@ -19,7 +18,7 @@ from gateway.call_inputs import StageLayout
 from gateway.chat_template import ChatTemplate, ChatTemplateSyntaxError
 from gateway.clients import Clients
 from gateway.config import Node
-from gateway.errors import StageUnavailableError
+from gateway.errors import GatewayError, StageUnavailableError
 from gateway.replicas import Replicas
 
 logger = logging.getLogger("tandem.gateway")
@@ -55,13 +54,13 @@ async def stage_metadata(clients: Clients, name: str, nodes: list[Node]) -> dict
     last_error = "no replica configured"
     for node in nodes:  # errors name the replica by id: addresses stay out of /readyz
         try:
-            r = await clients.http.get(f"{node.url}/v2/models/{name}", timeout=2.0)
+            r = await clients.model_metadata(node, name)
             meta: dict[str, Any] = r.json()
             if r.status_code == 200 and meta.get("inputs"):
                 return meta
             last_error = f"{node.id}: {r.status_code} {meta.get('detail', 'not loaded yet')}"
-        except (httpx.HTTPError, ValueError) as e:
-            last_error = f"{node.id}: {type(e).__name__}"
+        except (GatewayError, ValueError) as e:  # the retrying face's, from httpx's
+            last_error = f"{node.id}: {type(e.__cause__ or e).__name__}"
     raise StageUnavailableError(f"{name} metadata unavailable ({last_error})")
 
 

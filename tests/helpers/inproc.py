@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import httpx
 
 from functions import contract
+from functions import stage_api as api
 from functions.app import litestar_app
 from functions.engine import StageEngine
 from functions.fastpath import ASGIApp
@@ -58,9 +59,9 @@ class HostRouter(httpx.AsyncBaseTransport):
         self.calls[host] = self.calls.get(host, 0) + 1
         if host in self.down or host not in self.apps:
             raise httpx.ConnectError(f"connection refused by {host}", request=request)
-        if host in self.hung and request.url.path.endswith("/infer"):
+        if host in self.hung and api.is_infer_path(request.url.path):
             await asyncio.Event().wait()  # until the caller gives up (cancels)
-        if self.compute_seconds and request.url.path.endswith("/infer"):
+        if self.compute_seconds and api.is_infer_path(request.url.path):
             async with self._computing.setdefault(host, asyncio.Lock()):
                 await asyncio.sleep(self.compute_seconds)
                 return await self.apps[host].handle_async_request(request)

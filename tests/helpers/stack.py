@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import msgspec
 
 from functions import contract
+from functions import stage_api as api
 from tests.helpers.procs import ProcessHandle, free_port, start_process, start_stage, stop_process
 
 
@@ -30,7 +32,7 @@ class Stack:
         out = {}
         for name, urls in self.stage_urls.items():
             for url in urls:
-                out[url] = httpx.get(f"{url}/v2/models/{name}/sequences", timeout=5).json()["sequences"]
+                out[url] = held_by(url, name)
         return out
 
     def config(self) -> dict:
@@ -92,3 +94,10 @@ def start_stack(
     cfg_path.write_text(json.dumps(config))
     stack.gateway_url = stack.start_gateway("gateway", config, env=gateway_env)
     return stack
+
+
+def held_by(url: str, stage: str) -> dict[str, int]:
+    """Sequence id -> positions held, as one stage replica lists them."""
+    r = httpx.get(url + api.sequences_path(stage), timeout=5)
+    r.raise_for_status()
+    return msgspec.json.decode(r.content, type=api.SequencesAnswer).sequences
