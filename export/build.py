@@ -14,6 +14,7 @@ from functions import contract as c
 from functions.bundle import (
     FORMAT_VERSION,
     MANIFEST,
+    RANDOM_INIT_PREFIX,
     BundleError,
     Manifest,
     StageEntry,
@@ -277,7 +278,7 @@ def build(args: Any) -> Manifest:
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             model={
-                "id": f"random-init:{args.random_init}" if args.random_init else args.model,
+                "id": f"{RANDOM_INIT_PREFIX}{args.random_init}" if args.random_init else args.model,
                 "revision": revision or (f"seed-{args.seed}" if args.random_init else "main"),
                 "architecture": "GPT2LMHeadModel",
                 "source": tok_how or "hub or local directory",

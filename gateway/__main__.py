@@ -14,6 +14,7 @@ from gateway.chat_template import ChatTemplate, ChatTemplateSyntaxError
 from gateway.config import ConfigError, load_config
 from gateway.cors import cors_origins
 from gateway.discovery import ChatOverride
+from gateway.id_tokens import google_id_tokens
 
 DEFAULT_PORT = 8000
 
@@ -34,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         settings = FunctionSettings.from_env(DEFAULT_PORT, port=args.port, host=args.host)
         origins = cors_origins()
+        id_tokens = google_id_tokens()
         chat = chat_override(args.chat_template or os.environ.get("TANDEM_CHAT_TEMPLATE") or None)
     except (ConfigError, SettingsError, ChatTemplateSyntaxError) as e:
         print(f"gateway: error: {e}", file=sys.stderr)
         return 2
-    return serve(create_gateway_app(cfg, settings, cors_origins=origins, chat_template=chat), settings)
+    app = create_gateway_app(cfg, settings, cors_origins=origins, id_tokens=id_tokens, chat_template=chat)
+    return serve(app, settings)
 
 
 def chat_override(path: str | None) -> ChatOverride | None:

@@ -62,14 +62,22 @@ def create_gateway_app(
     *,
     poster: StagePoster | None = None,
     cors_origins: Sequence[str] = (),
+    id_tokens: httpx.Auth | None = None,
     chat_template: ChatOverride | None = None,
 ) -> ASGIApp:
     """The gateway's ASGI app. `transport` carries every call to the functions when given (tests
     pass ASGI apps in-process); `poster` replaces only the stage infer calls; `cors_origins` are the
-    browser origins allowed to call it (gateway.cors); `chat_template` replaces the model's."""
+    browser origins allowed to call it (gateway.cors); `id_tokens` authenticates its calls to
+    Cloud Run functions (gateway.id_tokens); `chat_template` replaces the model's."""
     registry = CollectorRegistry()
     gw = Gateway(
-        cfg, registry, transport, poster, auth_token=settings.auth_token, chat_override=chat_template
+        cfg,
+        registry,
+        transport,
+        poster,
+        auth_token=settings.auth_token,
+        id_tokens=id_tokens,
+        chat_override=chat_template,
     )
 
     @contextlib.asynccontextmanager

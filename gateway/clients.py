@@ -107,14 +107,18 @@ class Clients:
         poster: StagePoster | None = None,
         *,
         auth_token: str | None = None,
+        id_tokens: httpx.Auth | None = None,
     ):
         """`transport` carries every call when given (e.g. ASGI apps in-process); `poster` replaces
-        only the stage infer calls. `auth_token` goes with every call to the functions."""
+        only the stage infer calls. `auth_token` goes with every call to the functions, and
+        `id_tokens` adds Cloud Run's ID token to those httpx makes (gateway.id_tokens)."""
         self.cfg = cfg
         timeout = httpx.Timeout(cfg.call_timeout, connect=cfg.connect_timeout)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         self.auth = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
-        self.http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport, headers=self.auth)
+        self.http = httpx.AsyncClient(
+            timeout=timeout, limits=limits, transport=transport, headers=self.auth, auth=id_tokens
+        )
         if poster is None:
             poster = HttpxPoster(self.http) if transport is not None else None
         self.poster: StagePoster = poster or WirePoster(cfg.connect_timeout, cfg.call_timeout, self.http)

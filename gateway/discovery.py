@@ -17,7 +17,7 @@ from functions.tokenizer_core import TokenizerCore
 from gateway.call_inputs import StageLayout
 from gateway.chat_template import ChatTemplate, ChatTemplateSyntaxError
 from gateway.clients import Clients
-from gateway.config import Node
+from gateway.config import Node, check_served_model
 from gateway.errors import GatewayError, StageUnavailableError
 from gateway.replicas import Replicas
 
@@ -40,11 +40,15 @@ class Discovered:
     chat_problem: str
 
 
-async def discover(clients: Clients, replicas: Replicas, override: ChatOverride | None) -> Discovered:
-    """One attempt; raises when a function is not there (yet)."""
+async def discover(
+    clients: Clients, replicas: Replicas, model_name: str, override: ChatOverride | None
+) -> Discovered:
+    """One attempt; raises when a function is not there (yet), or serves another model than the
+    configured `model_name` (gateway.config.check_served_model)."""
     raw, eos = await clients.tokenizer_json()
     tok = TokenizerCore(Tokenizer.from_str(raw.decode()), eos_token_id=eos, raw_json=raw)
     metas = [await stage_metadata(clients, p.name, [r.node for r in p.replicas]) for p in replicas.pools]
+    check_served_model(model_name, [str(m["parameters"]["model_id"]) for m in metas])
     layout = layout_of(metas)
     chat, problem = chat_template_of(await clients.chat_template(), override)
     return Discovered(tok, layout, chat, problem)

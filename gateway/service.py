@@ -50,10 +50,11 @@ class Gateway:
         poster: StagePoster | None = None,
         *,
         auth_token: str | None = None,
+        id_tokens: httpx.Auth | None = None,
         chat_override: ChatOverride | None = None,
     ):
         self.cfg = cfg
-        self.clients = Clients(cfg, transport, poster, auth_token=auth_token)
+        self.clients = Clients(cfg, transport, poster, auth_token=auth_token, id_tokens=id_tokens)
         self.replicas = Replicas(cfg, self.clients)
         self.metrics = GatewayMetrics(registry)
         self.metrics.init_stages([p.name for p in self.replicas.pools])
@@ -85,7 +86,7 @@ class Gateway:
         """Retry until the tokenizer and one replica of every stage describe themselves."""
         while True:
             try:
-                found = await discover(self.clients, self.replicas, self.chat_override)
+                found = await discover(self.clients, self.replicas, self.cfg.model_name, self.chat_override)
                 break
             except Exception as e:  # keep trying: functions may start after the gateway
                 self.status = f"waiting for the functions: {e}"

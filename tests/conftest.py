@@ -25,10 +25,12 @@ def run_export(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A GPT-2-architecture model with seeded random weights, saved like a hub download."""
+    """A GPT-2-architecture model with seeded random weights, saved like a hub download. Its folder
+    is named gpt2, so its bundle's model is called "gpt2", as the test stacks' configs name it (the
+    gateway checks model_name against the bundle)."""
     from export.source import make_random_model
 
-    d = tmp_path_factory.mktemp("tiny-hf")
+    d = tmp_path_factory.mktemp("tiny-hf") / "gpt2"
     make_random_model("tiny", d, None, seed=0)
     return d
 
