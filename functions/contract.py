@@ -86,6 +86,8 @@ HELD_LENGTHS = "held_lengths"
 
 # ---- HTTP ----
 EOS_HEADER = "Tandem-Eos-Token-Id"  # the tokenizer function's end-of-sequence id, on GET /v1/tokenizer
+# the tokenizer function's chat template and special tokens' strings (functions.tokenizer), for the gateway
+CHAT_TEMPLATE_PATH = "/v1/chat_template"
 
 # ---- sampling bounds (the gateway checks them for a friendly 400, the stage again) ----
 TEMPERATURE_MAX = 100.0

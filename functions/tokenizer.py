@@ -16,6 +16,7 @@ from litestar.datastructures import State
 from litestar.params import JSONBody
 from prometheus_client import CollectorRegistry
 
+from functions import contract
 from functions.app import create_function_app
 from functions.bundle import BundleError
 from functions.bundle_fetch import TOKENIZER_ROLE, prepare_bundle
@@ -24,6 +25,7 @@ from functions.process import serve
 from functions.settings import FunctionSettings, SettingsError
 from functions.tokenizer_service import (
     DEFAULT_MAX_TEXT_CHARS,
+    ChatTemplateResponse,
     CountRequest,
     CountResponse,
     DecodeRequest,
@@ -58,7 +60,7 @@ def create_tokenizer_app(
 
     return create_function_app(
         service_name=SERVICE_NAME,
-        route_handlers=[encode, decode, decode_stream, count, tokenizer_json, info],
+        route_handlers=[encode, decode, decode_stream, count, tokenizer_json, chat_template, info],
         settings=settings,
         lifespan=[load],
         is_ready=service.is_ready,
@@ -110,6 +112,13 @@ def tokenizer_json(state: State) -> Response[bytes]:
     """The raw `tokenizer.json`, so a gateway can tokenize locally with the same rules."""
     raw, headers = _service(state).tokenizer_json()
     return Response(raw, media_type="application/json", headers=headers)
+
+
+@get(contract.CHAT_TEMPLATE_PATH, sync_to_thread=False, tags=["tokenizer"])
+def chat_template(state: State) -> ChatTemplateResponse:
+    """The model's chat template (null when the bundle has none) and the special tokens' strings it
+    is rendered with; the gateway renders it for /v1/chat/completions."""
+    return _service(state).chat_template()
 
 
 @get("/v1/info", sync_to_thread=False, tags=["tokenizer"])

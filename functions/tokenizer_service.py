@@ -67,6 +67,12 @@ class CountResponse(msgspec.Struct):
     count: int
 
 
+class ChatTemplateResponse(msgspec.Struct):
+    chat_template: str | None  # Jinja source; null when the model has none
+    bos_token: str | None
+    eos_token: str | None
+
+
 class InfoResponse(msgspec.Struct):
     model_id: str | None
     vocab_size: int
@@ -183,3 +189,8 @@ class TokenizerService:
     def info(self) -> InfoResponse:
         tok = self.core()
         return InfoResponse(model_id=tok.model_id, vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id)
+
+    def chat_template(self) -> ChatTemplateResponse:
+        tok = self.core()
+        bos, eos = tok.special_tokens.get("bos_token"), tok.special_tokens.get("eos_token")
+        return ChatTemplateResponse(chat_template=tok.chat_template, bos_token=bos, eos_token=eos)

@@ -261,13 +261,20 @@ class Clients:
         eos = r.headers.get(contract.EOS_HEADER)
         return r.content, int(eos) if eos not in (None, "") else None
 
-    async def encode(self, texts: list[str], headers: dict[str, str] | None = None) -> list[list[int]]:
+    async def chat_template(self) -> dict[str, Any]:
+        """The model's chat template and special tokens' strings (none from an older tokenizer: 404)."""
+        r = await self._request("tokenizer", "GET", f"{self.cfg.tokenizer_url}{contract.CHAT_TEMPLATE_PATH}")
+        if r.status_code not in (200, 404):
+            raise StageUnavailableError(f"the tokenizer's chat template: {r.status_code} {_detail(r)}")
+        body: dict[str, Any] = r.json() if r.status_code == 200 else {}
+        return body
+
+    async def encode(
+        self, texts: list[str], headers: dict[str, str] | None = None, *, add_special_tokens: bool = False
+    ) -> list[list[int]]:
+        body = {"text": texts, "add_special_tokens": add_special_tokens}
         r = await self._request(
-            "tokenizer",
-            "POST",
-            f"{self.cfg.tokenizer_url}/v1/encode",
-            json={"text": texts},
-            headers=headers or {},
+            "tokenizer", "POST", f"{self.cfg.tokenizer_url}/v1/encode", json=body, headers=headers or {}
         )
         if r.status_code in (400, 413):  # the text itself (too long, not encodable): the client's to fix
             kind = InvalidRequestError if r.status_code == 400 else PayloadTooLargeError

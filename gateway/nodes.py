@@ -1,5 +1,6 @@
 """GET /api/nodes: every stage's replicas as the gateway sees them (up or down and why, from the
-health loop in gateway.replicas) with the KV cache each one holds, for the UI's node health panel.
+health loop in gateway.replicas) with the KV cache each one holds, for the UI's node health panel,
+and whether the gateway traces (the UI shows a trace link only then).
 
 The KV figures come from each replica's sequence listing (functions.stage_api), asked in parallel
 through gateway.clients with a short timeout and no retry, on the control-plane httpx client (the
@@ -55,6 +56,7 @@ class NodesStatus(msgspec.Struct):
     reason: str
     tokenizer: ServiceStatus
     stages: list[StageStatus]
+    tracing: bool  # the gateway exports traces (OTEL_*): the UI links a request's trace only then
 
 
 async def kv_use(clients: Clients, stage: str, replica: Replica) -> tuple[KVUse | None, str | None]:
@@ -88,4 +90,4 @@ async def nodes(request: Request[Any, Any, Any]) -> NodesStatus:
     ]
     ready, reason = gw.readiness()
     tok = ServiceStatus(gw.replicas.tokenizer_up, gw.replicas.tokenizer_reason)
-    return NodesStatus(gw.cfg.model_name, ready, reason, tok, stages)
+    return NodesStatus(gw.cfg.model_name, ready, reason, tok, stages, gw.tracing)

@@ -12,6 +12,7 @@ Bundles (tests.helpers.exports; built once per run and kept between runs of the 
   tiny_bundle    exports.bundle("gpt2", 3, "--with-reference"): the 3-stage tiny GPT-2, with the
                  optimum monolith the benchmark compares against
   reference      Reference(tiny_hf_dir): PyTorch greedy generation and log-probabilities
+  chat_bundle    the tiny bundle as a chat model (tests/helpers/chat.py), one copy per worker
 
 Processes (tests.helpers.stack; every process of a stack starts at once):
   stacks         StackPool. `stacks.get(bundle, replicas=(1, 1, 1), gateway_env=None)` is a running
@@ -89,6 +90,21 @@ def tiny_bundle(exports: ExportCache) -> Path:
 @pytest.fixture(scope="session")
 def reference(tiny_hf_dir: Path) -> Reference:
     return Reference(tiny_hf_dir)
+
+
+@pytest.fixture(scope="session")
+def chat_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle as a chat model: a tokenizer with chat special tokens (same vocabulary size,
+    BOS added by its post-processor when asked) and a ChatML-with-BOS chat template, written as the
+    export writes them (tests/helpers/chat.py)."""
+    from tests.helpers.chat import TEMPLATES
+    from tests.helpers.chat import chat_bundle as make
+
+    return make(
+        tiny_bundle,
+        tmp_path_factory.mktemp("bundles") / "tiny-chat",
+        (TEMPLATES / "served.jinja").read_text(),
+    )
 
 
 @pytest.fixture(scope="session")

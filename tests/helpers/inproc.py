@@ -29,6 +29,7 @@ from functions.stage_state import StageSettings
 from functions.tokenizer import create_tokenizer_app
 from gateway.app import create_gateway_app
 from gateway.config import parse_config
+from gateway.discovery import ChatOverride
 from gateway.service import Gateway
 
 T = TypeVar("T")
@@ -147,11 +148,13 @@ def in_process_stack(
     api_keys: tuple[str, ...] = (),
     max_batch_tokens: int | None = None,
     stage_settings: dict[str, Any] | None = None,
+    chat_template: ChatOverride | None = None,
 ) -> Iterator[InProcessStack]:
     """Tokenizer, stage replicas and gateway apps on a background event loop, ready to serve.
     With `auth_token` the functions require it (and the gateway sends it); with `api_keys` the
     gateway requires one of them from clients. `stage_settings` overrides StageSettings fields of
-    every stage (`max_batch_tokens` is one of them)."""
+    every stage (`max_batch_tokens` is one of them); `chat_template` replaces the model's (the
+    gateway's --chat-template)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="inproc-stack", daemon=True)
     thread.start()
@@ -177,7 +180,9 @@ def in_process_stack(
     cfg = {"model_name": "gpt2", "tokenizer": {"address": "tokenizer:8100"}, "nodes": nodes}
     cfg |= {"health_interval": 0.05, "stage_wait": 1, "backoff": 0.001, **(config or {})}
     gw_settings = FunctionSettings(port=0, auth_token=auth_token, api_keys=api_keys)
-    gateway_app = create_gateway_app(parse_config(cfg, env={}), gw_settings, router)
+    gateway_app = create_gateway_app(
+        parse_config(cfg, env={}), gw_settings, router, chat_template=chat_template
+    )
     router.add("gateway:8000", gateway_app)
     stack = InProcessStack(router, gateway_app, stage_apps, loop, hosts)
 
