@@ -1,6 +1,7 @@
-"""The web UI in the local stack: `build_if_missing()` makes frontend/dist (npm ci, then the Vite
-build) the first time, and `python -m infra.local.frontend --gateway-url URL` serves it (stdlib
-static server, default 127.0.0.1:5173). The page finds the gateway through a meta tag this server
+"""The web UI in the local stack: `build_if_stale()` makes frontend/dist (npm ci, then the Vite
+build) the first time and again whenever a source is newer than the build, and
+`python -m infra.local.frontend --gateway-url URL` serves it (stdlib static server, default
+127.0.0.1:5173). The page finds the gateway through a meta tag this server
 fills in, so a stack on other ports needs no rebuild. Stdlib and functions.settings only."""
 
 from __future__ import annotations
@@ -31,10 +32,27 @@ def cors_origins(port: int) -> str:
     return f"http://127.0.0.1:{port},http://localhost:{port}"
 
 
-def build_if_missing(frontend: Path = FRONTEND_DIR, npm: str | None = None) -> str | None:
-    """Build the UI unless dist/index.html exists; None when it is there, else why it is not.
-    Delete frontend/dist to rebuild after changing the sources."""
-    if (frontend / "dist" / "index.html").is_file():
+# what the build reads: a change to any of them makes dist/ stale
+SOURCES = ("src", "index.html", "package.json", "package-lock.json", "vite.config.ts", "tsconfig.json")
+
+
+def newest_source(frontend: Path) -> float:
+    """The latest modification time among the UI's sources (0 when there are none)."""
+    times = [0.0]
+    for name in SOURCES:
+        path = frontend / name
+        if path.is_dir():
+            times += [p.stat().st_mtime for p in path.rglob("*") if p.is_file()]
+        elif path.is_file():
+            times.append(path.stat().st_mtime)
+    return max(times)
+
+
+def build_if_stale(frontend: Path = FRONTEND_DIR, npm: str | None = None) -> str | None:
+    """Build the UI unless dist/index.html exists and is newer than every source; None when the
+    build is there, else why it is not (a stale build after `git pull` would serve the old UI)."""
+    index = frontend / "dist" / "index.html"
+    if index.is_file() and index.stat().st_mtime >= newest_source(frontend):
         return None
     npm = npm or shutil.which("npm")
     if npm is None:

@@ -75,7 +75,7 @@ def frontend_service(args: argparse.Namespace) -> Service | None:
     """The web UI's static server, building the UI first when needed; None (and why) without it."""
     if args.no_frontend:
         return None
-    if (why := frontend.build_if_missing()) is not None:
+    if (why := frontend.build_if_stale()) is not None:
         print(f"[stack] no web UI: {why}; --no-frontend skips it", file=sys.stderr, flush=True)
         return None
     gw = ["--gateway-url", f"http://{client_host(args.host)}:{args.gateway_port}"]

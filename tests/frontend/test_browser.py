@@ -43,7 +43,7 @@ def built_ui() -> Path:
         )
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node 20 with npm is needed to build and drive the UI")
-    why = frontend.build_if_missing()
+    why = frontend.build_if_stale()
     assert why is None, why
     return frontend.DIST
 

@@ -1,9 +1,10 @@
 """Serving the web UI in the local stack (infra/local/frontend.py, the launcher's flags): the build
-when dist/ is missing, the static server and the gateway URL it puts into the page. Fast: a fake
+when dist/ is missing or older than a source, the static server and the gateway URL it puts into the page. Fast: a fake
 npm and a hand-made dist/, no stack."""
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.processes  # the UI's static server, as a process
 
 FAKE_NPM = """#!/bin/sh
 echo "$@" >> calls.txt
+[ "$1" = "ci" ] && mkdir -p node_modules
 if [ "$1" = "run" ]; then
   [ -n "$FAIL" ] && { echo "vite: something broke"; exit 3; }
   mkdir -p dist && echo '<html>built</html>' > dist/index.html
@@ -38,10 +40,26 @@ def test_build_runs_npm_ci_then_build_only_when_missing(tmp_path: Path) -> None:
     ui = tmp_path / "frontend"
     ui.mkdir()
     npm = fake_npm(tmp_path)
-    assert frontend.build_if_missing(ui, npm) is None
+    assert frontend.build_if_stale(ui, npm) is None
     assert (ui / "calls.txt").read_text().splitlines() == ["ci --no-audit --no-fund", "run build"]
-    assert frontend.build_if_missing(ui, npm) is None  # built: nothing to do
+    assert frontend.build_if_stale(ui, npm) is None  # built: nothing to do
     assert len((ui / "calls.txt").read_text().splitlines()) == 2
+
+
+def test_a_source_newer_than_the_build_rebuilds_it(tmp_path: Path) -> None:
+    ui = tmp_path / "frontend"
+    (ui / "src").mkdir(parents=True)
+    (ui / "src" / "App.tsx").write_text("old")
+    npm = fake_npm(tmp_path)
+    assert frontend.build_if_stale(ui, npm) is None
+    built = (ui / "dist" / "index.html").stat().st_mtime
+    os.utime(ui / "src" / "App.tsx", (built + 10, built + 10))  # edited after the build
+    assert frontend.build_if_stale(ui, npm) is None
+    assert (ui / "calls.txt").read_text().splitlines() == [
+        "ci --no-audit --no-fund",
+        "run build",
+        "run build",
+    ]  # no second ci
 
 
 def test_build_skips_npm_ci_with_node_modules_and_reports_a_failure(
@@ -50,14 +68,14 @@ def test_build_skips_npm_ci_with_node_modules_and_reports_a_failure(
     ui = tmp_path / "frontend"
     (ui / "node_modules").mkdir(parents=True)
     monkeypatch.setenv("FAIL", "1")
-    why = frontend.build_if_missing(ui, fake_npm(tmp_path))
+    why = frontend.build_if_stale(ui, fake_npm(tmp_path))
     assert why is not None and "`npm run build` failed (exit 3)" in why and "vite: something broke" in why
     assert (ui / "calls.txt").read_text().splitlines() == ["run build"]
 
 
 def test_build_without_npm_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    why = frontend.build_if_missing(tmp_path)
+    why = frontend.build_if_stale(tmp_path)
     assert why is not None and "npm is not installed" in why
 
 
