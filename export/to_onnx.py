@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from export.stages import GPT2Stage, StageSpec, example_inputs
+from export.families import Parts
+from export.stages import DecoderStage, StageSpec, example_inputs
+
+# torch resets its loggers on import; its exporter then lists the torchvision ops it skips
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
 def _dynamic_shapes(spec: StageSpec) -> tuple[Any, ...]:
@@ -45,10 +50,10 @@ def to_program(
     return program
 
 
-def export_stage(model: Any, spec: StageSpec, path: Path, opset: int | None) -> None:
+def export_stage(parts: Parts, spec: StageSpec, path: Path, opset: int | None) -> None:
     """Write one stage as a self-contained .onnx file (external data only past 2 GB)."""
-    module = GPT2Stage(model, spec).eval()
-    args = example_inputs(model, spec)
+    module = DecoderStage(parts, spec).eval()
+    args = example_inputs(parts, spec)
     names = (spec.input_names(), spec.output_names())
     program = to_program(module, args, names, _dynamic_shapes(spec), opset)
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > 1_800_000_000

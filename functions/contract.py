@@ -71,7 +71,8 @@ TOP_LOGPROBS_MAX = 5  # as OpenAI's legacy completions API
 HELD_LENGTHS = "held_lengths"
 
 # ---- HTTP ----
-EOS_HEADER = "Tandem-Eos-Token-Id"  # the tokenizer function's end-of-sequence id, on GET /v1/tokenizer
+# the tokenizer function's end-of-sequence ids, comma-separated (Llama 3 has several), on GET /v1/tokenizer
+EOS_HEADER = "Tandem-Eos-Token-Ids"
 
 # ---- sampling bounds (the gateway checks them for a friendly 400, the stage again) ----
 TEMPERATURE_MAX = 100.0
@@ -173,13 +174,13 @@ class StageIO:
     y_name: str  # hidden_states_{next layer}, or logits for the last stage (inside the graph)
     first: bool
     last: bool
-    n_embd: int
+    hidden_size: int  # the hidden states' width between stages
     vocab_size: int
-    n_positions: int
+    max_positions: int  # the context window
     scoring: bool = False  # last stage with the scoring head: takes target_ids
 
     def wire_inputs(self) -> list[dict[str, Any]]:
-        x = ([-1, -1], "INT64") if self.first else ([-1, -1, self.n_embd], "FP32")
+        x = ([-1, -1], "INT64") if self.first else ([-1, -1, self.hidden_size], "FP32")
         spec: list[tuple[str, str, list[int]]] = [
             (SEQUENCE_IDS, "INT64", [-1]),
             (PAST_LENGTHS, "INT64", [-1]),
@@ -213,7 +214,7 @@ class StageIO:
                 {"name": TOP_IDS, "datatype": "INT64", "shape": [-1, -1]},
                 {"name": TOP_LOGPROBS, "datatype": "FP32", "shape": [-1, -1]},
             ] + (self._scoring_outputs() if self.scoring else [])
-        return [{"name": self.y_name, "datatype": "FP32", "shape": [-1, -1, self.n_embd]}]
+        return [{"name": self.y_name, "datatype": "FP32", "shape": [-1, -1, self.hidden_size]}]
 
     def answer_bytes(self, rows: int, width: int, names: Iterable[str] | None) -> int:
         """Tensor bytes of an answer with these outputs (None: the first, the default) for a batch
@@ -297,12 +298,12 @@ class StageBatch:
         _check_x(x, io, B)
         S = x.shape[1]
         mask, n_new = _check_mask(inputs.get(ATTENTION_MASK), B, S)
-        too_long = past + n_new > io.n_positions
+        too_long = past + n_new > io.max_positions
         if too_long.any():
             b = int(np.argmax(too_long))
             raise ContractError(
                 f"sequence {int(ids[b])} would reach position {int(past[b] + n_new[b])}, "
-                f"beyond the context window of {io.n_positions}"
+                f"beyond the context window of {io.max_positions}"
             )
         end = inputs.get(SEQUENCE_END)
         if end is not None and (end.dtype != np.bool_ or end.shape != (B,)):
@@ -319,7 +320,7 @@ class StageBatch:
 def _check_x(x: np.ndarray, io: StageIO, B: int) -> None:
     want_dtype, want_ndim = (np.int64, 2) if io.first else (np.float32, 3)
     if x.dtype != want_dtype or x.ndim != want_ndim or x.shape[0] != B or x.shape[1] == 0:
-        shape = "[batch, sequence]" if io.first else f"[batch, sequence, {io.n_embd}]"
+        shape = "[batch, sequence]" if io.first else f"[batch, sequence, {io.hidden_size}]"
         raise ContractError(
             f"{io.x_name} must be {'INT64' if io.first else 'FP32'} {shape} with batch {B} and "
             f"sequence >= 1; got {x.dtype} {list(x.shape)}"
@@ -328,8 +329,8 @@ def _check_x(x: np.ndarray, io: StageIO, B: int) -> None:
         if (x < 0).any() or (x >= io.vocab_size).any():
             raise ContractError(f"{INPUT_IDS} must be in [0, {io.vocab_size})")
         return
-    if x.shape[2] != io.n_embd:
-        raise ContractError(f"{io.x_name} last dimension must be {io.n_embd}")
+    if x.shape[2] != io.hidden_size:
+        raise ContractError(f"{io.x_name} last dimension must be {io.hidden_size}")
     if not np.isfinite(x).all():
         raise ContractError(f"{io.x_name} contains NaN or infinite values")
 

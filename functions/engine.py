@@ -66,15 +66,15 @@ def stage_io(manifest: Manifest, stage: StageEntry) -> StageIO:
     """What `stage` of the bundle takes and returns on the wire. It scores prompts (takes
     target_ids) when it is the last stage, its graph gives the final hidden states and the bundle
     has the scoring head (both absent in bundles made before them)."""
-    last = stage.layers[1] == manifest.n_layer
+    last = stage.layers[1] == manifest.num_layers
     return StageIO(
         x_name=stage.inputs[0].name,
         y_name=stage.outputs[0].name,
         first=stage.first,
         last=last,
-        n_embd=int(manifest.config["n_embd"]),
+        hidden_size=manifest.hidden_size,
         vocab_size=manifest.vocab_size,
-        n_positions=manifest.n_positions,
+        max_positions=manifest.max_positions,
         scoring=last and _gives_final_hidden(stage) and manifest.head is not None,
     )
 
@@ -129,7 +129,10 @@ class StageEngine:
         # where the KV cache lives between steps (functions.kvstore); it fetches the final hidden
         # states (scoring) only when a call asks for them
         self.kv = make_store(
-            resolve_kv_store(kv_store, provider), self.session, (manifest.n_head, manifest.head_dim), provider
+            resolve_kv_store(kv_store, provider),
+            self.session,
+            (manifest.num_kv_heads, manifest.head_dim),
+            provider,
         )
         self.head = (
             Head.load(bundle, manifest, session_options(threads), session_providers(provider))
@@ -141,7 +144,8 @@ class StageEngine:
         self.max_batch_tokens = max_batch_tokens
         self.max_response_bytes = max_response_bytes
         # past keys and values of this stage's layers, float32: what one cached position costs
-        self.kv_position_bytes = len(self.past_names) * self.io.n_embd * 4
+        # (KV heads x head width each: hidden_size would overcount GQA models)
+        self.kv_position_bytes = len(self.past_names) * manifest.num_kv_heads * manifest.head_dim * 4
         # after a large call, ONNX Runtime hands the arena memory it grew for it back
         self.shrink = ort.RunOptions()
         arenas = "cpu:0;gpu:0" if provider == "cuda" else "cpu:0"
@@ -365,7 +369,7 @@ class StageEngine:
         x = (
             np.zeros((1, 4), dtype=np.int64)
             if self.io.first
-            else np.zeros((1, 4, self.io.n_embd), dtype=np.float32)
+            else np.zeros((1, 4, self.io.hidden_size), dtype=np.float32)
         )
         seq = np.array([-(2**62)], dtype=np.int64)
         self.infer({c.SEQUENCE_IDS: seq, c.PAST_LENGTHS: np.array([0]), self.x_name: x})

@@ -125,9 +125,12 @@ def create_stage_app(
             "parameters": {
                 "layers": entry.layers,
                 "model_id": manifest.model["id"],
-                "n_embd": manifest.config["n_embd"],
-                "n_positions": manifest.n_positions,
+                "family": manifest.family,
+                "hidden_size": manifest.hidden_size,
+                "max_positions": manifest.max_positions,
                 "vocab_size": manifest.vocab_size,
+                "num_kv_heads": manifest.num_kv_heads,
+                "head_dim": manifest.head_dim,
                 "providers": e.providers if e else [],  # what the session runs on, CPU fallback shown
                 "kv_store": e.kv.kind if e else None,  # host | device (functions.kvstore)
                 "max_batch_tokens": settings.max_batch_tokens,  # rows x new positions per call

@@ -81,7 +81,8 @@ class CountResponse(msgspec.Struct):
 class InfoResponse(msgspec.Struct):
     model_id: str | None
     vocab_size: int
-    eos_token_id: int | None
+    eos_token_id: int | None  # the first of eos_token_ids
+    eos_token_ids: list[int]
 
 
 def create_tokenizer_app(
@@ -208,14 +209,20 @@ def create_tokenizer_app(
     def tokenizer_json() -> Response[bytes]:
         """The raw `tokenizer.json`, so a gateway can tokenize locally with the same rules."""
         tok = core()
-        headers = {} if tok.eos_token_id is None else {contract.EOS_HEADER: str(tok.eos_token_id)}
+        eos = ",".join(str(i) for i in tok.eos_token_ids)
+        headers = {contract.EOS_HEADER: eos} if eos else {}
         return Response(tok.raw_json, media_type="application/json", headers=headers)
 
     @get("/v1/info", sync_to_thread=False, tags=["tokenizer"])
     def info() -> InfoResponse:
-        """Vocabulary size, end-of-text id and model id of the loaded tokenizer."""
+        """Vocabulary size, end-of-sequence ids and model id of the loaded tokenizer."""
         tok = core()
-        return InfoResponse(model_id=tok.model_id, vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id)
+        return InfoResponse(
+            model_id=tok.model_id,
+            vocab_size=tok.vocab_size,
+            eos_token_id=tok.eos_token_id,
+            eos_token_ids=list(tok.eos_token_ids),
+        )
 
     return create_function_app(
         service_name=SERVICE_NAME,

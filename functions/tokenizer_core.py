@@ -10,7 +10,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-EOS_TOKEN = "<|endoftext|>"
+from functions.bundle import eos_ids
+
 REPLACEMENT = "\ufffd"  # what a byte-level decode yields for an incomplete UTF-8 sequence
 
 
@@ -25,27 +26,31 @@ class TokenizerCore:
         self,
         tokenizer: Tokenizer,
         *,
-        eos_token_id: int | None = None,
+        eos_token_ids: Sequence[int] = (),
         model_id: str | None = None,
         raw_json: bytes | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.eos_token_id: int | None = (
-            eos_token_id if eos_token_id is not None else tokenizer.token_to_id(EOS_TOKEN)
-        )
+        # every id that ends a sequence (the bundle's manifest lists them; Llama 3 has several)
+        self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
         self.model_id = model_id
         self.raw_json = raw_json if raw_json is not None else tokenizer.to_str().encode()
 
+    @property
+    def eos_token_id(self) -> int | None:
+        """The first EOS id (what older readers know as the one)."""
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
     @classmethod
     def from_file(
-        cls, path: str | Path, *, eos_token_id: int | None = None, model_id: str | None = None
+        cls, path: str | Path, *, eos_token_ids: Sequence[int] = (), model_id: str | None = None
     ) -> TokenizerCore:
         """Load an HF `tokenizers` JSON file."""
         raw = Path(path).read_bytes()
         return cls(
             Tokenizer.from_str(raw.decode()),
-            eos_token_id=eos_token_id,
+            eos_token_ids=eos_token_ids,
             model_id=model_id,
             raw_json=raw,
         )
@@ -57,13 +62,14 @@ class TokenizerCore:
         path = bundle / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json in bundle directory {bundle}; export a bundle first")
-        eos, model_id = None, None
+        eos: list[int] = []
+        model_id = None
         manifest_path = bundle / "manifest.json"
         if manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
-            eos = (manifest.get("tokenizer") or {}).get("eos_token_id")
+            eos = eos_ids(manifest.get("tokenizer") or {})
             model_id = (manifest.get("model") or {}).get("id")
-        return cls.from_file(path, eos_token_id=eos, model_id=model_id)
+        return cls.from_file(path, eos_token_ids=eos, model_id=model_id)
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids

@@ -225,14 +225,20 @@ class Clients:
             return False, f"unreachable ({type(e).__name__})"
         return (True, "ready") if r.status_code == 200 else (False, _detail(r))
 
-    async def tokenizer_json(self) -> tuple[bytes, int | None]:
+    async def tokenizer_json(self) -> tuple[bytes, list[int]]:
+        """The tokenizer's JSON and its end-of-sequence ids."""
         r = await self._request("tokenizer", "GET", f"{self.cfg.tokenizer_url}/v1/tokenizer")
         if r.status_code != 200:
             raise StageUnavailableError(
                 f"the tokenizer has no tokenizer to give ({r.status_code}): {_detail(r)}"
             )
-        eos = r.headers.get(contract.EOS_HEADER)
-        return r.content, int(eos) if eos not in (None, "") else None
+        eos = r.headers.get(contract.EOS_HEADER) or ""
+        try:
+            return r.content, [int(i) for i in eos.split(",") if i.strip()]
+        except ValueError:
+            raise StageUnavailableError(
+                f"the tokenizer's {contract.EOS_HEADER} is not a list of ids: {eos!r}"
+            ) from None
 
     async def encode(self, texts: list[str], headers: dict[str, str] | None = None) -> list[list[int]]:
         r = await self._request(

@@ -40,8 +40,8 @@ class StageLayout:
 
     input_names: list[str]  # per stage: input_ids or hidden_states_{first layer}
     output_names: list[str]  # per stage: hidden_states_{next layer} or token_ids
-    n_embd: int
-    n_positions: int
+    hidden_size: int  # the hidden states' width between stages
+    max_positions: int  # the context window
     vocab_size: int
     model_id: str
     max_batch_tokens: int = 1 << 62  # rows x new positions a stage takes per call (the smallest)
@@ -65,7 +65,7 @@ class Pipeline:
         replicas: Replicas,
         metrics: GatewayMetrics,
         layout: StageLayout,
-        eos: int | None = None,
+        eos: tuple[int, ...] = (),
     ):
         self.cfg, self.clients, self.replicas, self.metrics, self.layout = (
             cfg,
@@ -79,7 +79,7 @@ class Pipeline:
         self.deadlines = CallDeadlines(
             cfg.stages, cfg.call_deadline_factor, cfg.call_deadline_floor, cfg.call_timeout
         )
-        self.eos = eos  # the token min_tokens bans
+        self.eos = eos  # the tokens min_tokens bans
 
     async def run(self, k: int, rows: list[Sequence], x: dict[int, np.ndarray]) -> StageOutcome:
         """Rows through stage k; `x` holds each row's new inputs for stages after the first (its
@@ -185,7 +185,7 @@ class Pipeline:
     def _inputs(
         self, k: int, grp: list[Sequence], rows: list[np.ndarray], start: dict[int, int]
     ) -> dict[str, np.ndarray]:
-        xin, mask = c.left_pad(rows, None if k == 0 else self.layout.n_embd)
+        xin, mask = c.left_pad(rows, None if k == 0 else self.layout.hidden_size)
         inputs = {
             c.SEQUENCE_IDS: np.array([s.id for s in grp], dtype=np.int64),
             c.PAST_LENGTHS: np.array([start[s.id] for s in grp], dtype=np.int64),

@@ -98,7 +98,7 @@ class Gateway:
         while True:
             try:
                 raw, eos = await self.clients.tokenizer_json()
-                tok = TokenizerCore(Tokenizer.from_str(raw.decode()), eos_token_id=eos, raw_json=raw)
+                tok = TokenizerCore(Tokenizer.from_str(raw.decode()), eos_token_ids=eos, raw_json=raw)
                 metas = []
                 for pool in self.replicas.pools:
                     metas.append(await self._stage_metadata(pool.name, [r.node for r in pool.replicas]))
@@ -110,8 +110,8 @@ class Gateway:
         self.layout = StageLayout(
             input_names=[contract.data_input([t["name"] for t in m["inputs"]]) for m in metas],
             output_names=[m["outputs"][0]["name"] for m in metas if m["outputs"]],
-            n_embd=int(p0["n_embd"]),
-            n_positions=int(p0["n_positions"]),
+            hidden_size=int(p0["hidden_size"]),
+            max_positions=int(p0["max_positions"]),
             vocab_size=int(p0["vocab_size"]),
             model_id=str(p0["model_id"]),
             max_batch_tokens=min(int(m["parameters"].get("max_batch_tokens", 1 << 62)) for m in metas),
@@ -124,7 +124,7 @@ class Gateway:
             )
         self.tokenizer = tok
         pipeline = Pipeline(
-            self.cfg, self.clients, self.replicas, self.metrics, self.layout, tok.eos_token_id
+            self.cfg, self.clients, self.replicas, self.metrics, self.layout, tok.eos_token_ids
         )
         self.scheduler = Scheduler(self.cfg, self.clients, self.replicas, self.metrics, tok, pipeline)
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
@@ -241,9 +241,9 @@ class Gateway:
                 f"{layout.max_call_positions} (TANDEM_KV_CACHE_BYTES)",
                 param="max_tokens",
             )
-        if len(ids) + params.max_tokens > layout.n_positions:
+        if len(ids) + params.max_tokens > layout.max_positions:
             raise InvalidRequestError(
-                f"this model's context window is {layout.n_positions} tokens; the prompt has {len(ids)} "
+                f"this model's context window is {layout.max_positions} tokens; the prompt has {len(ids)} "
                 f"and max_tokens asks for {params.max_tokens} more ({len(ids) + params.max_tokens}); "
                 "shorten one",
                 param="max_tokens",

@@ -20,7 +20,9 @@ from gateway.service import Gateway
 class TokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
     prompt: str
     model: str | None = None
-    add_special_tokens: bool = True  # GPT-2's BPE adds none either way
+    add_special_tokens: bool = (
+        True  # accepted for vLLM's clients; the prompt is encoded as completions encode it
+    )
 
 
 class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -59,7 +61,7 @@ async def tokenize(request: Request[Any, Any, Any], data: JSONBody[TokenizeReque
     gw.require_scheduler()
     (ids,) = await gw.encode([data.prompt])
     assert gw.layout is not None  # set with the scheduler
-    return {"count": len(ids), "max_model_len": gw.layout.n_positions, "tokens": ids}
+    return {"count": len(ids), "max_model_len": gw.layout.max_positions, "tokens": ids}
 
 
 @post("/detokenize", status_code=200, tags=["vllm"])

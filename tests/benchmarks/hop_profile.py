@@ -51,7 +51,7 @@ def step_inputs(engine_io: c.StageIO, past: int, width: int, seq: int = 7) -> di
     x = (
         np.zeros((1, width), dtype=np.int64)
         if engine_io.first
-        else np.zeros((1, width, engine_io.n_embd), dtype=np.float32)
+        else np.zeros((1, width, engine_io.hidden_size), dtype=np.float32)
     )
     inputs = {
         c.SEQUENCE_IDS: np.array([seq], dtype=np.int64),
@@ -73,7 +73,7 @@ def describe(bundle: Path, k: int) -> tuple[str, c.StageIO, list[str]]:
 
 def steps_of(io: c.StageIO, prompt: int, steps: int) -> list[dict[str, np.ndarray]]:
     """The prefill, then `steps` decode steps (starting over when the context window is full)."""
-    room = io.n_positions - prompt
+    room = io.max_positions - prompt
     out = [step_inputs(io, 0, prompt)]
     for i in range(steps):
         j = i % room

@@ -3,18 +3,22 @@ and every bad argument answered with one clear line (no traceback)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from functions.bundle import FORMAT_VERSION, load_manifest, sha256_file, verify_files
 from tests.conftest import run_export
-from tests.helpers.procs import REPO_ROOT
+from tests.helpers.procs import REPO_ROOT, free_port
 
 
 def _check_parity(bundle: Path, n_stages: int, layers: list[list[int]]) -> None:
@@ -32,8 +36,9 @@ def test_three_stages_parity_and_manifest(tiny_bundle: Path) -> None:
     _check_parity(tiny_bundle, 3, [[0, 2], [2, 4], [4, 6]])
     m = load_manifest(tiny_bundle)
     assert m.format_version == FORMAT_VERSION
-    assert m.model["architecture"] == "GPT2LMHeadModel" and m.model["revision"]
-    assert m.config["n_layer"] == 6 and m.config["n_embd"] == 64 and m.config["n_head"] == 4
+    assert m.model["architecture"] == "GPT2LMHeadModel" and m.model["revision"] and m.family == "gpt2"
+    assert m.num_layers == 6 and m.hidden_size == 64 and m.config["num_attention_heads"] == 4
+    assert m.num_kv_heads == 4 and m.head_dim == 16 and m.config["sliding_window"] is None
     assert m.dtype == "float32" and m.quantization is None and m.opset >= 13
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(m.versions)
     s1, s2, s3 = m.stages
@@ -62,7 +67,12 @@ def test_three_stages_parity_and_manifest(tiny_bundle: Path) -> None:
             assert sha256_file(tiny_bundle / f) == digest
     tok = json.loads((tiny_bundle / "tokenizer.json").read_text())
     assert any(t["content"] == "<|endoftext|>" for t in tok["added_tokens"])
-    assert m.tokenizer["eos_token_id"] == m.config["eos_token_id"]
+    eos = next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|endoftext|>")
+    assert m.tokenizer["eos_token_id"] == eos and m.eos_token_ids == [eos]
+    assert m.chat_template is None  # a model directory without a template gets none
+    assert sum(s.bytes for s in m.stages) == sum(
+        (tiny_bundle / f).stat().st_size for s in m.stages for f in s.files
+    )
     assert verify_files(tiny_bundle, m) == []
     # the graph's dynamic axes carry the manifest's names
     import onnx
@@ -74,7 +84,9 @@ def test_three_stages_parity_and_manifest(tiny_bundle: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stages", "layers"), [(1, [[0, 6]]), (2, [[0, 3], [3, 6]])])
+# the default split balances bytes: the first stage holds the embeddings (a 1,024-row position
+# table and the token table), the last the LM head (tied, so a second copy of the token table)
+@pytest.mark.parametrize(("stages", "layers"), [(1, [[0, 6]]), (2, [[0, 2], [2, 6]])])
 def test_one_and_two_stages(tiny_hf_dir: Path, tmp_path: Path, stages: int, layers: list[list[int]]) -> None:
     out = tmp_path / f"b{stages}"
     r = run_export("--model", str(tiny_hf_dir), "--out", str(out), "--stages", str(stages))
@@ -141,26 +153,102 @@ def _bad(args: list[str], *expected: str) -> None:
         assert e in r.stderr, r.stderr
 
 
-def test_unknown_model_or_unreachable_hub(tmp_path: Path) -> None:
-    env_before = dict(os.environ)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # what "unreachable" looks like, without waiting for DNS
+@contextlib.contextmanager
+def _silent_server() -> Iterator[int]:
+    """A port that accepts connections and never answers (a hub that hangs)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
     try:
-        _bad(
-            ["--model", "no-such-org/no-such-model", "--out", str(tmp_path / "x")],
-            "--random-init",
-            "no-such-org/no-such-model",
-        )
+        yield sock.getsockname()[1]
     finally:
-        os.environ.clear()
-        os.environ.update(env_before)
+        sock.close()
+
+
+@pytest.mark.parametrize("hub", ["refused", "hangs", "no-dns"])
+def test_unreachable_hub_is_one_message_within_5_s(tmp_path: Path, hub: str) -> None:
+    """No retries, no traceback: the export probes the hub once and names the offline options."""
+    with contextlib.ExitStack() as stack:
+        if hub == "refused":
+            endpoint = f"http://127.0.0.1:{free_port()}"
+        elif hub == "hangs":
+            endpoint = f"http://127.0.0.1:{stack.enter_context(_silent_server())}"
+        else:
+            endpoint = "https://no-such-host.invalid"
+        env = {**os.environ, "HF_ENDPOINT": endpoint}
+        env.pop("HF_HUB_OFFLINE", None)
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "export",
+                "--model",
+                "no-such-org/no-such-model",
+                "--out",
+                str(tmp_path / "x"),
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        took = time.monotonic() - t0
+    assert r.returncode == 2 and took < 5, (took, r.stdout + r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for part in ("'no-such-org/no-such-model'", "is unreachable", "--random-init FAMILY", "HF_HUB_OFFLINE=1"):
+        assert part in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
 
 
-def test_not_gpt2(tmp_path: Path) -> None:
-    d = tmp_path / "bert"
+def test_offline_hub_and_model_not_cached(tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE=1: the cache only, and a model not in it is one message naming the options."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "--model",
+            "no-such-org/no-such-model",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "not in the local Hugging Face cache" in r.stderr and "--random-init FAMILY" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (
+            {"model_type": "bert", "architectures": ["BertModel"]},
+            "'bert' has no embed_tokens / layers / norm layout",
+        ),
+        ({"model_type": "t5", "is_encoder_decoder": True}, "'t5' is an encoder-decoder"),
+        (
+            {"model_type": "no-such-family"},
+            "'no-such-family' is a model_type this transformers version does not know",
+        ),
+        ({"model_type": "granite", "embedding_multiplier": 12.0}, "an embedding multiplier"),
+    ],
+)
+def test_unsupported_kinds(tmp_path: Path, config: dict[str, object], expected: str) -> None:
+    """An encoder, an encoder-decoder, an unknown model_type, a family that computes something at
+    the model level: one message naming what is supported, exit 2, within 5 s."""
+    d = tmp_path / "model"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    _bad(["--model", str(d), "--out", str(tmp_path / "x")], "'bert'", "GPT-2")
+    (d / "config.json").write_text(json.dumps(config))
+    t0 = time.monotonic()
+    _bad(["--model", str(d), "--out", str(tmp_path / "x")], expected, "llama (", "qwen2 (", "gemma (")
+    assert time.monotonic() - t0 < 5
 
 
 @pytest.mark.parametrize(
@@ -179,10 +267,10 @@ def test_bad_splits(tiny_hf_dir: Path, tmp_path: Path, split: list[str], expecte
 
 
 def test_bad_random_init_and_tokenizer(tmp_path: Path) -> None:
-    _bad(["--random-init", "huge", "--out", str(tmp_path / "x")], "expected gpt2, tiny, or a config JSON")
+    _bad(["--random-init", "huge", "--out", str(tmp_path / "x")], "expected a shape (gpt2, tiny, llama,")
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"model_type": "llama"}))
-    _bad(["--random-init", str(cfg), "--out", str(tmp_path / "x")], "model_type must be gpt2")
+    cfg.write_text(json.dumps({"model_type": "bert"}))
+    _bad(["--random-init", str(cfg), "--out", str(tmp_path / "x")], "'bert' has no embed_tokens")
     r = subprocess.run(
         [
             sys.executable,
@@ -240,29 +328,29 @@ def test_openai_gpt2_bpe_files() -> None:
     assert tok.get_vocab_size() == 50257 and tok.token_to_id("<|endoftext|>") == 50256
 
 
-def test_a_tokenizer_smaller_than_the_model_is_refused(tiny_hf_dir: Path, tmp_path: Path) -> None:
-    """Every id the model can generate must decode: a model with more rows than its tokenizer has
-    ids is refused before anything is exported."""
-    d = tmp_path / "padded"
-    shutil.copytree(tiny_hf_dir, d)
-    config = json.loads((d / "config.json").read_text())
-    tokens = config["vocab_size"]
-    config["vocab_size"] = tokens + 64  # as if the embedding had been padded
-    (d / "config.json").write_text(json.dumps(config))
-    from transformers import GPT2LMHeadModel
+def test_a_tokenizer_smaller_than_the_model_gains_fillers_and_a_larger_one_is_refused() -> None:
+    """Every id the model can generate must decode: a vocabulary padded past the tokenizer (Qwen2.5's
+    151,936 rows for 151,665 tokens) gets special filler tokens; a tokenizer with ids the model
+    cannot embed is refused."""
+    from export.errors import ExportError
+    from export.source import train_tokenizer
+    from export.tokenizer_meta import TokenizerInfo, cover
 
-    GPT2LMHeadModel.from_pretrained(d, ignore_mismatched_sizes=True).save_pretrained(d)
-    _bad(
-        ["--model", str(d), "--out", str(tmp_path / "x")],
-        f"covers {tokens} ids",
-        f"vocab_size is {tokens + 64}",
-    )
+    tok = train_tokenizer(300)
+    have = tok.get_vocab_size()
+    info = TokenizerInfo(tok, [0], None, None, None, None, "test")
+    cover(info, have + 64)
+    assert info.fillers == 64 and tok.get_vocab_size() == have + 64
+    assert tok.decode([have + 63], skip_special_tokens=False) == f"<|tandem_unused_{have + 63}|>"
+    assert tok.encode("plain text").ids == train_tokenizer(300).encode("plain text").ids
+    with pytest.raises(ExportError, match=f"has {have + 64} ids but the model's vocab_size is {have}"):
+        cover(TokenizerInfo(tok, [], None, None, None, None, "test"), have)
 
 
 def test_random_init_takes_the_tokenizers_size(tmp_path: Path) -> None:
     from transformers import GPT2Config
 
-    from export.source import make_random_model
+    from export.random_init import make_random_model
 
     for kind in ("tiny", "gpt2"):  # gpt2 without --tokenizer: a BPE trained on the spot
         d = tmp_path / kind

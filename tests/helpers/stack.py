@@ -21,9 +21,10 @@ class Stack:
     tokenizer_url: str = ""
     stage_urls: dict[str, list[str]] = field(default_factory=dict)  # "stage-2" -> replica URLs
     procs: dict[str, ProcessHandle] = field(default_factory=dict)  # service id -> process
+    stage_env: dict[str, str] | None = None  # extra environment of every stage process
 
     def start_stage(self, node_id: str, stage: int, port: int) -> None:
-        self.procs[node_id] = start_stage(self.bundle, stage, port)
+        self.procs[node_id] = start_stage(self.bundle, stage, port, env=self.stage_env)
 
     def held(self) -> dict[str, dict[str, int]]:
         """Sequences held by every stage replica (url -> {sequence id: length})."""
@@ -64,9 +65,10 @@ def start_stack(
     *,
     replicas: tuple[int, ...] = (1, 1, 1),
     gateway_env: dict[str, str] | None = None,
+    stage_env: dict[str, str] | None = None,
 ) -> Stack:
     cfg_path = workdir / "config.json"
-    stack = Stack(bundle, cfg_path)
+    stack = Stack(bundle, cfg_path, stage_env=stage_env)
     tok_port = free_port()
     stack.tokenizer_url = f"http://127.0.0.1:{tok_port}"
     stack.procs["tokenizer"] = start_process(
