@@ -80,21 +80,25 @@ def _tokenizer(args: Any, src: Source, config: Any) -> Any:
     return info
 
 
-def _split(args: Any, parts: Any) -> list[tuple[int, int]]:
+def _split(args: Any, parts: Any) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+    """The layer ranges, and the manifest's record of the split (how, each stage's weight bytes)."""
     from export import split
 
     costs = split.costs_of(parts)
     ranges, how = split.plan(costs, args.stages, args.layers)
     planned = costs.stage_bytes(ranges)
     mean = sum(planned) / len(planned)
-    log(
-        f"split into {len(ranges)} stage(s), {how}; weights per stage (embedding on the first, LM head on the last):"
-    )
+    log(f"split into {len(ranges)} stage(s), {how}; weights (embedding on the first, LM head on the last):")
     for k, ((a, b), size) in enumerate(zip(ranges, planned, strict=True)):
-        log(
-            f"  stage {k + 1}: layers {a}-{b - 1} ({b - a}), {size / 1e6:.1f} MB ({size / mean:.2f}x the mean)"
-        )
-    return ranges
+        share = f"{size / 1e6:.1f} MB ({size / mean:.2f}x the mean)"
+        log(f"  stage {k + 1}: layers {a}-{b - 1} ({b - a}), {share}")
+    model_bytes = sum(costs.layers) + costs.first + costs.last - costs.tied
+    return ranges, {
+        "policy": how,
+        "weight_bytes": planned,
+        "model_bytes": model_bytes,
+        "tied_bytes": costs.tied,
+    }
 
 
 def _verify(args: Any, model: Any, parts: Any, stages: list[StageEntry], work: Path) -> dict[str, Any]:
@@ -158,8 +162,6 @@ def _manifest(
 
 
 def build(args: Any) -> Manifest:
-    from export.stage_files import export_stage_files
-
     t0 = time.perf_counter()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +170,8 @@ def build(args: Any) -> Manifest:
         src = _source(args, work)
         model, parts = _load(src)
         tok = _tokenizer(args, src, model.config)
-        ranges = _split(args, parts)
+        ranges, split_record = _split(args, parts)
+        from export.stage_files import export_stage_files  # torch: after the quick refusals
         stages, head = [], None
         for k, layers in enumerate(ranges):
             entry, last_head = export_stage_files(parts, k, layers, work, args.opset, args.quantize)
@@ -190,6 +193,7 @@ def build(args: Any) -> Manifest:
             parity=parity,
             reference=reference,
             head=head,
+            extra={"split": split_record},
         )
         (work / MANIFEST).write_text(manifest.to_json())
         publish(work, out)

@@ -41,6 +41,8 @@ MODEL_LEVEL = {
     "no_rope_layer_interval": "layers without rotary positions",
 }
 LAYER_TYPES = {"full_attention", "sliding_attention"}
+# a mixture of experts routes each token with a data-dependent loop that torch.export cannot trace
+EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")
 SUPPORTED = "; ".join(f"{k} ({v})" for k, v in NAMED.items())
 
 
@@ -108,6 +110,10 @@ def check_config(cfg: Any) -> None:
             raise ExportError(
                 refusal(kind, f"computes {what} at the model level ({name}), which tandem does not rebuild")
             )
+    if any((getattr(cfg, name, None) or 0) > 1 for name in EXPERTS):
+        raise ExportError(
+            refusal(kind, "has mixture-of-experts layers (their routing cannot be exported as a graph)")
+        )
     odd = set(getattr(cfg, "layer_types", None) or []) - LAYER_TYPES
     if odd:
         raise ExportError(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
-from export.families import NAMED, refusal
+from export.families import EXPERTS, NAMED, refusal
 
 
 def _transformers_dir() -> Path | None:
@@ -87,4 +87,6 @@ def refusal_for_fields(kind: str, config: dict[str, Any]) -> str | None:
             return refusal(
                 kind, f"computes {what} at the model level ({name}), which tandem does not rebuild"
             )
+    if any(isinstance(config.get(n), int) and config[n] > 1 for n in EXPERTS):
+        return refusal(kind, "has mixture-of-experts layers (their routing cannot be exported as a graph)")
     return None

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from export.families import Parts, Shape
+from export.errors import ExportError
+from export.families import Parts, Shape, refusal
 from export.publish import log
 from export.stages import StageSpec
 from functions import contract as c
@@ -63,7 +64,12 @@ def export_stage_files(
     t = time.perf_counter()
     target = work / spec.file
     raw = work / f"_{spec.file}" if quantize else target
-    to_onnx.export_stage(parts, spec, raw, opset)
+    try:
+        to_onnx.export_stage(parts, spec, raw, opset)
+    except Exception as e:  # torch.export's errors are many and long: one line naming the family
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = f"could not be exported as a graph by torch.export ({type(e).__name__}: {first[:200]})"
+        raise ExportError(refusal(parts.shape.family, why)) from e
     inputs, outputs = tensor_specs(spec, parts.shape)
     name_axes(raw, inputs, outputs)
     if quantize:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +43,32 @@ class FamilyStack:
     expected: list[int]  # PyTorch's 32 greedy tokens after `prompt`
 
 
-@pytest.fixture(scope="module", params=sorted(STAGES))
-def fam(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FamilyStack]:
+@pytest.fixture(scope="session")
+def family_bundles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Path]]]:
+    """Every family's model directory and bundle, exported two at a time (torch's exporter keeps one
+    core busy) as soon as the first family is asked for."""
     from export.random_init import make_random_model
 
+    def export(name: str) -> Path:
+        work = tmp_path_factory.mktemp(f"stack-{name}")
+        hf, bundle = work / "hf", work / "bundle"
+        make_random_model("tiny" if name == "gpt2" else f"{name}-tiny", hf, None, seed=0)
+        r = run_export("--model", str(hf), "--out", str(bundle), "--stages", str(STAGES[name]))
+        assert r.returncode == 0, r.stdout + r.stderr
+        return work
+
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        yield {name: pool.submit(export, name) for name in sorted(STAGES)}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module", params=sorted(STAGES))
+def fam(request: pytest.FixtureRequest, family_bundles: dict[str, Future[Path]]) -> Iterator[FamilyStack]:
     name: str = request.param
-    work = tmp_path_factory.mktemp(f"stack-{name}")
+    work = family_bundles[name].result()
     hf, bundle = work / "hf", work / "bundle"
-    make_random_model("tiny" if name == "gpt2" else f"{name}-tiny", hf, None, seed=0)
-    r = run_export("--model", str(hf), "--out", str(bundle), "--stages", str(STAGES[name]))
-    assert r.returncode == 0, r.stdout + r.stderr
     assert len(load_manifest(bundle).stages) == STAGES[name]
     reference = Reference(hf)
     tok = TokenizerCore.from_bundle(bundle)

@@ -9,7 +9,7 @@ Variants, run one after the other (never at the same time: they share the CPU):
   monolith  DIR/reference/model.onnx (the whole model exported by optimum, with KV cache) run by
             ONNX Runtime in this process, greedy loop in numpy, KV cache fed back each step.
             This is the baseline.
-  hf        transformers PyTorch `GPT2LMHeadModel.generate`, greedy, on the same weights (the
+  hf        transformers PyTorch `AutoModelForCausalLM.generate`, greedy, on the same weights (the
             seeded random model is rebuilt the way the export built it).
   stack     the tandem stack over HTTP: the gateway's OpenAI-compatible streaming
             `POST /v1/completions`. Without --stack-url the benchmark starts
@@ -281,6 +281,17 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
     return results
 
 
+def model_label(manifest: dict) -> str:
+    """ "llama random-init:llama (SmolLM2-135M shape), 134.5M parameters, random weights"-like."""
+    cfg, model = manifest.get("config", {}), manifest.get("model", {})
+    h, v, n = cfg.get("hidden_size"), cfg.get("vocab_size"), len(manifest.get("stages", []))
+    weights = "random weights" if str(model.get("id", "")).startswith("random-init:") else "trained weights"
+    return (
+        f"{cfg.get('family', 'gpt2')} {model.get('id')} ({cfg.get('num_layers')} layers, hidden {h}, "
+        f"vocab {v}), {weights}, {n} stages"
+    )
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the stacks this run started are stopped
 
@@ -296,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     prompts = make_prompts(manifest, max(args.concurrency), args.prompt_tokens, args.seed)
+    args.model_label = model_label(manifest)
     machine = machine_info()
     errors: dict = {}
     results = measure_all(args, bundle, manifest, prompts, machine, errors)

@@ -29,6 +29,7 @@ TARGET_STACK_VS_MONOLITH_C16 = 1.2  # 16 streams against the monolith's batch of
 TARGET_DELAY_5MS_VS_NONE = 0.85  # 16 streams, 5 ms per hop, pipelined, against no delay
 TARGET_INT8_VS_FP32 = 1.8  # int8 stack single stream against the fp32 stack
 TARGET_STACK_SCALING = 3.0
+TARGET_STAGES_VS_ONE = 0.9  # the same model in N stages, single stream, against 1 stage (within 10 %)
 # pause before every run, so that the previous variant's threads (torch's OpenMP pool, ORT's) are
 # asleep and each run starts from a quiet machine
 SETTLE_S = 0.3

@@ -238,6 +238,7 @@ def test_offline_hub_and_model_not_cached(tmp_path: Path) -> None:
             "'no-such-family' is a model_type this transformers version does not know",
         ),
         ({"model_type": "granite", "embedding_multiplier": 12.0}, "an embedding multiplier"),
+        ({"model_type": "mixtral", "num_local_experts": 8}, "'mixtral' has mixture-of-experts layers"),
     ],
 )
 def test_unsupported_kinds(tmp_path: Path, config: dict[str, object], expected: str) -> None:
