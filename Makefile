@@ -1,6 +1,7 @@
 # tandem, for one machine: `make up` runs the whole stack, `make test` runs every test.
-# Pass choices through: make up RANDOM_INIT=gpt2 | MODEL=distilgpt2 | BUNDLE=bundles/x | QUANTIZE=int8
-#                       | ARGS='--replicas 2'
+# Pass choices through: make up RANDOM_INIT=gpt2|llama|qwen2|FAMILY-tiny | MODEL=<hub id or dir>
+#                       | BUNDLE=bundles/x | QUANTIZE=int8 | ARGS='--replicas 2'
+#                       make bench BUNDLE=bundles/llama-random ARGS='--stacks s1,s2,s3,s4'
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -53,8 +54,8 @@ lint: ## ruff check, ruff format --check, mypy (strict on the packages)
 	$(PY) -m ruff format --check $(SOURCES)
 	$(PY) -m mypy
 
-bench: ## distributed vs monolithic benchmark
-	$(PY) -m tests.benchmarks.bench $(ARGS)
+bench: ## distributed vs monolithic benchmark (BUNDLE=dir: any bundle exported --with-reference)
+	$(PY) -m tests.benchmarks.bench $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
 
 clean: ## remove exported bundles, stack logs, the built UI and caches (keeps .venv, .tandem/npm, node_modules)
 	rm -rf bundles .tandem/stack frontend/dist .pytest_cache .ruff_cache .mypy_cache

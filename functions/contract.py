@@ -55,7 +55,7 @@ LOGIT_BIAS_VALUES = "logit_bias_values"
 BANNED_TOKEN_IDS = "banned_token_ids"
 HIDDEN_STATES_PREFIX = "hidden_states_"
 # ---- scoring (last stage, asked per row; see functions/scoring.py) ----
-FINAL_HIDDEN = "final_hidden_states"  # last stage graph: (B, S, C) before ln_f, every position
+FINAL_HIDDEN = "final_hidden_states"  # last stage graph: (B, S, C) before the final norm, every position
 NUM_TOP = "num_top_logprobs"  # (B,) int64 in [0, TOP_LOGPROBS_MAX]: alternatives wanted per row
 TOP_IDS = "top_token_ids"  # (B, K): the K most likely tokens at the sampled position
 TOP_LOGPROBS = "top_logprobs"  # (B, K)
@@ -64,7 +64,7 @@ TARGET_LOGPROBS = "target_logprobs"  # (N,) for the N positions with a target, r
 TARGET_TOP_IDS = "target_top_token_ids"  # (N, K)
 TARGET_TOP_LOGPROBS = "target_top_logprobs"  # (N, K)
 HEAD_HIDDEN = "hidden"  # the head graph's inputs: (N, C) final hidden states and (N,) targets
-HEAD_FILE = "head.onnx"  # ln_f + lm_head + log_softmax + top-k, on the positions asked for
+HEAD_FILE = "head.onnx"  # final norm + LM head (+ soft-cap) + log_softmax + top-k, on the positions asked
 TOP_LOGPROBS_MAX = 5  # as OpenAI's legacy completions API
 
 # ---- the 409 body (RFC 9457 extension members) ----

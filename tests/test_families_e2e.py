@@ -11,6 +11,12 @@ The bundles come from `python -m export --model DIR` on each family's tiny rando
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +29,7 @@ import pytest
 from functions.bundle import load_manifest
 from functions.tokenizer_core import TokenizerCore
 from tests.conftest import Reference, run_export
+from tests.helpers.procs import REPO_ROOT, free_port
 from tests.helpers.stack import Stack, start_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -177,3 +184,52 @@ def test_each_stage_holds_its_own_files_only(fam: FamilyStack) -> None:
     for s in m.stages:
         rss = _rss(fam.stack.procs[f"{s.name}-r1"].process.pid)
         assert rss < s.bytes + KV_BUDGET + (300 << 20), (s.name, rss, s.bytes)
+
+
+def test_the_launcher_starts_one_process_per_stage(
+    family_bundles: dict[str, Future[Path]], tmp_path: Path
+) -> None:
+    """`python -m infra.local.stack up` on a 4-stage Qwen2 bundle: four stage processes, served."""
+    work = family_bundles["qwen2"].result()
+    gw, tok = free_port(), free_port()
+    base = free_port()
+    while any(p in (gw, tok) for p in range(base, base + 4)):
+        base = free_port()
+    ports = ["--gateway-port", str(gw), "--tokenizer-port", str(tok), "--stage-port-base", str(base)]
+    cmd = [sys.executable, "-m", "infra.local.stack", "up", "--bundle", str(work / "bundle"), "--no-export"]
+    p = subprocess.Popen(
+        [*cmd, "--no-frontend", "--no-prometheus", *ports],
+        cwd=REPO_ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TANDEM_STATE_DIR": str(tmp_path)},
+    )
+    lines: list[str] = []
+    try:
+        assert p.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+            line.startswith("  OpenAPI docs") for line in lines[-1:]
+        ):
+            line = p.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        out = "".join(lines)
+        assert "tandem is up: hf, 4 stage processes" in out, out
+        assert sorted(s["name"] for s in json.loads((tmp_path / "pids.json").read_text())["services"]) == [
+            "gateway", "stage-1", "stage-2", "stage-3", "stage-4", "tokenizer",
+        ]  # fmt: skip
+        r = httpx.post(
+            f"http://127.0.0.1:{gw}/api/model/process",
+            json={"text": TEXT, "max_tokens": 8, "ignore_eos": True},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["token_ids"] == Reference(work / "hf").greedy(
+            TokenizerCore.from_bundle(work / "bundle").encode(TEXT), 8
+        )
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)

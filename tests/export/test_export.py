@@ -142,6 +142,13 @@ def test_random_init_int8_and_reference(tmp_path: Path) -> None:
     assert 0.0 <= m.parity["top1_agreement"] <= 1.0 and m.parity["max_abs_logit_diff"] >= 0
     assert m.reference is not None and (out / m.reference["file"]).is_file()
     assert verify_files(out, m) == []
+    # a random-init bundle carries tandem's default chat template, hashed like every file
+    from export.tokenizer_meta import DEFAULT_TEMPLATE
+    from functions.bundle_fetch import TOKENIZER_ROLE, role_files
+
+    assert m.chat_template == "chat_template.jinja"
+    assert (out / m.chat_template).read_text() == DEFAULT_TEMPLATE.read_text()
+    assert set(role_files(m, TOKENIZER_ROLE)) == {"tokenizer.json", "chat_template.jinja"}
     assert not any(p.name.startswith("_") for p in out.iterdir())  # no leftovers of the build
 
 
@@ -360,3 +367,39 @@ def test_random_init_takes_the_tokenizers_size(tmp_path: Path) -> None:
 
         size = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size()
         assert GPT2Config.from_pretrained(d).vocab_size == size < 50257
+
+
+def test_a_format_1_bundle_says_re_export(tmp_path: Path) -> None:
+    """A GPT-2-only bundle of format 1 (before the families): the stage function refuses to start with
+    the message to re-export, and the export's up-to-date check rebuilds it."""
+    from functions.bundle import BundleError
+    from tests.helpers.bundles import make_fake_bundle
+
+    old = make_fake_bundle(tmp_path / "old")
+    doc = json.loads((old / "manifest.json").read_text())
+    doc["format_version"] = 1
+    doc["config"] = {"n_layer": 3, "n_embd": 8, "n_head": 2, "n_positions": 64, "vocab_size": 400}
+    (old / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match=r"bundle format 1 is not supported .*re-export it"):
+        load_manifest(old)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "functions.stage",
+            "--bundle",
+            str(old),
+            "--stage",
+            "1",
+            "--port",
+            str(free_port()),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "re-export it" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    from export.publish import up_to_date
+
+    assert not up_to_date(old, {})
