@@ -172,6 +172,7 @@ def build(args: Any) -> Manifest:
         tok = _tokenizer(args, src, model.config)
         ranges, split_record = _split(args, parts)
         from export.stage_files import export_stage_files  # torch: after the quick refusals
+
         stages, head = [], None
         for k, layers in enumerate(ranges):
             entry, last_head = export_stage_files(parts, k, layers, work, args.opset, args.quantize)

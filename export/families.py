@@ -191,6 +191,7 @@ class Parts:
     embed_scale: float | None = None  # Gemma: sqrt(hidden_size)
     # GPT-2's blocks apply causality themselves: the stage passes only the padding bias
     causal_in_layers: bool = False
+    config: Any = None  # the transformers config the layers read (their attention implementation)
 
     def rotary_tables(self, h: Any, position_ids: Any) -> Any:
         """(cos, sin) for these positions, without transformers' dynamic-RoPE update (a branch on the
@@ -205,7 +206,9 @@ def parts_of(model: Any) -> Parts:
     shape = shape_of(cfg)
     if cfg.model_type == "gpt2":
         t = model.transformer
-        return Parts(shape, t.wte, t.h, t.ln_f, model.lm_head, positions=t.wpe, causal_in_layers=True)
+        return Parts(
+            shape, t.wte, t.h, t.ln_f, model.lm_head, positions=t.wpe, causal_in_layers=True, config=cfg
+        )
     base = model.base_model
     plan = cfg.base_model_pp_plan
     rotary = getattr(base, "rotary_emb", None)
@@ -216,4 +219,5 @@ def parts_of(model: Any) -> Parts:
     embed, layers, norm = (getattr(base, k) for k in ("embed_tokens", "layers", "norm"))
     assert set(plan) >= {"embed_tokens", "layers", "norm"}
     scale = math.sqrt(shape.hidden_size) if cfg.model_type in EMBED_SCALED else None
-    return Parts(shape, embed, layers, norm, model.get_output_embeddings(), rotary=rotary, embed_scale=scale)
+    head = model.get_output_embeddings()
+    return Parts(shape, embed, layers, norm, head, rotary=rotary, embed_scale=scale, config=cfg)

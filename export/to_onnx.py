@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from export import attention
 from export.families import Parts
 from export.stages import DecoderStage, StageSpec, example_inputs
 
@@ -55,7 +57,11 @@ def export_stage(parts: Parts, spec: StageSpec, path: Path, opset: int | None) -
     module = DecoderStage(parts, spec).eval()
     args = example_inputs(parts, spec)
     names = (spec.input_names(), spec.output_names())
-    program = to_program(module, args, names, _dynamic_shapes(spec), opset)
+    # GPT-2's blocks keep their own attention (causality from their buffer); the others read each
+    # key/value head once (export/attention.py)
+    grouped = contextlib.nullcontext() if parts.causal_in_layers else attention.selected(parts.config)
+    with grouped:
+        program = to_program(module, args, names, _dynamic_shapes(spec), opset)
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > 1_800_000_000
     program.save(str(path), external_data=large)
 

@@ -268,6 +268,8 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
         errors["run"] = "interrupted"
     finally:
         for launcher in stack:
+            if launcher.record is not None:  # after the runs: KV caches freed, arenas kept
+                launcher.record["stage_rss_bytes"] = launcher.memory()
             launcher.stop()
     results: dict = {}
     for v, levels in runs.items():
@@ -279,6 +281,21 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
                     summary["texts"] = first[(v, c)]["texts"]
                 results.setdefault(v, {})[c] = summary
     return results
+
+
+def memory_line(used: dict) -> str:
+    """Each stage process's resident memory against its own files, for one measured stack."""
+    try:
+        stages = {
+            s["name"]: s for s in json.loads((Path(used["bundle"]) / "manifest.json").read_text())["stages"]
+        }
+    except (OSError, ValueError, KeyError):
+        stages = {}
+    parts = [
+        f"{name} {rss / 1e6:.0f} MB (files {stages.get(name, {}).get('bytes', 0) / 1e6:.0f} MB)"
+        for name, rss in used.get("stage_rss_bytes", {}).items()
+    ]
+    return f"[{used['variant']}] stage memory after the runs: " + (", ".join(parts) or "not measured")
 
 
 def model_label(manifest: dict) -> str:
@@ -315,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     checks = run_checks(results, bundle)
     print(report(args, machine, results, checks, errors))
+    for used in args.stack_used:
+        print(memory_line(used))
     if startup:
         print(
             "Stage function ready after process start (median of "

@@ -234,6 +234,7 @@ class StackProcess:
         self.command = command or self.default_command(bundle, port)
         self.proc: subprocess.Popen | None = None
         self.log_file = None
+        self.record: dict | None = None  # its entry in the benchmark's list of stacks
 
     @staticmethod
     def default_command(bundle: Path, port: int) -> list[str]:
@@ -303,6 +304,23 @@ class StackProcess:
             f"the stack was not ready at {self.url}/readyz after {STACK_READY_TIMEOUT_S:.0f} s "
             f"(last: {last}); output tail:\n{self.tail()}"
         )
+
+    def memory(self) -> dict[str, int]:
+        """Resident bytes of each stage process the launcher started (from its pids.json)."""
+        state = Path((self.env or {}).get("TANDEM_STATE_DIR", "")) / "pids.json"
+        out: dict[str, int] = {}
+        if not state.is_file():
+            return out
+        for service in json.loads(state.read_text())["services"]:
+            if not service["name"].startswith("stage"):
+                continue
+            try:
+                status = Path(f"/proc/{service['pid']}/status").read_text()
+            except OSError:
+                continue
+            kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+            out[service["name"]] = kb * 1024
+        return out
 
     def stop(self) -> None:
         if self.proc is None:
@@ -424,17 +442,18 @@ def open_stack(args, spec: StackSpec, index: int, prompts: np.ndarray, bundle: P
         stack.append(launcher)
         url = launcher.start()
     model = stack_model_id(url)
-    args.stack_used.append(
-        {
-            "variant": spec.name,
-            "url": url,
-            "model": model,
-            "bundle": str(bundle),
-            "started_by_bench": not args.stack_url,
-            "pipeline_depth": spec.depth,
-            "hop_delay_ms": spec.delay_ms,
-        }
-    )
+    record = {
+        "variant": spec.name,
+        "url": url,
+        "model": model,
+        "bundle": str(bundle),
+        "started_by_bench": not args.stack_url,
+        "pipeline_depth": spec.depth,
+        "hop_delay_ms": spec.delay_ms,
+    }
+    args.stack_used.append(record)
+    if not args.stack_url:
+        stack[-1].record = record
     log(f"[{spec.name}] gateway {url}, model {model!r}")
 
     def run(c: int) -> dict:
