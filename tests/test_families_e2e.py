@@ -233,3 +233,21 @@ def test_the_launcher_starts_one_process_per_stage(
     finally:
         p.send_signal(signal.SIGTERM)
         p.communicate(timeout=60)
+
+
+def test_the_kv_budget_counts_the_family_kv_shape(fam: FamilyStack) -> None:
+    """Each stage turns its KV budget into positions by its layers' KV heads x head_dim (GQA, an
+    explicit head_dim), never by hidden_size; its metadata says the family's shape."""
+    m = load_manifest(fam.stack.bundle)
+    for s in m.stages:
+        meta = httpx.get(f"{fam.stack.stage_urls[s.name][0]}/v2/models/{s.name}", timeout=5).json()[
+            "parameters"
+        ]
+        per_position = (s.layers[1] - s.layers[0]) * 2 * m.num_kv_heads * m.head_dim * 4
+        assert meta["max_call_positions"] == KV_BUDGET // per_position, (s.name, meta)
+        assert (meta["family"], meta["num_kv_heads"], meta["head_dim"]) == (
+            fam.name,
+            m.num_kv_heads,
+            m.head_dim,
+        )
+        assert meta["hidden_size"] == m.hidden_size and meta["max_positions"] == m.max_positions
