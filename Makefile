@@ -38,9 +38,10 @@ install-cuda: ## the serving set on an NVIDIA GPU (requirements/cuda.txt: onnxru
 	.venv-cuda/bin/python -m pip install $(PIP_ARGS) -r requirements/cuda.txt
 	.venv-cuda/bin/python -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
 
-$(STAMP): requirements/serve-common.txt requirements/serve.txt requirements/export.txt requirements/dev.txt
+$(STAMP): requirements/serve-common.txt requirements/serve.txt requirements/export.txt requirements/dev.txt requirements/kserve.txt
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install $(PIP_ARGS) -r requirements/dev.txt
+	$(PY) -m pip install $(PIP_ARGS) --no-deps -r requirements/kserve.txt
 	@touch $@
 
 up: install ## export the bundle if needed, start tokenizer + stages + gateway, print the URLs

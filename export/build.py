@@ -12,7 +12,7 @@ from typing import Any
 
 from export.errors import ExportError
 from export.publish import log, publish, up_to_date, versions
-from functions.bundle import FORMAT_VERSION, MANIFEST, Manifest, StageEntry, sha256_file
+from functions.bundle import FORMAT_VERSION, MANIFEST, RANDOM_INIT_PREFIX, Manifest, StageEntry, sha256_file
 
 __all__ = ["build", "log", "up_to_date"]
 FP32_MAX_DIFF = 1e-3
@@ -39,7 +39,7 @@ def _source(args: Any, work: Path) -> Source:
             args.random_init, hf_dir, Path(args.tokenizer) if args.tokenizer else None, args.seed
         )
         log(note)
-        return Source(str(hf_dir), None, hf_dir, f"random-init:{args.random_init}", note)
+        return Source(str(hf_dir), None, hf_dir, f"{RANDOM_INIT_PREFIX}{args.random_init}", note)
     directory = source.model_dir(args.model, args.revision)
     return Source(args.model, args.revision, directory, args.model, "the model's own")
 

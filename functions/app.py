@@ -31,6 +31,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from functions import stage_api as api
 from functions.auth import CHALLENGE, Authenticator, host_refusal
 from functions.errors import problem_details_handler, problem_media, problem_response
 from functions.fastpath import ASGIApp, FastRoute, FastRoutesApp, Message, Receive, Scope, Send
@@ -97,21 +98,59 @@ def create_function_app(
     middleware: Sequence[Any] = (),
 ) -> ASGIApp:
     """Build a function's app and return the ASGI callable to serve; `registry` must be fresh per
-    app (never the global default).
-
-    `fast_routes` are served in front of Litestar (functions.fastpath) when `fast_path` is True;
-    when it is None, as `settings.fast_path` says ("auto": unless tracing is on, since the Litestar
-    routes add the server spans).
-
-    Callers authenticate (functions.auth) with the service token, or with one of the client API
-    keys when `api_keys` is set (the gateway); open when none is configured. `middleware` wraps
-    the Litestar routes inside the metrics one.
-    """
+    app (never the global default). `fast_routes` are served in front of Litestar
+    (functions.fastpath) when `fast_path` is True; when None, as `settings.fast_path` says ("auto":
+    unless tracing is on, since the Litestar routes add the server spans). Callers authenticate
+    as `authenticator` says; `middleware` wraps the Litestar routes inside the metrics one."""
     logging.getLogger("tandem").setLevel(settings.log_level.upper())
+    auth = authenticator(settings, api_keys)
+    tracing = configure_tracing(service_name)
+    requests, duration = http_metrics(registry)
+    asgi: Any = HttpMetricsMiddleware  # plain ASGI (functions.fastpath types), not Litestar's
+    metrics = DefineMiddleware(asgi, service=service_name, requests=requests, duration=duration)
+    app = Litestar(
+        route_handlers=[*common_routes(service_name, is_ready, registry), docs_assets(), *route_handlers],
+        lifespan=list(lifespan or []),
+        middleware=[metrics, *middleware],
+        # Without an OTLP endpoint the plugin would only make non-recording spans: on a stage's hot
+        # path that is measurable overhead for nothing.
+        plugins=[OpenTelemetryPlugin(otel_config())] if tracing else [],
+        openapi_config=openapi_config(openapi_title),
+        exception_handlers={Exception: exception_handler},
+        before_request=before_request(auth, settings),
+        request_max_body_size=settings.max_body_bytes,
+        cors_config=cors,
+        state=State(state or {}),
+        # Logging belongs to the process (see `serve`), not to each app built in a test.
+        logging_config=None,
+    )
+    if fast_path is None:
+        fast_path = {"on": True, "off": False}.get(settings.fast_path, not tracing)
+    if not fast_routes or not fast_path:
+        return app
+    return FastRoutesApp(
+        app,
+        fast_routes,
+        service=service_name,
+        requests=requests,
+        duration=duration,
+        max_body_bytes=settings.max_body_bytes,
+        auth=auth,
+        allowed_hosts=settings.allowed_hosts,
+    )
+
+
+def authenticator(settings: FunctionSettings, api_keys: bool) -> Authenticator | None:
+    """Who may call: the client API keys (the gateway), else the service token; None: anyone."""
     if api_keys:
-        auth = Authenticator.of(settings.api_keys, "an API key of this gateway")
-    else:
-        auth = Authenticator.of([settings.auth_token or ""], "the service token (TANDEM_AUTH_TOKEN)")
+        return Authenticator.of(settings.api_keys, "an API key of this gateway")
+    return Authenticator.of([settings.auth_token or ""], "the service token (TANDEM_AUTH_TOKEN)")
+
+
+def before_request(
+    auth: Authenticator | None, settings: FunctionSettings
+) -> Callable[[Request[Any, Any, Any]], None]:
+    """The hook every Litestar route runs first."""
 
     def before(request: Request[Any, Any, Any]) -> None:
         """Authentication first, then: a route that reads a JSON body takes only JSON (no header
@@ -130,7 +169,11 @@ def create_function_app(
                 f"(Content-Type: application/json), not {media}",
             )
 
-    tracing = configure_tracing(service_name)
+    return before
+
+
+def http_metrics(registry: CollectorRegistry) -> tuple[Counter, Histogram]:
+    """The HTTP series every function has (the fast path counts into the same ones)."""
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     requests = Counter(
@@ -146,6 +189,13 @@ def create_function_app(
         registry=registry,
         buckets=LATENCY_BUCKETS,
     )
+    return requests, duration
+
+
+def common_routes(
+    service_name: str, is_ready: Callable[[], tuple[bool, str]], registry: CollectorRegistry
+) -> list[Any]:
+    """Liveness, readiness and metrics."""
 
     @get(["/v2/health/live", "/healthz"], tags=["health"], sync_to_thread=False)
     def live() -> dict[str, bool]:
@@ -169,68 +219,39 @@ def create_function_app(
     def metrics() -> Response[bytes]:
         return Response(generate_latest(registry), media_type=METRICS_MEDIA_TYPE)
 
-    otel = OpenTelemetryConfig(
+    return [live, ready, metrics]
+
+
+def otel_config() -> OpenTelemetryConfig:
+    return OpenTelemetryConfig(
         # control-plane calls (releases, discovery) would each open a trace of their own
         exclude=[
             "^/metrics$",
             "^/v2/health/",
             "^/healthz$",
             "^/readyz$",
-            "/sequences",
+            api.SEQUENCES_PART,
             "^/v1/tokenizer$",
             "^/api/nodes$",  # the UI polls it every 2 s
         ],
         exclude_spans=["receive", "send"],
     )
-    app = Litestar(
-        route_handlers=[live, ready, metrics, docs_assets(), *route_handlers],
-        lifespan=list(lifespan or []),
-        middleware=[
-            DefineMiddleware(
-                HttpMetricsMiddleware,  # type: ignore[arg-type]  # plain ASGI (functions.fastpath types)
-                service=service_name,
-                requests=requests,
-                duration=duration,
-            ),
-            *middleware,
+
+
+def openapi_config(title: str) -> OpenAPIConfig:
+    """OpenAPI at /docs, with Swagger UI's files served here (docs_assets)."""
+    return OpenAPIConfig(
+        title=title,
+        version="0.1.0",
+        path="/docs",
+        render_plugins=[
+            SwaggerRenderPlugin(
+                js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                standalone_preset_js_url=f"{DOCS_ASSETS}/swagger-ui-standalone-preset.js",
+                favicon=f"<link rel='icon' type='image/png' href='{DOCS_ASSETS}/favicon-32x32.png'>",
+            )
         ],
-        # Without an OTLP endpoint the plugin would only make non-recording spans: on a stage's hot
-        # path that is measurable overhead for nothing.
-        plugins=[OpenTelemetryPlugin(otel)] if tracing else [],
-        openapi_config=OpenAPIConfig(
-            title=openapi_title,
-            version="0.1.0",
-            path="/docs",
-            render_plugins=[
-                SwaggerRenderPlugin(
-                    js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
-                    css_url=f"{DOCS_ASSETS}/swagger-ui.css",
-                    standalone_preset_js_url=f"{DOCS_ASSETS}/swagger-ui-standalone-preset.js",
-                    favicon=f"<link rel='icon' type='image/png' href='{DOCS_ASSETS}/favicon-32x32.png'>",
-                )
-            ],
-        ),
-        exception_handlers={Exception: exception_handler},
-        before_request=before,
-        request_max_body_size=settings.max_body_bytes,
-        cors_config=cors,
-        state=State(state or {}),
-        # Logging belongs to the process (see `serve`), not to each app built in a test.
-        logging_config=None,
-    )
-    if fast_path is None:
-        fast_path = {"on": True, "off": False}.get(settings.fast_path, not tracing)
-    if not fast_routes or not fast_path:
-        return app
-    return FastRoutesApp(
-        app,
-        fast_routes,
-        service=service_name,
-        requests=requests,
-        duration=duration,
-        max_body_bytes=settings.max_body_bytes,
-        auth=auth,
-        allowed_hosts=settings.allowed_hosts,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from functions.contract import PAST_PREFIX, PRESENT_PREFIX
@@ -18,6 +18,8 @@ from functions.contract import PAST_PREFIX, PRESENT_PREFIX
 # tokenizer entry lists every EOS id and the chat template); format 1 was GPT-2 only
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+# model.id of a bundle exported with --random-init SHAPE: "random-init:SHAPE"
+RANDOM_INIT_PREFIX = "random-init:"
 
 
 class BundleError(Exception):
@@ -150,6 +152,21 @@ class Manifest:
             return cls(**{**d, "stages": stages})
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest.json does not match the bundle schema: {e}") from e
+
+
+def short_name(model_id: str) -> str:
+    """What clients call a bundle's model: its id without a hub organisation or a directory
+    ("openai-community/gpt2", "/models/gpt2" -> "gpt2"), random weights by their shape
+    ("random-init:gpt2" -> "gpt2", "random-init:cfg/small.json" -> "small")."""
+    if model_id.startswith(RANDOM_INIT_PREFIX):
+        return PurePosixPath(model_id.removeprefix(RANDOM_INIT_PREFIX)).stem
+    return PurePosixPath(model_id.rstrip("/")).name or model_id
+
+
+def names_model(name: str, model_id: str) -> bool:
+    """Whether `name` (a gateway's model_name) names the model of id `model_id`: the id itself or
+    its short name."""
+    return name in (model_id, short_name(model_id))
 
 
 def sha256_file(path: Path) -> str:

@@ -1,7 +1,9 @@
 """The model bundle at a function's start. With `TANDEM_BUNDLE_URL` set (an http(s):// or file://
 location of a bundle directory, e.g. an object-store URL), `manifest.json` and the files this role
 serves are fetched into the local bundle directory, each checked against the manifest's sha256
-before it is moved into place; `TANDEM_BUNDLE_SHA256` pins the manifest itself. Without it the
+before it is moved into place; `TANDEM_BUNDLE_SHA256` pins the manifest itself, and
+`TANDEM_BUNDLE_WAIT` (seconds) keeps asking for a manifest not published yet (a bundle store still
+waiting for its export). Without it the
 bundle is already there (mounted or baked into the image); `TANDEM_VERIFY_HASHES` then checks the
 role's files in place. Either way a bad file stops the process before it reports ready.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -30,6 +33,7 @@ from functions.bundle import (
 from functions.settings import Env
 
 TOKENIZER_ROLE = "tokenizer"
+WAIT_STEP = 2.0  # seconds between asks for a manifest not there yet
 CHUNK = 1 << 20
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
@@ -57,10 +61,10 @@ def _chunks(url: str) -> Iterator[bytes]:
     try:
         with httpx.stream("GET", url, timeout=TIMEOUT, follow_redirects=True) as r:
             if r.status_code != 200:
-                raise BundleError(f"GET {url} answered {r.status_code}")
+                raise BundleUnavailableError(f"GET {url} answered {r.status_code}")
             yield from r.iter_bytes(CHUNK)
     except httpx.HTTPError as e:
-        raise BundleError(f"GET {url} failed: {e!r}") from None
+        raise BundleUnavailableError(f"GET {url} failed: {e!r}") from None
 
 
 def _download(url: str, target: Path, sha256: str | None) -> None:
@@ -79,13 +83,33 @@ def _download(url: str, target: Path, sha256: str | None) -> None:
     os.replace(partial, target)
 
 
-def fetch_bundle(url: str, dest: Path, role: str, *, manifest_sha256: str | None = None) -> list[str]:
+class BundleUnavailableError(BundleError):
+    """The location did not answer with the file (yet): refused, unreachable, not 200."""
+
+
+def _download_manifest(url: str, target: Path, sha256: str | None, wait: float) -> None:
+    """The manifest, asked for again every WAIT_STEP seconds for up to `wait` seconds while it is
+    unavailable (a hash mismatch is final at once)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return _download(url, target, sha256)
+        except BundleUnavailableError as e:
+            if time.monotonic() + WAIT_STEP > deadline:
+                raise
+            print(f"bundle: {e}; asking again for up to {deadline - time.monotonic():.0f} s", flush=True)
+            time.sleep(WAIT_STEP)
+
+
+def fetch_bundle(
+    url: str, dest: Path, role: str, *, manifest_sha256: str | None = None, wait: float = 0.0
+) -> list[str]:
     """Fetch the manifest and `role`'s files from `url` into `dest`; files already there with the
     right sha256 are kept. Returns the names downloaded."""
     base = url.rstrip("/") + "/"
     dest.mkdir(parents=True, exist_ok=True)
     manifest_path = dest / MANIFEST
-    _download(base + MANIFEST, manifest_path, manifest_sha256)
+    _download_manifest(base + MANIFEST, manifest_path, manifest_sha256, wait)
     manifest = load_manifest(dest)
     fetched = []
     for name, digest in role_files(manifest, role).items():
@@ -105,7 +129,8 @@ def prepare_bundle(
     e = Env(env)
     url = e.text("TANDEM_BUNDLE_URL")
     if url is not None:
-        return fetch_bundle(url, dest, role, manifest_sha256=e.text("TANDEM_BUNDLE_SHA256"))
+        wait = float(e.number("TANDEM_BUNDLE_WAIT", 0.0, minimum=0.0))
+        return fetch_bundle(url, dest, role, manifest_sha256=e.text("TANDEM_BUNDLE_SHA256"), wait=wait)
     if verify_in_place and e.flag("TANDEM_VERIFY_HASHES"):
         manifest = load_manifest(dest)
         problems = verify_files(dest, manifest, only=list(role_files(manifest, role)))

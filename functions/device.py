@@ -1,6 +1,7 @@
 """The device a stage computes on: which ONNX Runtime providers a `--provider` asks for, the checks
-that refuse a silent CPU fallback, memory copies on the device (the KV store's primitive), and the
-GPU memory figures for the metrics. Nothing here imports a CUDA library unless CUDA was asked for.
+that refuse a silent CPU fallback, the session options every stage session gets, memory copies on
+the device (the KV store's primitive), and the GPU memory figures for the metrics. Nothing here
+imports a CUDA library unless CUDA was asked for.
 
 ONNX Runtime falls back to the CPU without an error when the CUDA provider cannot start (the
 `onnxruntime` package has none, or the CUDA libraries are missing): a stage asked for CUDA checks
@@ -162,3 +163,16 @@ def gpu_name(device_id: int = 0) -> str | None:
     if drv.cuDeviceGetName(buf, len(buf), dev) != 0:
         return None
     return buf.value.decode(errors="replace")
+
+
+def session_options(threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    # Several stage processes share few cores: spinning threads would steal them (findings s4).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts

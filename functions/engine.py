@@ -1,5 +1,6 @@
-"""One pipeline stage in ONNX Runtime: checks a batch (functions.contract), joins it with the cached
-KV of each row, runs the session, stores the new KV, and (last stage) samples. No HTTP here.
+"""One pipeline stage in ONNX Runtime: checks a batch (functions.batch), joins it with the cached KV
+of each row, runs the session, answers (functions.answers: the last stage samples) and stores the
+new KV. No HTTP here.
 
 A row whose past_lengths is not what this stage holds -> ConflictError, nothing changed;
 past_lengths 0 always starts the sequence afresh.
@@ -7,11 +8,9 @@ past_lengths 0 always starts the sequence afresh.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,15 @@ from typing import Any
 import numpy as np
 
 from functions import contract as c
-from functions import processors
+from functions.answers import answer
+from functions.batch import StageBatch
 from functions.bundle import Manifest, StageEntry
-from functions.contract import StageBatch, StageIO
-from functions.device import preload_cuda_libraries, require_in_session, session_providers
+from functions.device import preload_cuda_libraries, require_in_session, session_options, session_providers
 from functions.errors import ConflictError, PayloadTooLargeError
-from functions.kvcache import Entry, Group, KVCache
+from functions.kvcache import Entry, Group, KVCache, give_back_memory
 from functions.kvstore import make_store, resolve_kv_store
-from functions.sampling import sample
-from functions.scoring import NO_HEAD, Head, ScoreRequest, score_outputs
+from functions.scoring import Head
+from functions.stage_io import gives_final_hidden, stage_io
 
 
 @dataclass
@@ -45,55 +44,6 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 << 20  # tensor bytes of one answer (as the body
 # stages' RSS came back within 25 MB of the baseline with 256 (+100-170 MB kept with 8192, +90 MB
 # with 1024; ONNX Runtime's arena alone off did not help: glibc kept the freed blocks).
 SHRINK_ABOVE = 256
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to call
-        return None
-
-
-def give_back_memory() -> None:
-    """Return the C heap's free memory to the system (glibc keeps freed blocks otherwise)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def stage_io(manifest: Manifest, stage: StageEntry) -> StageIO:
-    """What `stage` of the bundle takes and returns on the wire. It scores prompts (takes
-    target_ids) when it is the last stage, its graph gives the final hidden states and the bundle
-    has the scoring head (both absent in bundles made before them)."""
-    last = stage.layers[1] == manifest.num_layers
-    return StageIO(
-        x_name=stage.inputs[0].name,
-        y_name=stage.outputs[0].name,
-        first=stage.first,
-        last=last,
-        hidden_size=manifest.hidden_size,
-        vocab_size=manifest.vocab_size,
-        max_positions=manifest.max_positions,
-        scoring=last and _gives_final_hidden(stage) and manifest.head is not None,
-    )
-
-
-def _gives_final_hidden(stage: StageEntry) -> bool:
-    return any(t.name == c.FINAL_HIDDEN for t in stage.outputs)
-
-
-def session_options(threads: int | None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    # Several stage processes share few cores: spinning threads would steal them (findings s4).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return opts
 
 
 class StageEngine:
@@ -116,7 +66,7 @@ class StageEngine:
         self.manifest, self.stage = manifest, stage
         self.io = stage_io(manifest, stage)
         # the graph output the scoring head reads
-        self.hidden_out = c.FINAL_HIDDEN if self.io.last and _gives_final_hidden(stage) else None
+        self.hidden_out = c.FINAL_HIDDEN if self.io.last and gives_final_hidden(stage) else None
         self.x_name = self.io.x_name
         self.past_names = stage.past_names()
         if provider == "cuda":
@@ -151,40 +101,28 @@ class StageEngine:
         arenas = "cpu:0;gpu:0" if provider == "cuda" else "cpu:0"
         self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
 
-    # ---- wire description (the stage's Open Inference Protocol model metadata) ----
-    def wire_inputs(self) -> list[dict[str, Any]]:
-        return self.io.wire_inputs()
-
-    def wire_outputs(self) -> list[dict[str, Any]]:
-        return self.io.wire_outputs()
-
     # ---- inference ----
-    def infer(self, inputs: dict[str, np.ndarray], want: set[str] | None = None) -> StageResult:
+    def infer(self, inputs: dict[str, np.ndarray], want: Collection[str] | None = None) -> StageResult:
         """Check and run one batch; `want` names the outputs asked for (None: the defaults)."""
-        if c.TARGET_IDS in inputs and not self.io.scoring:
-            raise c.ContractError(NO_HEAD.format(c.TARGET_IDS))
-        batch = StageBatch.from_tensors(inputs, self.io)
-        procs = processors.from_tensors(inputs, batch.size, self.io.vocab_size) if self.io.last else None
-        scoring = (
-            ScoreRequest.parse(inputs, batch, self.io.vocab_size, self.head is not None)
-            if self.io.last
-            else None
-        )
+        return self.run(StageBatch.from_tensors(inputs, self.io, want))
+
+    def run(self, batch: StageBatch) -> StageResult:
+        """Run one checked batch (functions.batch), refused (413) beyond this stage's bounds."""
         if batch.size * batch.width > self.max_batch_tokens:  # before any allocation for it
             raise PayloadTooLargeError(
                 f"{batch.size} rows x {batch.width} positions = {batch.size * batch.width} per call; this "
                 f"stage takes at most {self.max_batch_tokens} (TANDEM_MAX_BATCH_TOKENS): split the batch"
             )
-        self._check_bounds(batch, want)
+        self._check_bounds(batch)
         with self.lock:
-            return self._infer_locked(batch, want, procs, scoring)
+            return self._run_locked(batch)
 
     @property
     def max_call_positions(self) -> int:
         """Rows x (past + new) positions one call may hold: the KV cache budget."""
         return self.cache.max_bytes // max(self.kv_position_bytes, 1)
 
-    def _check_bounds(self, batch: StageBatch, want: set[str] | None) -> None:
+    def _check_bounds(self, batch: StageBatch) -> None:
         """The call's KV and its answer within the configured bounds, before any allocation."""
         positions = batch.size * (int(batch.past_lengths.max(initial=0)) + batch.width)
         if positions > self.max_call_positions:
@@ -194,43 +132,64 @@ class StageEngine:
                 f"budget is {self.cache.max_bytes} bytes = {self.max_call_positions} positions "
                 "(TANDEM_KV_CACHE_BYTES): split the batch"
             )
-        answer = self.io.answer_bytes(batch.size, batch.width, want)
+        answer = self.io.answer_bytes(batch.size, batch.width, batch.outputs)
         if answer > self.max_response_bytes:
             raise PayloadTooLargeError(
                 f"the answer would carry {answer} bytes of tensors; this stage sends at most "
                 f"{self.max_response_bytes} (TANDEM_MAX_RESPONSE_BYTES): ask for fewer rows or outputs"
             )
 
-    def _infer_locked(
-        self,
-        batch: StageBatch,
-        want: set[str] | None,
-        procs: processors.Processors | None = None,
-        scoring: ScoreRequest | None = None,
-    ) -> StageResult:
-        ids, past, x, n_new = batch.sequence_ids, batch.past_lengths, batch.x, batch.n_new
+    def _run_locked(self, batch: StageBatch) -> StageResult:
         self.cache.expire()
+        self._check_held(batch)
+        feeds, P = self._feeds(batch)
+        B, S = batch.size, batch.width
+        extra = []
+        if batch.scoring is not None and batch.scoring.scores_positions:
+            assert self.hidden_out is not None  # a scoring stage's graph gives them (stage_io)
+            extra = [self.hidden_out]
+        shrink = self.shrink if B * (P + S) > SHRINK_ABOVE else None
+        t0 = time.perf_counter()
+        host, presents = self.kv.run(self.session, feeds, shrink, extra)
+        seconds = time.perf_counter() - t0
+        # before storing: a refused request changes nothing
+        outputs = answer(self.io, batch, host[0], host[-1] if extra else None, self.head)
+        self._store(batch, P, presents)
+        if len(self.cache) == 0:
+            give_back_memory()
+        phase = "prefill" if int(batch.n_new.max()) > 1 else "decode"
+        return StageResult(outputs, phase, B, seconds)
+
+    def _check_held(self, batch: StageBatch) -> None:
+        """409 (nothing changed) when a row's past length is not what this stage holds, or a row
+        starts over a held sequence without saying so."""
+        ids, past = batch.sequence_ids, batch.past_lengths
         held = np.array([self.cache.length(int(s)) for s in ids], dtype=np.int64)  # (B,)
         restart = batch.start if batch.start is not None else np.zeros_like(past, dtype=np.bool_)
         missed = (held != past) & (past != 0)
         unsaid = (past == 0) & (held > 0) & ~restart  # a held sequence started over without saying so
         bad = missed | unsaid
-        if bad.any():
-            self.cache.misses += int(missed.sum())
-            why = (
-                [f"{int(missed.sum())} row(s) expect a cached past this stage does not hold"]
-                if missed.any()
-                else []
+        if not bad.any():
+            return
+        self.cache.misses += int(missed.sum())
+        why = (
+            [f"{int(missed.sum())} row(s) expect a cached past this stage does not hold"]
+            if missed.any()
+            else []
+        )
+        if unsaid.any():
+            why.append(
+                f"{int(unsaid.sum())} row(s) start over a sequence this stage holds (send {c.SEQUENCE_START} "
+                "to replace it)"
             )
-            if unsaid.any():
-                why.append(
-                    f"{int(unsaid.sum())} row(s) start over a sequence this stage holds (send {c.SEQUENCE_START} "
-                    "to replace it)"
-                )
-            raise ConflictError(
-                "; ".join(why) + "; replay from the held lengths",
-                extra=c.conflict_extra(ids[bad], held[bad], past[bad]),
-            )
+        raise ConflictError(
+            "; ".join(why) + "; replay from the held lengths",
+            extra=c.conflict_extra(ids[bad], held[bad], past[bad]),
+        )
+
+    def _feeds(self, batch: StageBatch) -> tuple[dict[str, Any], int]:
+        """The session's inputs for a batch whose rows this stage holds, and P, the past width."""
+        ids, past, n_new = batch.sequence_ids, batch.past_lengths, batch.n_new
         B, S = batch.size, batch.width
         entries = [self.cache.get(int(s)) if p > 0 else None for s, p in zip(ids, past, strict=True)]
         g = entries[0].group if entries[0] is not None else None
@@ -253,49 +212,8 @@ class StageEngine:
         pos = np.zeros((B, S), dtype=np.int64)  # (B, S)
         for b in range(B):
             pos[b, S - n_new[b] :] = np.arange(past[b], past[b] + n_new[b])
-        feeds.update({self.x_name: x, c.ATTENTION_MASK: full_mask, c.POSITION_IDS: pos})
-        t0 = time.perf_counter()
-        extra = []
-        if scoring is not None and scoring.scores_positions:
-            assert self.hidden_out is not None
-            extra = [self.hidden_out]
-        shrink = self.shrink if B * (P + S) > SHRINK_ABOVE else None
-        host, presents = self.kv.run(self.session, feeds, shrink, extra)
-        seconds = time.perf_counter() - t0
-        chosen_from = host[0]  # (B, V) last stage: the logits the token is chosen from
-        if self.io.last:  # refused before storing: a refused request changes nothing
-            assert batch.sampling is not None
-            hot = np.nonzero(batch.sampling.temperature > 0)[0]  # rows that sample (greedy takes argmax)
-            broken = [int(ids[b]) for b in hot if not np.isfinite(host[0][b]).all()]
-            if broken:
-                raise c.ContractError(
-                    f"sequence(s) {broken}: the logits are not finite (the hidden states are beyond "
-                    "what this model computes in float32), so no token can be sampled"
-                )
-            if procs is not None:
-                chosen_from = processors.apply(host[0], procs)
-        self._store(batch, P, presents)
-        if len(self.cache) == 0:
-            give_back_memory()
-        result = {}
-        if self.io.last:
-            assert batch.sampling is not None
-            logits = host[0]  # (B, V)
-            token_ids, logprobs = sample(
-                chosen_from, batch.sampling, past + n_new, want is None or c.LOGPROBS in want, logits
-            )
-            result[c.TOKEN_IDS] = token_ids
-            if logprobs is not None:
-                result[c.LOGPROBS] = logprobs
-            if want is not None and c.LOGITS in want:
-                result[c.LOGITS] = logits
-            if scoring is not None:
-                hidden = host[-1] if extra else None  # (B, S, C)
-                result |= score_outputs(scoring, logits, hidden, self.head, want)
-        else:
-            result[self.io.y_name] = host[0]  # (B, S, C)
-        phase = "prefill" if int(n_new.max()) > 1 else "decode"
-        return StageResult(result, phase, B, seconds)
+        feeds.update({self.x_name: batch.x, c.ATTENTION_MASK: full_mask, c.POSITION_IDS: pos})
+        return feeds, P
 
     def _gather(
         self, entries: list[Entry | None], batch: StageBatch, P: int

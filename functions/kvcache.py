@@ -1,10 +1,14 @@
 """Per-sequence KV cache of one stage: bounded in bytes (LRU first) and by idle time.
 
 Everything here can be lost: a caller whose sequence is gone gets a 409 and replays the inputs.
+`give_back_memory` hands the C heap's freed blocks back once the cache is empty.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import time
 from collections import OrderedDict
@@ -130,3 +134,18 @@ class KVCache:
 
     def _drop(self, seq_id: int) -> None:
         self.bytes -= self._entries.pop(seq_id).nbytes
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to call
+        return None
+
+
+def give_back_memory() -> None:
+    """Return the C heap's free memory to the system (glibc keeps freed blocks otherwise)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

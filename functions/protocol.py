@@ -1,9 +1,10 @@
-"""Open Inference Protocol v2 (KServe / Triton REST) tensor codec: the only module that knows bytes.
+"""Open Inference Protocol v2 (KServe / Triton REST) message codec: with functions.tensors (the
+datatype table and the checks on tensor data), the only modules that know bytes.
 
 JSON tensors and the binary tensor extension (a JSON header of `Inference-Header-Content-Length`
 bytes followed by raw little-endian tensor data), for requests and responses, in both directions.
-Over 300 lines on purpose: encode and decode of both directions share the datatype table and the
-validation rules, and every byte-level check lives here so no other module parses tensor data.
+Which outputs travel as binary: an output's own `binary_data` parameter, else the request's
+`binary_data_output` (as Triton reads them).
 """
 
 from __future__ import annotations
@@ -16,37 +17,42 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from functions.tensors import (
+    DATATYPES,
+    MAX_DIMS,
+    MAX_ELEMENTS,
+    ProtocolError,
+    check_shape,
+    datatype_of,
+    from_json,
+    require,
+)
+
+__all__ = [
+    "DATATYPES",
+    "HEADER",
+    "MAX_DIMS",
+    "MAX_ELEMENTS",
+    "InferRequest",
+    "InferResponse",
+    "ProtocolError",
+    "RequestedOutput",
+    "datatype_of",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+]
+
 HEADER = "Inference-Header-Content-Length"
-
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-_OIP_BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items()}
-
-# Limits that stop a hostile header from asking for a giant allocation before any check.
-MAX_DIMS = 8
-MAX_ELEMENTS = 2**28
-
-
-class ProtocolError(Exception):
-    """The request or response content breaks the protocol (the HTTP layer answers 400)."""
+BINARY_OUTPUT = "binary_data_output"  # request parameter: every output binary unless it says otherwise
+BINARY = "binary_data"  # requested output parameter
 
 
 @dataclass(frozen=True, slots=True)
 class RequestedOutput:
     name: str
-    binary_data: bool = False
+    binary_data: bool | None = None  # None: as the request's binary_data_output says
 
 
 @dataclass(slots=True)
@@ -56,11 +62,17 @@ class InferRequest:
     outputs: list[RequestedOutput] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
 
+    def output_names(self) -> list[str] | None:
+        """The outputs asked for, or None when the request names none."""
+        return [o.name for o in self.outputs] or None
+
     def binary_output_names(self, available: Iterable[str]) -> set[str]:
-        """Outputs to send as binary: those asked per output, else all when `binary_data_output`."""
+        """Outputs to send as binary: each asked output as its `binary_data` says, else as the
+        request's `binary_data_output` says (then all of `available` when none is named)."""
+        default = self.parameters.get(BINARY_OUTPUT) is True
         if self.outputs:
-            return {o.name for o in self.outputs if o.binary_data}
-        return set(available) if self.parameters.get("binary_data_output") is True else set()
+            return {o.name for o in self.outputs if (default if o.binary_data is None else o.binary_data)}
+        return set(available) if default else set()
 
 
 @dataclass(slots=True)
@@ -72,17 +84,6 @@ class InferResponse:
     model_version: str | None = None
 
 
-def datatype_of(array: np.ndarray) -> str:
-    """The OIP datatype name of an array's dtype (byte order ignored)."""
-    name = _OIP_BY_DTYPE.get(array.dtype.newbyteorder("<"))
-    if name is None:
-        raise ProtocolError(
-            f"numpy dtype {array.dtype} has no Open Inference Protocol datatype; "
-            f"supported: {', '.join(DATATYPES)}"
-        )
-    return name
-
-
 # ---------------------------------------------------------------------------------------- decode
 
 
@@ -90,20 +91,31 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
     """Parse an infer request body; `header_length` is the `Inference-Header-Content-Length`."""
     header, end = _split(body, header_length)
     inputs = _decode_tensors(_field(header, "inputs", list, "request"), "input", body, end)
-    outputs = []
-    for i, entry in enumerate(_optional(header, "outputs", list, "request") or []):
-        where = f"outputs[{i}]"
-        _require(entry, dict, where)
-        params = _optional(entry, "parameters", dict, where) or {}
-        binary = params.get("binary_data", False)
-        _require(binary, bool, f"{where}.parameters.binary_data")
-        outputs.append(RequestedOutput(_field(entry, "name", str, where), binary))
+    parameters = _optional(header, "parameters", dict, "request") or {}
+    if parameters.get(BINARY_OUTPUT) is not None:
+        require(parameters[BINARY_OUTPUT], bool, f"request parameters.{BINARY_OUTPUT}")
     return InferRequest(
         id=_optional(header, "id", str, "request"),
         inputs=inputs,
-        outputs=outputs,
-        parameters=_optional(header, "parameters", dict, "request") or {},
+        outputs=_requested_outputs(_optional(header, "outputs", list, "request") or []),
+        parameters=parameters,
     )
+
+
+def _requested_outputs(entries: list[Any]) -> list[RequestedOutput]:
+    outputs: list[RequestedOutput] = []
+    for i, entry in enumerate(entries):
+        where = f"outputs[{i}]"
+        require(entry, dict, where)
+        name = _field(entry, "name", str, where)
+        if any(o.name == name for o in outputs):
+            raise ProtocolError(f"output {name!r} is asked for twice; output names must be unique")
+        params = _optional(entry, "parameters", dict, where) or {}
+        binary = params.get(BINARY)
+        if binary is not None:
+            require(binary, bool, f"{where}.parameters.{BINARY}")
+        outputs.append(RequestedOutput(name, binary))
+    return outputs
 
 
 def decode_response(body: bytes, header_length: int | None) -> InferResponse:
@@ -134,53 +146,19 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], int]
         header = msgspec.json.decode(body[:header_length])
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"the JSON header is not valid JSON: {exc}") from None
-    _require(header, dict, "the JSON header")
+    require(header, dict, "the JSON header")
     return header, header_length
 
 
 def _decode_tensors(entries: list[Any], kind: str, body: bytes, offset: int) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for i, entry in enumerate(entries):
-        _require(entry, dict, f"{kind}s[{i}]")
+        require(entry, dict, f"{kind}s[{i}]")
         name = _field(entry, "name", str, f"{kind}s[{i}]")
         where = f"{kind} {name!r}"
         if name in tensors:
             raise ProtocolError(f"{where} appears twice; tensor names must be unique")
-        datatype = _field(entry, "datatype", str, where)
-        dtype = DATATYPES.get(datatype)
-        if dtype is None:
-            hint = " (BYTES tensors are not supported)" if datatype == "BYTES" else ""
-            raise ProtocolError(
-                f"{where} has datatype {datatype!r}{hint}; expected one of {', '.join(DATATYPES)}"
-            )
-        shape = _shape(_field(entry, "shape", list, where), where)
-        count = math.prod(shape)
-        params = _optional(entry, "parameters", dict, where) or {}
-        size = params.get("binary_data_size")
-        if size is None:
-            if "data" not in entry:
-                raise ProtocolError(f"{where} has neither 'data' nor parameters.binary_data_size")
-            tensors[name] = _from_json(entry["data"], dtype, shape, count, where)
-            continue
-        if "data" in entry:
-            raise ProtocolError(f"{where} has both 'data' and parameters.binary_data_size")
-        _require(size, int, f"{where} parameters.binary_data_size")
-        if size != count * dtype.itemsize:
-            raise ProtocolError(
-                f"{where} has binary_data_size {size} but shape {shape} of {datatype} "
-                f"needs {count * dtype.itemsize} bytes"
-            )
-        if offset + size > len(body):
-            raise ProtocolError(
-                f"body truncated: {where} needs {size} bytes at offset {offset} "
-                f"but the body has {len(body)} bytes"
-            )
-        array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
-        array = array.reshape(tuple(shape))  # a list [] would mean 'no change', not a scalar
-        if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
-            raise ProtocolError(f"{where} is BOOL but holds bytes other than 0 and 1")
-        tensors[name] = array
-        offset += size
+        tensors[name], offset = _decode_tensor(entry, where, body, offset)
     if offset != len(body):
         raise ProtocolError(
             f"{len(body) - offset} unexpected bytes after the last binary tensor: the "
@@ -189,84 +167,46 @@ def _decode_tensors(entries: list[Any], kind: str, body: bytes, offset: int) -> 
     return tensors
 
 
-def _shape(shape: list[Any], where: str) -> list[int]:
-    if len(shape) > MAX_DIMS:
-        raise ProtocolError(f"{where} has {len(shape)} dimensions; at most {MAX_DIMS} allowed")
-    for dim in shape:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise ProtocolError(f"{where} has shape {shape}; dimensions must be integers >= 0")
-    # each dimension too: [2**63 - 1, 0] has no elements but no array can have that shape
-    if math.prod(shape) > MAX_ELEMENTS or any(dim > MAX_ELEMENTS for dim in shape):
-        raise ProtocolError(f"{where} has shape {shape}: more than {MAX_ELEMENTS} elements or per dimension")
-    return shape
-
-
-def _from_json(data: Any, dtype: np.dtype[Any], shape: list[int], count: int, where: str) -> Any:
-    flat = _flatten(data, shape, where)
-    if len(flat) != count:
-        raise ProtocolError(f"{where} has {len(flat)} elements in 'data' but shape {shape} needs {count}")
-    # Check Python types exactly: a bool in an FP32 tensor or a float in an INT64 tensor is a
-    # client bug worth reporting, not silently converting (and bool is an int subclass).
-    allowed, expected = _JSON_TYPES[dtype.kind]
-    if not all(type(x) in allowed for x in flat):
-        raise ProtocolError(f"{where} is {_OIP_BY_DTYPE[dtype]}: 'data' must hold {expected} only")
-    if not flat:
-        return np.zeros(tuple(shape), dtype=dtype)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if min(flat) < info.min or max(flat) > info.max:
-            raise ProtocolError(f"{where} 'data' holds values outside the range of {dtype.name}")
-    elif dtype.kind == "f":
-        try:
-            wide = np.array(flat, dtype=np.float64)
-        except OverflowError:  # a JSON integer beyond any float (2**1024 and up)
-            wide = np.array([math.inf])
-        if np.abs(wide).max() > np.finfo(dtype).max:
-            raise ProtocolError(f"{where} 'data' holds values too large for {dtype.name}")
-    return np.array(flat, dtype=dtype).reshape(tuple(shape))
-
-
-_JSON_TYPES: dict[str, tuple[set[type], str]] = {
-    "b": ({bool}, "true/false"),
-    "u": ({int}, "integers"),
-    "i": ({int}, "integers"),
-    "f": ({int, float}, "numbers"),
-}
-
-
-def _flatten(data: Any, shape: list[int], where: str) -> list[Any]:
-    """A flat list stays as is; a nested one must mirror `shape` exactly."""
-    if not isinstance(data, list):
-        raise ProtocolError(f"{where} 'data' must be a (flat or nested) list, got {type(data).__name__}")
-    if not any(isinstance(x, list) for x in data):
-        return data
-    flat: list[Any] = []
-
-    def walk(node: Any, depth: int) -> None:
-        if depth == len(shape):
-            if isinstance(node, list):
-                raise ProtocolError(f"{where} 'data' is nested deeper than shape {shape}")
-            flat.append(node)
-            return
-        if not isinstance(node, list) or len(node) != shape[depth]:
-            raise ProtocolError(f"{where} nested 'data' does not match shape {shape}")
-        for item in node:
-            walk(item, depth + 1)
-
-    walk(data, 0)
-    return flat
-
-
-def _require(value: Any, kind: type, where: str) -> None:
-    # bool is an int subclass: never accept true where a number is expected.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProtocolError(f"{where} must be {kind.__name__}, got {type(value).__name__}")
+def _decode_tensor(entry: dict[str, Any], where: str, body: bytes, offset: int) -> tuple[np.ndarray, int]:
+    """One tensor, from its JSON `data` or from the binary part at `offset`; and the next offset."""
+    datatype = _field(entry, "datatype", str, where)
+    dtype = DATATYPES.get(datatype)
+    if dtype is None:
+        hint = " (BYTES tensors are not supported)" if datatype == "BYTES" else ""
+        raise ProtocolError(
+            f"{where} has datatype {datatype!r}{hint}; expected one of {', '.join(DATATYPES)}"
+        )
+    shape = check_shape(_field(entry, "shape", list, where), where)
+    count = math.prod(shape)
+    params = _optional(entry, "parameters", dict, where) or {}
+    size = params.get("binary_data_size")
+    if size is None:
+        if "data" not in entry:
+            raise ProtocolError(f"{where} has neither 'data' nor parameters.binary_data_size")
+        return from_json(entry["data"], dtype, shape, count, where), offset
+    if "data" in entry:
+        raise ProtocolError(f"{where} has both 'data' and parameters.binary_data_size")
+    require(size, int, f"{where} parameters.binary_data_size")
+    if size != count * dtype.itemsize:
+        raise ProtocolError(
+            f"{where} has binary_data_size {size} but shape {shape} of {datatype} "
+            f"needs {count * dtype.itemsize} bytes"
+        )
+    if offset + size > len(body):
+        raise ProtocolError(
+            f"body truncated: {where} needs {size} bytes at offset {offset} but the body has {len(body)} bytes"
+        )
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    array = array.reshape(tuple(shape))  # a list [] would mean 'no change', not a scalar
+    if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
+        raise ProtocolError(f"{where} is BOOL but holds bytes other than 0 and 1")
+    return array, offset + size
 
 
 def _field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in obj:
         raise ProtocolError(f"{where} is missing the field {key!r}")
-    _require(obj[key], kind, f"{where} field {key!r}")
+    require(obj[key], kind, f"{where} field {key!r}")
     return obj[key]
 
 
@@ -316,14 +256,12 @@ def encode_request(
         header["id"] = request_id
     params = dict(parameters or {})
     if outputs is None and binary_outputs:
-        params["binary_data_output"] = True
+        params[BINARY_OUTPUT] = True
     if params:
         header["parameters"] = params
     header["inputs"], chunks = _encode_tensors(inputs, set(inputs))
     if outputs is not None:
-        header["outputs"] = [
-            {"name": name, "parameters": {"binary_data": binary_outputs}} for name in outputs
-        ]
+        header["outputs"] = [{"name": name, "parameters": {BINARY: binary_outputs}} for name in outputs]
     body, length = _join(header, chunks)
     return body, length if length is not None else len(body)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from functions.contract import Sampling
+from functions.last_inputs import Sampling
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

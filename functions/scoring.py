@@ -11,8 +11,7 @@ the rows that ask (the decode hot path never runs any of this):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -20,56 +19,8 @@ import numpy as np
 
 from functions import contract as c
 from functions.bundle import Manifest
-from functions.contract import ContractError, StageBatch
+from functions.last_inputs import ScoreRequest
 from functions.sampling import log_softmax
-
-NO_HEAD = (
-    "prompt scoring ({}) needs the scoring head, which this bundle was exported without: re-export "
-    "the model with `python -m export` (make up rebuilds an outdated bundle)"
-)
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    num_top: np.ndarray | None  # (B,) int64 in [0, TOP_LOGPROBS_MAX]
-    targets: np.ndarray | None  # (B, S) int64, -1 where nothing is scored
-
-    @property
-    def k(self) -> int:
-        """Alternatives per position in this batch's answers."""
-        return int(self.num_top.max()) if self.num_top is not None else 0
-
-    @classmethod
-    def parse(
-        cls, inputs: Mapping[str, np.ndarray], batch: StageBatch, vocab_size: int, has_head: bool
-    ) -> ScoreRequest | None:
-        """The batch's scoring inputs, checked (ContractError naming what is wrong); None without any."""
-        top, targets = inputs.get(c.NUM_TOP), inputs.get(c.TARGET_IDS)
-        if top is None and targets is None:
-            return None
-        B, S = batch.size, batch.width
-        if top is not None:
-            if top.dtype != np.int64 or top.shape != (B,):
-                raise ContractError(f"{c.NUM_TOP} must be INT64 [{B}]; got {top.dtype} {list(top.shape)}")
-            if (top < 0).any() or (top > c.TOP_LOGPROBS_MAX).any():
-                raise ContractError(f"{c.NUM_TOP} must be in [0, {c.TOP_LOGPROBS_MAX}]")
-        if targets is not None:
-            if not has_head:
-                raise ContractError(NO_HEAD.format(c.TARGET_IDS))
-            if targets.dtype != np.int64 or targets.shape != (B, S):
-                raise ContractError(
-                    f"{c.TARGET_IDS} must be INT64 [{B}, {S}] beside the new positions; got "
-                    f"{targets.dtype} {list(targets.shape)}"
-                )
-            if (targets < -1).any() or (targets >= vocab_size).any():
-                raise ContractError(f"{c.TARGET_IDS} must be -1 (not scored) or in [0, {vocab_size})")
-            if ((batch.mask == 0) & (targets != -1)).any():
-                raise ContractError(f"{c.TARGET_IDS} must be -1 at padding positions")
-        return cls(top, targets)
-
-    @property
-    def scores_positions(self) -> bool:
-        return self.targets is not None and bool((self.targets >= 0).any())
 
 
 class Head:
@@ -106,14 +57,14 @@ def score_outputs(
     logits: np.ndarray,  # (B, V) of the sampled position
     hidden: np.ndarray | None,  # (B, S, C) final hidden states, when the batch scores positions
     head: Head | None,
-    want: set[str] | None,
+    want: Collection[str],
 ) -> dict[str, np.ndarray]:
-    """The scoring outputs asked for (`want` None: all that the inputs call for)."""
+    """The scoring outputs in `want` (the batch check made sure the inputs they need are sent)."""
     out: dict[str, np.ndarray] = {}
     k = req.k
 
     def asked(name: str) -> bool:
-        return want is None or name in want
+        return name in want
 
     if asked(c.TOP_IDS) or asked(c.TOP_LOGPROBS):
         B = logits.shape[0]

@@ -1,5 +1,6 @@
 """What a stage process holds besides its routes: its settings, the loader that builds the ONNX
-session off the event loop (readiness follows it), and the KV cache figures read at scrape time.
+session off the event loop (readiness follows it), its own metrics, and the KV cache and device
+figures read at scrape time.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from functions import contract
+from functions.app import LATENCY_BUCKETS
 from functions.bundle import BundleError, Manifest, verify_files
 from functions.device import ProviderError, gpu_memory
-from functions.engine import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RESPONSE_BYTES, StageEngine
+from functions.engine import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RESPONSE_BYTES, StageEngine, StageResult
 from functions.kvstore import KV_STORE_CHOICES
 from functions.process import unpin_this_thread
 from functions.settings import Env, SettingsError
@@ -113,6 +116,42 @@ class Loader:
         if self.engine is not None:
             return True, "ready"
         return False, self.error or self.status
+
+
+class StageMetrics:
+    """The stage's own series in `registry` (the app adds the HTTP ones), with the KV cache and
+    device collectors; label lookups are done once here, not per call (each takes a lock)."""
+
+    def __init__(self, registry: CollectorRegistry, stage: str, loader: Loader):
+        infer_seconds = Histogram(
+            "tandem_stage_infer_seconds",
+            "Time in the ONNX session per batch.",
+            ["stage", "phase"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        batch_size = Histogram(
+            "tandem_stage_batch_size",
+            "Rows per inference batch.",
+            ["stage"],
+            registry=registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        forks = Counter(
+            "tandem_stage_forked_sequences",
+            "Sequences started as a copy of another's KV cache (the choices of one prompt share its prefill).",
+            ["stage"],
+            registry=registry,
+        )
+        self.infer_seconds = {phase: infer_seconds.labels(stage, phase) for phase in ("prefill", "decode")}
+        self.batch_size = batch_size.labels(stage)
+        self.forks = forks.labels(stage)
+        registry.register(CacheCollector(loader, stage))
+        registry.register(DeviceCollector(loader, stage))
+
+    def observe(self, result: StageResult) -> None:
+        self.infer_seconds[result.phase].observe(result.seconds)
+        self.batch_size.observe(result.batch_size)
 
 
 # name, help, how to read it off the KV cache, metric family

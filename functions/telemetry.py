@@ -47,6 +47,11 @@ def configure_tracing(service_name: str) -> bool:
         return True
 
 
+def tracing_enabled() -> bool:
+    """Whether this process exports spans (configure_tracing installed the exporter)."""
+    return _configured
+
+
 def get_tracer(name: str) -> trace.Tracer:
     """A tracer from the global provider (a no-op one unless `configure_tracing` installed it)."""
     return trace.get_tracer(name)

@@ -1,5 +1,6 @@
-"""Tokenizer logic without HTTP: load a bundle's `tokenizer.json`, encode, decode, and stream-decode
-token by token without ever emitting half a UTF-8 character. Importable by the gateway.
+"""Tokenizer logic without HTTP: load a bundle's `tokenizer.json` (and its chat template, when the
+bundle carries one), encode, decode, and stream-decode token by token without ever emitting half a
+UTF-8 character. Importable by the gateway.
 """
 
 from __future__ import annotations
@@ -7,11 +8,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
 from functions.bundle import eos_ids
 
+# the manifest's tokenizer fields a chat template is rendered with (the bundle interface)
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token")
 REPLACEMENT = "\ufffd"  # what a byte-level decode yields for an incomplete UTF-8 sequence
 
 
@@ -29,8 +33,14 @@ class TokenizerCore:
         eos_token_ids: Sequence[int] = (),
         model_id: str | None = None,
         raw_json: bytes | None = None,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str | None] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        # the model's chat template (Jinja source) and the special tokens' strings it is rendered
+        # with (bos_token, eos_token); the gateway renders it (gateway.chat_template)
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         # every id that ends a sequence (the bundle's manifest lists them; Llama 3 has several)
         self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
@@ -44,7 +54,13 @@ class TokenizerCore:
 
     @classmethod
     def from_file(
-        cls, path: str | Path, *, eos_token_ids: Sequence[int] = (), model_id: str | None = None
+        cls,
+        path: str | Path,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        model_id: str | None = None,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str | None] | None = None,
     ) -> TokenizerCore:
         """Load an HF `tokenizers` JSON file."""
         raw = Path(path).read_bytes()
@@ -53,6 +69,8 @@ class TokenizerCore:
             eos_token_ids=eos_token_ids,
             model_id=model_id,
             raw_json=raw,
+            chat_template=chat_template,
+            special_tokens=special_tokens,
         )
 
     @classmethod
@@ -62,14 +80,20 @@ class TokenizerCore:
         path = bundle / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json in bundle directory {bundle}; export a bundle first")
-        eos: list[int] = []
+        info: dict[str, Any] = {}
         model_id = None
         manifest_path = bundle / "manifest.json"
         if manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
-            eos = eos_ids(manifest.get("tokenizer") or {})
+            info = manifest.get("tokenizer") or {}
             model_id = (manifest.get("model") or {}).get("id")
-        return cls.from_file(path, eos_token_ids=eos, model_id=model_id)
+        return cls.from_file(
+            path,
+            eos_token_ids=eos_ids(info),
+            model_id=model_id,
+            chat_template=_chat_template(bundle, info.get("chat_template")),
+            special_tokens={key: info.get(key) for key in SPECIAL_TOKEN_KEYS},
+        )
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -126,6 +150,16 @@ class TokenizerCore:
         if final or (len(full_text) > len(prefix_text) and not full_text.endswith(REPLACEMENT)):
             return full_text[len(prefix_text) :], read_offset, len(ids)
         return "", prefix_offset, read_offset
+
+
+def _chat_template(bundle: Path, name: Any) -> str | None:
+    """The text of the chat template file the manifest names (None: the model has no template)."""
+    if not name:
+        return None
+    path = bundle / str(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"the manifest names the chat template {name!r}, which is not in {bundle}")
+    return path.read_text(encoding="utf-8")
 
 
 class IncrementalDecoder:

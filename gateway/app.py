@@ -19,9 +19,11 @@ from functions.app import create_function_app
 from functions.errors import problem_media, problem_response
 from functions.fastpath import ASGIApp
 from functions.settings import FunctionSettings
+from functions.telemetry import tracing_enabled
 from gateway.clients import StagePoster
 from gateway.config import GatewayConfig
 from gateway.cors import cors_config
+from gateway.discovery import ChatOverride
 from gateway.errors import as_gateway_error
 from gateway.nodes import nodes
 from gateway.openai import openai_error_body, openai_routes
@@ -60,12 +62,23 @@ def create_gateway_app(
     *,
     poster: StagePoster | None = None,
     cors_origins: Sequence[str] = (),
+    id_tokens: httpx.Auth | None = None,
+    chat_template: ChatOverride | None = None,
 ) -> ASGIApp:
     """The gateway's ASGI app. `transport` carries every call to the functions when given (tests
     pass ASGI apps in-process); `poster` replaces only the stage infer calls; `cors_origins` are the
-    browser origins allowed to call it (gateway.cors)."""
+    browser origins allowed to call it (gateway.cors); `id_tokens` authenticates its calls to
+    Cloud Run functions (gateway.id_tokens); `chat_template` replaces the model's."""
     registry = CollectorRegistry()
-    gw = Gateway(cfg, registry, transport, poster, auth_token=settings.auth_token)
+    gw = Gateway(
+        cfg,
+        registry,
+        transport,
+        poster,
+        auth_token=settings.auth_token,
+        id_tokens=id_tokens,
+        chat_override=chat_template,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -75,7 +88,7 @@ def create_gateway_app(
         finally:
             await gw.stop()
 
-    return create_function_app(
+    app = create_function_app(
         service_name="gateway",
         route_handlers=[*openai_routes, *vllm_routes, process, nodes],
         settings=settings,
@@ -89,3 +102,5 @@ def create_gateway_app(
         cors=cors_config(cors_origins),
         middleware=[TraceIdMiddleware],
     )
+    gw.tracing = tracing_enabled()  # the factory has configured it
+    return app

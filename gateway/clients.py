@@ -20,9 +20,11 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+import msgspec
 import numpy as np
 
 from functions import contract, protocol
+from functions import stage_api as api
 from gateway.config import GatewayConfig, Node
 from gateway.errors import (
     InvalidRequestError,
@@ -35,6 +37,7 @@ from gateway.wire import WireClient
 
 logger = logging.getLogger("tandem.gateway")
 T = TypeVar("T")
+JSON = {"Content-Type": "application/json"}
 
 
 class StageConflict(Exception):
@@ -104,14 +107,18 @@ class Clients:
         poster: StagePoster | None = None,
         *,
         auth_token: str | None = None,
+        id_tokens: httpx.Auth | None = None,
     ):
         """`transport` carries every call when given (e.g. ASGI apps in-process); `poster` replaces
-        only the stage infer calls. `auth_token` goes with every call to the functions."""
+        only the stage infer calls. `auth_token` goes with every call to the functions, and
+        `id_tokens` adds Cloud Run's ID token to those httpx makes (gateway.id_tokens)."""
         self.cfg = cfg
         timeout = httpx.Timeout(cfg.call_timeout, connect=cfg.connect_timeout)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         self.auth = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
-        self.http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport, headers=self.auth)
+        self.http = httpx.AsyncClient(
+            timeout=timeout, limits=limits, transport=transport, headers=self.auth, auth=id_tokens
+        )
         if poster is None:
             poster = HttpxPoster(self.http) if transport is not None else None
         self.poster: StagePoster = poster or WirePoster(cfg.connect_timeout, cfg.call_timeout, self.http)
@@ -120,18 +127,22 @@ class Clients:
         await self.poster.aclose()
         await self.http.aclose()
 
-    async def _retrying(self, node_desc: str, what: str, send: Callable[[], Awaitable[T]]) -> T:
-        """`send()` with bounded retries and exponential backoff on connection failures only;
-        the one place where either client's errors become gateway errors."""
+    async def _retrying(
+        self, node_desc: str, what: str, send: Callable[[], Awaitable[T]], retries: int | None = None
+    ) -> T:
+        """`send()` with bounded retries (`retries`, else the configured number) and exponential
+        backoff on connection failures only; the one place where either client's errors become
+        gateway errors."""
         delay = self.cfg.backoff
-        for attempt in range(self.cfg.retries + 1):
+        retries = self.cfg.retries if retries is None else retries
+        for attempt in range(retries + 1):
             try:
                 return await send()
             except (TimeoutError, httpx.TimeoutException) as e:
                 # A timed-out call may have run: no blind retry, the caller replays if needed.
                 raise StageTimeoutError(f"{node_desc} did not answer {what} within its timeout") from e
             except (OSError, httpx.TransportError) as e:  # gateway.wire raises OSErrors
-                if attempt == self.cfg.retries:
+                if attempt == retries:
                     raise StageUnavailableError(
                         f"{node_desc} ({what}) refused or dropped the connection ({type(e).__name__}); "
                         "is it running? GET /v2/health/ready"
@@ -140,10 +151,12 @@ class Clients:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def _request(self, node_desc: str, method: str, url: str, **kw: Any) -> httpx.Response:
+    async def _request(
+        self, node_desc: str, method: str, url: str, retries: int | None = None, **kw: Any
+    ) -> httpx.Response:
         # messages name the path only: internal addresses stay out of what clients see
         return await self._retrying(
-            node_desc, f"{method} {urlsplit(url).path}", lambda: self.http.request(method, url, **kw)
+            node_desc, f"{method} {urlsplit(url).path}", lambda: self.http.request(method, url, **kw), retries
         )
 
     async def infer(
@@ -158,7 +171,8 @@ class Clients:
         """One inference call; `timing`, when given, gets "server" = the stage's own seconds in its
         session (its Server-Timing header), when it sends them."""
         body, hlen = protocol.encode_request(inputs, outputs=outputs, binary_outputs=True)
-        url = f"{node.url}/v2/models/{stage}/infer"
+        path = api.infer_path(stage)
+        url = node.url + path
         h = {
             protocol.HEADER: str(hlen),
             "Content-Type": "application/octet-stream",
@@ -167,7 +181,7 @@ class Clients:
         }
         desc = f"{stage} replica {node.id!r}"
         status, rh, content = await self._retrying(
-            desc, f"POST /v2/models/{stage}/infer", lambda: self.poster.post(url, body, h)
+            desc, f"POST {path}", lambda: self.poster.post(url, body, h)
         )
         if status == 200:
             raw = rh.get(protocol.HEADER.lower())  # wire's headers are lower-cased; httpx's match any case
@@ -192,12 +206,9 @@ class Clients:
 
     async def release(self, node: Node, stage: str, seq_ids: list[int]) -> None:
         """Best effort: a lost release only delays freeing until the stage's idle timeout."""
+        body = msgspec.json.encode(api.ReleaseRequest(seq_ids))
         try:
-            await self.http.post(
-                f"{node.url}/v2/models/{stage}/sequences/release",
-                json={contract.SEQUENCE_IDS: seq_ids},
-                timeout=5.0,
-            )
+            await self.http.post(node.url + api.release_path(stage), content=body, headers=JSON, timeout=5.0)
         except httpx.HTTPError as e:
             logger.warning("release of %d sequence(s) on %s failed: %s", len(seq_ids), node.id, e)
 
@@ -205,18 +216,34 @@ class Clients:
         """Children that start as a copy of `parent`'s KV cache there (the stage frees the parent).
         False when it did not happen: each child then replays its prompt there (a 409 on its first
         call), so a lost fork only costs a prefill."""
+        body = msgspec.json.encode(api.ForkRequest(parent, length, children))
+        url = node.url + api.fork_path(stage)
         try:
-            r = await self.http.post(
-                f"{node.url}/v2/models/{stage}/sequences/fork",
-                json={"parent": parent, "length": length, "children": children},
-                timeout=self.cfg.call_timeout,
-            )
+            r = await self.http.post(url, content=body, headers=JSON, timeout=self.cfg.call_timeout)
         except httpx.HTTPError as e:
             logger.warning("fork of a sequence on %s failed: %s", node.id, type(e).__name__)
             return False
         if r.status_code != 200:
             logger.warning("fork of a sequence on %s refused (%d): %s", node.id, r.status_code, _detail(r))
         return r.status_code == 200
+
+    async def model_metadata(self, node: Node, stage: str) -> httpx.Response:
+        """GET a replica's model metadata (the wire description the gateway lays out its stages by)."""
+        url = node.url + api.model_path(stage)
+        return await self._request(f"{stage} replica {node.id!r}", "GET", url, timeout=2.0)
+
+    async def sequences(self, node: Node, stage: str, timeout: float) -> api.SequencesAnswer:
+        """The KV cache a replica holds, asked once (no retry: a caller that polls asks again);
+        StageError (or a subclass) saying why when it cannot be read."""
+        path = api.sequences_path(stage)
+        desc = f"{stage} replica {node.id!r}"
+        r = await self._request(desc, "GET", node.url + path, retries=0, timeout=timeout)
+        if r.status_code != 200:
+            raise StageError(f"GET {path} answered {r.status_code}")
+        try:
+            return msgspec.json.decode(r.content, type=api.SequencesAnswer)
+        except msgspec.DecodeError as e:  # ValidationError is one
+            raise StageError(f"GET {path} sent an unreadable answer") from e
 
     async def ready(self, url: str) -> tuple[bool, str]:
         try:
@@ -240,13 +267,20 @@ class Clients:
                 f"the tokenizer's {contract.EOS_HEADER} is not a list of ids: {eos!r}"
             ) from None
 
-    async def encode(self, texts: list[str], headers: dict[str, str] | None = None) -> list[list[int]]:
+    async def chat_template(self) -> dict[str, Any]:
+        """The model's chat template and special tokens' strings (none from an older tokenizer: 404)."""
+        r = await self._request("tokenizer", "GET", f"{self.cfg.tokenizer_url}{contract.CHAT_TEMPLATE_PATH}")
+        if r.status_code not in (200, 404):
+            raise StageUnavailableError(f"the tokenizer's chat template: {r.status_code} {_detail(r)}")
+        body: dict[str, Any] = r.json() if r.status_code == 200 else {}
+        return body
+
+    async def encode(
+        self, texts: list[str], headers: dict[str, str] | None = None, *, add_special_tokens: bool = False
+    ) -> list[list[int]]:
+        body = {"text": texts, "add_special_tokens": add_special_tokens}
         r = await self._request(
-            "tokenizer",
-            "POST",
-            f"{self.cfg.tokenizer_url}/v1/encode",
-            json={"text": texts},
-            headers=headers or {},
+            "tokenizer", "POST", f"{self.cfg.tokenizer_url}/v1/encode", json=body, headers=headers or {}
         )
         if r.status_code in (400, 413):  # the text itself (too long, not encodable): the client's to fix
             kind = InvalidRequestError if r.status_code == 400 else PayloadTooLargeError

@@ -1,10 +1,12 @@
 """Gateway configuration: the original config.json shape (model_name, nodes with id, address,
-model_part), extended with a tokenizer address and tuning knobs; every knob can be overridden by
-a `TANDEM_*` environment variable. Unknown keys are rejected, naming the key.
+model_part), extended with a tokenizer address (optional: `default_tokenizer`) and tuning knobs;
+every knob can be overridden by a `TANDEM_*` environment variable. Unknown keys are rejected,
+naming the key. `check_served_model` holds model_name against the bundle the stages serve.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -12,12 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from functions.bundle import names_model, short_name
 from functions.settings import Env, SettingsError
 
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which key and why."""
+
+
+TOKENIZER_PORT = 8100  # the tokenizer's port when config.json names no tokenizer
+TOKENIZER_SERVICE = "tokenizer"  # its host then, unless every node is on one loopback host
 
 
 @dataclass(frozen=True)
@@ -114,49 +122,67 @@ def _number(key: str, value: Any, kind: str, name: str | None = None) -> int | f
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> GatewayConfig:
     if not isinstance(data, Mapping):
         raise ConfigError("the configuration must be a JSON object")
-    env = os.environ if env is None else env
+    e = Env(os.environ if env is None else env)
     allowed = {"model_name", "tokenizer", "nodes", "strict_fields", *_TUNABLE}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"unknown configuration key(s) {unknown}; allowed: {sorted(allowed)}")
     if not isinstance(data.get("model_name"), str) or not data["model_name"]:
         raise ConfigError("model_name must be a non-empty string")
+    tok = _tokenizer_address(data, e)
+    nodes = _nodes(data.get("nodes"))
+    stages = len({n.model_part for n in nodes})
+    model = e.text("TANDEM_MODEL_NAME", data["model_name"])
+    tok = tok or default_tokenizer(nodes)
+    return GatewayConfig(
+        model, tok, tuple(nodes), stages=stages, strict_fields=_strict(data, e), **_tuned(data, e)
+    )
+
+
+def _tokenizer_address(data: Mapping[str, Any], e: Env) -> str | None:
+    """`tokenizer.address` (or TANDEM_TOKENIZER_ADDRESS); None when neither says (the default)."""
     tok = data.get("tokenizer")
     if isinstance(tok, Mapping):
         extra = sorted(set(tok) - {"address"})
         if extra:
             raise ConfigError(f"unknown key(s) {extra} in tokenizer; it takes only address")
         tok = tok.get("address")
-    e = Env(env)
     tok = e.text("TANDEM_TOKENIZER_ADDRESS", tok)
-    if not isinstance(tok, str) or not tok:
-        raise ConfigError('tokenizer must be {"address": "host:port"}')
-    raw_nodes = data.get("nodes")
-    if not isinstance(raw_nodes, list) or not raw_nodes:
+    if (tok is not None or "tokenizer" in data) and (not isinstance(tok, str) or not tok):
+        raise ConfigError('tokenizer must be {"address": "host:port"}, or left out (then tokenizer:8100)')
+    return tok
+
+
+def _node(i: int, n: Any) -> Node:
+    if not isinstance(n, Mapping):
+        raise ConfigError(f"nodes[{i}] must be an object")
+    extra = sorted(set(n) - {"id", "address", "model_part"})
+    if extra:
+        raise ConfigError(f"unknown key(s) {extra} in nodes[{i}]; allowed: id, address, model_part")
+    node_id, address = n.get("id"), n.get("address")
+    if not isinstance(node_id, str) or not isinstance(address, str) or not node_id or not address:
+        raise ConfigError(f"nodes[{i}] needs a non-empty string id and address")
+    part = n.get("model_part")
+    if not isinstance(part, int) or isinstance(part, bool) or part < 0:
+        raise ConfigError(f"nodes[{i}].model_part must be an integer >= 0")
+    return Node(node_id, address, part)
+
+
+def _nodes(raw: Any) -> list[Node]:
+    """The replicas, checked: unique ids, model_part values 0..N-1 without gaps."""
+    if not isinstance(raw, list) or not raw:
         raise ConfigError("nodes must be a non-empty list of {id, address, model_part}")
-    nodes = []
-    for i, n in enumerate(raw_nodes):
-        if not isinstance(n, Mapping):
-            raise ConfigError(f"nodes[{i}] must be an object")
-        extra = sorted(set(n) - {"id", "address", "model_part"})
-        if extra:
-            raise ConfigError(f"unknown key(s) {extra} in nodes[{i}]; allowed: id, address, model_part")
-        if (
-            not isinstance(n.get("id"), str)
-            or not isinstance(n.get("address"), str)
-            or not n["id"]
-            or not n["address"]
-        ):
-            raise ConfigError(f"nodes[{i}] needs a non-empty string id and address")
-        part = n.get("model_part")
-        if not isinstance(part, int) or isinstance(part, bool) or part < 0:
-            raise ConfigError(f"nodes[{i}].model_part must be an integer >= 0")
-        nodes.append(Node(n["id"], n["address"], n["model_part"]))
+    nodes = [_node(i, n) for i, n in enumerate(raw)]
     if len({n.id for n in nodes}) != len(nodes):
         raise ConfigError("node ids must be unique")
     parts = sorted({n.model_part for n in nodes})
     if parts != list(range(len(parts))):
         raise ConfigError(f"model_part values must cover 0..{parts[-1]} without gaps; got {parts}")
+    return nodes
+
+
+def _tuned(data: Mapping[str, Any], e: Env) -> dict[str, Any]:
+    """The tunables given, each from TANDEM_<KEY> (which wins) or the file."""
     tuned: dict[str, Any] = {}
     for key, kind in _TUNABLE.items():
         integer = kind in (int, "int")
@@ -169,15 +195,50 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         if raw is not None:
             name = var if from_env is not None else None
             tuned[key] = _number(key, raw, "int" if integer else "float", name)
+    return tuned
+
+
+def _strict(data: Mapping[str, Any], e: Env) -> bool:
     strict = data.get("strict_fields", False)
     if not isinstance(strict, bool):
         raise ConfigError(f"strict_fields must be true or false, got {strict!r}")
     try:
-        strict = e.flag("TANDEM_STRICT_FIELDS", strict)
+        return e.flag("TANDEM_STRICT_FIELDS", strict)
     except SettingsError as err:
         raise ConfigError(str(err)) from None
-    model = e.text("TANDEM_MODEL_NAME", data["model_name"])
-    return GatewayConfig(model, tok, tuple(nodes), stages=len(parts), strict_fields=strict, **tuned)
+
+
+def default_tokenizer(nodes: list[Node]) -> str:
+    """The tokenizer's address when config.json (the original shape) names none: port 8100 on the
+    nodes' host when every node is on the same loopback host (one machine: localhost, 127.x.y.z,
+    ::1), else the compose service, `tokenizer:8100`."""
+    hosts = {urlsplit(n.url).hostname or "" for n in nodes}
+    host = hosts.pop() if len(hosts) == 1 else ""
+    if host == "localhost" or _is_loopback_ip(host):
+        return f"[{host}]:{TOKENIZER_PORT}" if ":" in host else f"{host}:{TOKENIZER_PORT}"
+    return f"{TOKENIZER_SERVICE}:{TOKENIZER_PORT}"
+
+
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return False
+
+
+def check_served_model(model_name: str, model_ids: list[str]) -> None:
+    """Raise ConfigError unless every stage serves one bundle and model_name names its model
+    (the id in its manifest, or the short name: "gpt2" for "openai-community/gpt2" or
+    "random-init:gpt2")."""
+    if len(set(model_ids)) > 1:
+        raise ConfigError(
+            f"the stages serve different bundles (models {sorted(set(model_ids))}); export once"
+        )
+    if model_ids and not names_model(model_name, model_ids[0]):
+        raise ConfigError(
+            f"config.json's model_name {model_name!r} does not name the model the stages serve "
+            f"({model_ids[0]!r}, short name {short_name(model_ids[0])!r}); fix model_name or the bundle"
+        )
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:

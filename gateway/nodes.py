@@ -1,10 +1,12 @@
 """GET /api/nodes: every stage's replicas as the gateway sees them (up or down and why, from the
-health loop in gateway.replicas) with the KV cache each one holds, for the UI's node health panel.
+health loop in gateway.replicas) with the KV cache each one holds, for the UI's node health panel,
+and whether the gateway traces (the UI shows a trace link only then).
 
-The KV figures come from each replica's `GET /v2/models/{stage}/sequences`, asked in parallel with
-a short timeout on the gateway's control-plane httpx client (the per-token calls use their own
-connections, gateway.wire), so a slow or dead replica costs this route at most KV_TIMEOUT_S and
-never holds up generation; such a replica is listed with its health and `kv: null` plus why.
+The KV figures come from each replica's sequence listing (functions.stage_api), asked in parallel
+through gateway.clients with a short timeout and no retry, on the control-plane httpx client (the
+per-token calls use their own connections, gateway.wire), so a slow or dead replica costs this route
+about KV_TIMEOUT_S and never holds up generation; such a replica is listed with its health and
+`kv: null` plus why.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx
 import msgspec
 from litestar import Request, get
 
+from gateway.clients import Clients
+from gateway.errors import StageError, StageTimeoutError, StageUnavailableError
 from gateway.replicas import Replica
 from gateway.service import Gateway
 
@@ -53,25 +56,20 @@ class NodesStatus(msgspec.Struct):
     reason: str
     tokenizer: ServiceStatus
     stages: list[StageStatus]
+    tracing: bool  # the gateway exports traces (OTEL_*): the UI links a request's trace only then
 
 
-async def kv_use(http: httpx.AsyncClient, stage: str, replica: Replica) -> tuple[KVUse | None, str | None]:
+async def kv_use(clients: Clients, stage: str, replica: Replica) -> tuple[KVUse | None, str | None]:
     """One replica's KV cache use, or None and the reason it could not be read."""
-    url = f"{replica.node.url}/v2/models/{stage}/sequences"
     try:
-        r = await http.get(url, timeout=KV_TIMEOUT_S)
-    except httpx.TimeoutException:
+        held = await clients.sequences(replica.node, stage, KV_TIMEOUT_S)
+    except StageTimeoutError:
         return None, f"no answer within {KV_TIMEOUT_S} s"
-    except httpx.HTTPError as e:
-        return None, f"unreachable ({type(e).__name__})"
-    if r.status_code != 200:
-        return None, f"GET {url} answered {r.status_code}"
-    try:
-        body: dict[str, Any] = r.json()
-        cap = body.get("capacity_bytes")
-        return KVUse(len(body["sequences"]), int(body["bytes"]), None if cap is None else int(cap)), None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None, f"GET {url} sent an unreadable answer"
+    except StageUnavailableError as e:
+        return None, f"unreachable ({type(e.__cause__ or e).__name__})"
+    except StageError as e:
+        return None, str(e)
+    return KVUse(len(held.sequences), held.bytes, held.capacity_bytes), None
 
 
 @get("/api/nodes", tags=["nodes"])
@@ -81,7 +79,7 @@ async def nodes(request: Request[Any, Any, Any]) -> NodesStatus:
     did not answer). The UI's node health panel polls this."""
     gw: Gateway = request.app.state.gateway
     pools = gw.replicas.pools
-    kv = await asyncio.gather(*(kv_use(gw.clients.http, p.name, r) for p in pools for r in p.replicas))
+    kv = await asyncio.gather(*(kv_use(gw.clients, p.name, r) for p in pools for r in p.replicas))
     figures = iter(kv)
     stages = [
         StageStatus(
@@ -92,4 +90,4 @@ async def nodes(request: Request[Any, Any, Any]) -> NodesStatus:
     ]
     ready, reason = gw.readiness()
     tok = ServiceStatus(gw.replicas.tokenizer_up, gw.replicas.tokenizer_reason)
-    return NodesStatus(gw.cfg.model_name, ready, reason, tok, stages)
+    return NodesStatus(gw.cfg.model_name, ready, reason, tok, stages, gw.tracing)

@@ -58,16 +58,7 @@ def sampling_from(
         raise InvalidRequestError("stop takes up to 4 non-empty strings", param="stop")
     if seed is not None and not 0 <= seed < contract.SEED_LIMIT:
         raise InvalidRequestError("seed must be in [0, 2**62)", param="seed")
-    m = contract.PENALTY_MAX
-    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        if not (math.isfinite(value) and -m <= value <= m):
-            raise InvalidRequestError(f"{name} must be in [{-m:g}, {m:g}], got {value}", param=name)
-    # the stage gets it as float32: a positive value too small for that would arrive as 0
-    if not (math.isfinite(repetition_penalty) and REPETITION_MIN <= repetition_penalty <= 1e6):
-        raise InvalidRequestError(
-            f"repetition_penalty must be in [{REPETITION_MIN:g}, 1e6] (1 = off), got {repetition_penalty}",
-            param="repetition_penalty",
-        )
+    _check_penalties(presence_penalty, frequency_penalty, repetition_penalty)
     if not 0 <= min_tokens <= max_tokens:
         raise InvalidRequestError(
             f"min_tokens must be in [0, max_tokens = {max_tokens}], got {min_tokens}", param="min_tokens"
@@ -89,6 +80,19 @@ def sampling_from(
         logit_bias=_logit_bias(logit_bias or {}),
         min_tokens=min_tokens,
     )
+
+
+def _check_penalties(presence: float, frequency: float, repetition: float) -> None:
+    m = contract.PENALTY_MAX
+    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if not (math.isfinite(value) and -m <= value <= m):
+            raise InvalidRequestError(f"{name} must be in [{-m:g}, {m:g}], got {value}", param=name)
+    # the stage gets it as float32: a positive value too small for that would arrive as 0
+    if not (math.isfinite(repetition) and REPETITION_MIN <= repetition <= 1e6):
+        raise InvalidRequestError(
+            f"repetition_penalty must be in [{REPETITION_MIN:g}, 1e6] (1 = off), got {repetition}",
+            param="repetition_penalty",
+        )
 
 
 def _logit_bias(bias: dict[str, float]) -> tuple[tuple[int, float], ...]:

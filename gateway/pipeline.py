@@ -11,42 +11,24 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from opentelemetry import trace
-from opentelemetry.propagate import inject
 
 from functions import contract as c
 from gateway import scoring
+from gateway.call_inputs import Inputs, StageLayout, row_input, split_rows, stage_inputs, stage_outputs
 from gateway.clients import Clients, StageConflict, StageRejected
 from gateway.config import GatewayConfig
 from gateway.deadlines import CallDeadlines
 from gateway.errors import GatewayError, StageError, StageTimeoutError, StageUnavailableError
 from gateway.metrics import GatewayMetrics
-from gateway.processor_inputs import processor_inputs
 from gateway.replicas import Replica, Replicas
 from gateway.sequence import Sequence, Top
-from gateway.tracing import step_traced, unsampled
+from gateway.tracing import call_spans
 
 logger = logging.getLogger("tandem.gateway")
-tracer = trace.get_tracer("tandem.gateway")
 MAX_REPLAYS = 4  # per stage call: conflicts or failovers before the rows fail
 
 
 LastResult = tuple[int, float | None, Top | None]
-
-
-@dataclass(frozen=True)
-class StageLayout:
-    """What the gateway learns from the stages' model metadata at start-up."""
-
-    input_names: list[str]  # per stage: input_ids or hidden_states_{first layer}
-    output_names: list[str]  # per stage: hidden_states_{next layer} or token_ids
-    hidden_size: int  # the hidden states' width between stages
-    max_positions: int  # the context window
-    vocab_size: int
-    model_id: str
-    max_batch_tokens: int = 1 << 62  # rows x new positions a stage takes per call (the smallest)
-    max_call_positions: int = 1 << 62  # rows x (past + new) positions per call: the KV budget
-    scoring: bool = False  # the last stage scores prompt positions (its bundle has the scoring head)
 
 
 @dataclass
@@ -84,7 +66,6 @@ class Pipeline:
     async def run(self, k: int, rows: list[Sequence], x: dict[int, np.ndarray]) -> StageOutcome:
         """Rows through stage k; `x` holds each row's new inputs for stages after the first (its
         new token ids are in `Sequence.tokens`)."""
-        pool = self.replicas.pools[k]
         start = {s.id: s.held[k] for s in rows}  # past length to send; lowered by 409s
         pending = list(rows)
         out = StageOutcome()
@@ -96,33 +77,52 @@ class Pipeline:
                 rep = await self._replica_for(k, s, out, deadline)
                 if rep is not None:
                     groups.setdefault(rep.node.id, (rep, []))[1].append(s)
-            batches = [(rep, part) for rep, grp in groups.values() for part in self._split(k, grp, x, start)]
+            batches = [
+                (rep, part)
+                for rep, grp in groups.values()
+                for part in split_rows(self.layout, k, grp, x, start)
+            ]
             calls = [self._call(k, rep, part, x, start) for rep, part in batches]
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             pending = []
             for (rep, grp), outcome in zip(batches, outcomes, strict=True):
-                if isinstance(outcome, StageConflict):
-                    for s in grp:
-                        h = outcome.held.get(s.id)
-                        if h is not None:
-                            # what the stage holds, when it is a prefix of ours; else from scratch
-                            start[s.id] = h if h < start[s.id] else 0
-                            self.metrics.replays.labels(pool.name).inc()
-                    pending += grp
-                elif isinstance(outcome, StageRejected):
-                    out.failed += [(s, outcome) for s in grp]
-                elif isinstance(outcome, StageError):
-                    pool.mark(rep, False, str(outcome))  # its rows move (and count a failover)
-                    pending += grp
-                elif isinstance(outcome, BaseException):
-                    raise outcome
-                else:
-                    out.results.update(outcome)
+                pending += self._settle(k, rep, grp, outcome, start, out)
             if not pending:
                 return out
-        err = StageError(f"{pool.name}: gave up after {MAX_REPLAYS} replays/failovers")
+        err = StageError(f"{self.replicas.pools[k].name}: gave up after {MAX_REPLAYS} replays/failovers")
         out.failed += [(s, err) for s in pending]
         return out
+
+    def _settle(
+        self,
+        k: int,
+        rep: Replica,
+        grp: list[Sequence],
+        outcome: dict[int, np.ndarray | LastResult] | BaseException,
+        start: dict[int, int],
+        out: StageOutcome,
+    ) -> list[Sequence]:
+        """Book one call's outcome; the rows to try again (replay from what the stage holds after a
+        409, or on another replica after a failure)."""
+        pool = self.replicas.pools[k]
+        if isinstance(outcome, StageConflict):
+            for s in grp:
+                h = outcome.held.get(s.id)
+                if h is not None:
+                    # what the stage holds, when it is a prefix of ours; else from scratch
+                    start[s.id] = h if h < start[s.id] else 0
+                    self.metrics.replays.labels(pool.name).inc()
+            return grp
+        if isinstance(outcome, StageRejected):
+            out.failed += [(s, outcome) for s in grp]
+            return []
+        if isinstance(outcome, StageError):
+            pool.mark(rep, False, str(outcome))  # its rows move (and count a failover)
+            return grp
+        if isinstance(outcome, BaseException):
+            raise outcome
+        out.results.update(outcome)
+        return []
 
     async def _replica_for(self, k: int, s: Sequence, out: StageOutcome, deadline: float) -> Replica | None:
         """The replica the sequence sticks to, or a new one when that is down (None: failed)."""
@@ -142,113 +142,49 @@ class Pipeline:
         s.replica[k] = new_rep
         return new_rep
 
-    def _split(
-        self, k: int, grp: list[Sequence], x: dict[int, np.ndarray], start: dict[int, int]
-    ) -> list[list[Sequence]]:
-        """The rows for one replica as calls within the stages' bounds (rows x new positions, and
-        rows x (past + new) positions for the KV budget): as they are when they fit (decode steps
-        keep their order, which lets a stage reuse its last batch), else longest first, each call as
-        full as the bounds allow."""
-        new = {s.id: self._row_length(k, s, x, start[s.id]) for s in grp}
-
-        def fits(part: list[Sequence]) -> bool:
-            width = max(new[s.id] for s in part)
-            past = max(start[s.id] for s in part)
-            return (
-                len(part) * width <= self.layout.max_batch_tokens
-                and len(part) * (past + width) <= self.layout.max_call_positions
-            )
-
-        if fits(grp):
-            return [grp]
-        parts: list[list[Sequence]] = [[]]
-        for s in sorted(grp, key=lambda s: (-new[s.id], -start[s.id])):
-            if parts[-1] and not fits([*parts[-1], s]):
-                parts.append([])
-            parts[-1].append(s)
-        return parts
-
-    def _row_length(self, k: int, s: Sequence, x: dict[int, np.ndarray], start: int) -> int:
-        if k == 0:
-            return s.feed_end - start
-        return s.held[k] - start + len(x[s.id])
-
-    def _row_input(self, k: int, s: Sequence, x: dict[int, np.ndarray], start: int) -> np.ndarray:
-        if k == 0:
-            return np.asarray(s.tokens[start : s.feed_end], dtype=np.int64)  # (n,)
-        sent = s.sent[k]
-        assert sent is not None
-        if start == s.held[k]:
-            return x[s.id]  # (n, C)
-        return np.concatenate([sent.view(start, s.held[k]), x[s.id]])  # (held - start + n, C)
-
-    def _inputs(
-        self, k: int, grp: list[Sequence], rows: list[np.ndarray], start: dict[int, int]
-    ) -> dict[str, np.ndarray]:
-        xin, mask = c.left_pad(rows, None if k == 0 else self.layout.hidden_size)
-        inputs = {
-            c.SEQUENCE_IDS: np.array([s.id for s in grp], dtype=np.int64),
-            c.PAST_LENGTHS: np.array([start[s.id] for s in grp], dtype=np.int64),
-            self.layout.input_names[k]: xin,
-            c.ATTENTION_MASK: mask,
-            c.SEQUENCE_END: np.array([s.last_step for s in grp], dtype=np.bool_),
-            # from scratch (a new sequence, or a replay a stage could not continue): say so
-            c.SEQUENCE_START: np.array([start[s.id] == 0 for s in grp], dtype=np.bool_),
-        }
-        if k == self.cfg.stages - 1:
-            p = [s.params for s in grp]
-            inputs |= {
-                c.TEMPERATURE: np.array([q.temperature for q in p], dtype=np.float32),
-                c.TOP_K: np.array([q.top_k for q in p], dtype=np.int64),
-                c.TOP_P: np.array([q.top_p for q in p], dtype=np.float32),
-                c.SEED: np.array([s.seed for s in grp], dtype=np.int64),
-            }
-            if any(q.processed for q in p):  # penalties, logit_bias, min_tokens: only then
-                inputs |= processor_inputs(grp, self.eos)
-        return inputs
-
     async def _call(
         self, k: int, rep: Replica, grp: list[Sequence], x: dict[int, np.ndarray], start: dict[int, int]
     ) -> dict[int, np.ndarray | LastResult]:
-        pool = self.replicas.pools[k]
-        last = k == self.cfg.stages - 1
-        rows = [self._row_input(k, s, x, start[s.id]) for s in grp]
-        inputs = self._inputs(k, grp, rows, start)
-        scored = scoring.targets(grp, rows, start) if last else None
-        if last:  # log-softmax over the vocabulary costs ~1 ms per row: only when someone wants it
-            outputs = [c.TOKEN_IDS, c.LOGPROBS] if any(s.params.logprobs for s in grp) else [c.TOKEN_IDS]
-            if scoring.wants_top(grp):  # per row: the rows that ask (functions/scoring.py)
-                inputs[c.NUM_TOP] = np.array([s.params.top_logprobs for s in grp], dtype=np.int64)
-                outputs += [c.TOP_IDS, c.TOP_LOGPROBS]
-            if scored is not None:
-                inputs[c.TARGET_IDS] = scored[0]
-                outputs += [c.TARGET_LOGPROBS, c.TARGET_TOP_IDS, c.TARGET_TOP_LOGPROBS]
-        else:
-            outputs = [self.layout.output_names[k]]
+        rows = [row_input(k, s, x, start[s.id]) for s in grp]
+        inputs = stage_inputs(self.layout, k, grp, rows, start, self.eos)
+        outputs, scored = stage_outputs(self.layout, k, grp, rows, start, inputs)
         headers: dict[str, str] = {}
-        timing: dict[str, float] = {}
+        spans = call_spans(self.replicas.pools[k].name, rep.node.id, grp, headers)
+        S = max(len(r) for r in rows)
         t0 = time.perf_counter()
-        # One span per request in the batch, each in its own request's trace (one trace per
-        # request); the stage's server span hangs under the first. Long generations trace only
-        # some steps (gateway.tracing); an untraced call tells the stage not to record either.
-        parents = [(s.parent, s.n_generated) for s in grp if s.parent is not None and s.parent.is_recording()]
-        spans = [
-            tracer.start_span(f"{pool.name} call", context=trace.set_span_in_context(parent))
-            for parent, step in parents
-            if step_traced(step)
-        ]
-        for span in spans:
-            span.set_attribute("tandem.batch_size", len(grp))
-            span.set_attribute("tandem.replica", rep.node.id)
-        if spans:
-            inject(headers, context=trace.set_span_in_context(spans[0]))
-        elif parents:
-            inject(headers, context=trace.set_span_in_context(unsampled(parents[0][0])))
+        try:
+            out, server = await self._send(k, rep, len(grp), S, inputs, outputs, headers)
+        finally:
+            for span in spans:
+                span.end()
+        dt = time.perf_counter() - t0
+        pool = self.replicas.pools[k]
+        self.metrics.stage_call.labels(pool.name, rep.node.id).observe(dt)
+        if server is not None:
+            self.metrics.hop_overhead.labels(pool.name).observe(max(dt - server, 0.0))
+        self.deadlines.observe(k, dt, len(grp) * S)
+        if scored is not None:
+            scoring.record(grp, scored[1], out)
+        return self._results(k, grp, rows, x, start, out, dt)
+
+    async def _send(
+        self,
+        k: int,
+        rep: Replica,
+        B: int,
+        S: int,
+        inputs: Inputs,
+        outputs: list[str],
+        headers: dict[str, str],
+    ) -> tuple[dict[str, np.ndarray], float | None]:
+        """The call itself, within the stage's deadline, cancelled if its replica goes down
+        meanwhile; the answer and the stage's own seconds in its session (when it says)."""
+        pool = self.replicas.pools[k]
         task = asyncio.current_task()
         assert task is not None  # run() gathers the calls: each is a task of its own
         rep.calls.add(task)
-        S = max(len(r) for r in rows)
-        budget = self.deadlines.budget(k, len(grp) * S)
+        budget = self.deadlines.budget(k, B * S)
+        timing: dict[str, float] = {}
         self.busy[k] += 1
         self.most_stages_busy = max(self.most_stages_busy, sum(1 for n in self.busy if n))
         try:
@@ -259,7 +195,7 @@ class Pipeline:
         except TimeoutError:
             self.metrics.deadline_misses.labels(pool.name, rep.node.id).inc()
             raise StageTimeoutError(
-                f"{pool.name} replica {rep.node.id!r} did not answer a {len(grp)} x {S} call within "
+                f"{pool.name} replica {rep.node.id!r} did not answer a {B} x {S} call within "
                 f"{budget:.1f} s (its deadline from the stage's recent latency)"
             ) from None
         except asyncio.CancelledError:
@@ -273,15 +209,21 @@ class Pipeline:
             self.busy[k] -= 1
             rep.calls.discard(task)
             rep.abandoned.discard(task)
-            for span in spans:
-                span.end()
-        dt = time.perf_counter() - t0
-        self.metrics.stage_call.labels(pool.name, rep.node.id).observe(dt)
-        if "server" in timing:
-            self.metrics.hop_overhead.labels(pool.name).observe(max(dt - timing["server"], 0.0))
-        self.deadlines.observe(k, dt, len(grp) * S)
-        if scored is not None:
-            scoring.record(grp, scored[1], out)
+        return out, timing.get("server")
+
+    def _results(
+        self,
+        k: int,
+        grp: list[Sequence],
+        rows: list[np.ndarray],
+        x: dict[int, np.ndarray],
+        start: dict[int, int],
+        out: dict[str, np.ndarray],
+        dt: float,
+    ) -> dict[int, np.ndarray | LastResult]:
+        """Each row's result from a successful call, and what the stage now holds for it."""
+        last = k == self.cfg.stages - 1
+        S = max(len(r) for r in rows)
         result: dict[int, np.ndarray | LastResult] = {}
         for b, s in enumerate(grp):
             s.stage_seconds[k] += dt

@@ -13,8 +13,9 @@ from opentelemetry import trace
 
 from gateway.bodies import decode_strict
 from gateway.errors import InvalidRequestError
+from gateway.params import sampling_from
 from gateway.sequence import SamplingParams
-from gateway.service import Gateway, disconnected, sampling_from
+from gateway.service import Gateway, disconnected
 from gateway.tracing import current_trace_id
 
 ROUTE = "/api/model/process"

@@ -1,6 +1,7 @@
 """One generation request's state in the gateway: its sampling parameters, the tokens so far, what
 every stage has been sent (for replay), the text released to the client, and the stop-string
-hold-back. No I/O here: the scheduler drives it, the routes read its events.
+hold-back; and a whole generation's outcome, gathered from its events. No I/O here: the scheduler
+drives it, the routes read its events.
 """
 
 from __future__ import annotations
@@ -64,6 +65,35 @@ class Event:
     finish_reason: str | None = None
     top: Top | None = None  # the top-N alternatives, when asked
     error: GatewayError | None = None
+
+
+@dataclass
+class Outcome:
+    """A whole (non-streamed) generation."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    tops: list[Top | None] = field(default_factory=list)  # per token: its alternatives, when asked
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+    ttft: float | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def apply(self, ev: Event) -> None:
+        """Take one event of the sequence (an error event is raised)."""
+        if ev.kind == "error":
+            assert ev.error is not None
+            raise ev.error
+        if ev.kind == "token":
+            self.token_ids.append(ev.token_id)
+            self.text += ev.text
+            if ev.logprob is not None:
+                self.logprobs.append(ev.logprob)
+            self.tops.append(ev.top)
+        else:
+            self.finish_reason = ev.finish_reason
 
 
 class StageInputs:

@@ -1,5 +1,7 @@
-"""The gateway's running state: clients, replica health, the scheduler, and the start-up
-discovery that learns the stage layout and the tokenizer from the functions themselves.
+"""The gateway service: clients, replica health, the scheduler, and the one face every route uses
+(admit, then stream or collect; tokenize and detokenize; the chat template). Routes never reach the
+scheduler themselves. Start-up discovery lives in gateway.discovery, prompt checks in
+gateway.admission.
 """
 
 from __future__ import annotations
@@ -8,8 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -17,48 +18,30 @@ from litestar import Request
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 from prometheus_client import CollectorRegistry
-from tokenizers import Tokenizer
 
-from functions import contract
 from functions.tokenizer_core import TokenizerCore
+from gateway.admission import check_prompt
+from gateway.call_inputs import StageLayout
+from gateway.chat_template import ChatTemplate
 from gateway.clients import Clients, StagePoster
-from gateway.config import GatewayConfig, Node
-from gateway.errors import (
-    ClientClosedError,
-    GatewayError,
-    InvalidRequestError,
-    NotFoundError,
-    PayloadTooLargeError,
-    StageUnavailableError,
-)
+from gateway.config import GatewayConfig
+from gateway.discovery import ChatOverride, discover
+from gateway.errors import ClientClosedError, InvalidRequestError, NotFoundError, StageUnavailableError
 from gateway.metrics import GatewayMetrics, StageUpCollector
-from gateway.params import sampling_from
-from gateway.pipeline import Pipeline, StageLayout
+from gateway.pipeline import Pipeline
 from gateway.replicas import Replicas
 from gateway.scheduler import Scheduler
-from gateway.sequence import Event, SamplingParams, Sequence, Top
+from gateway.sequence import Event, Outcome, SamplingParams, Sequence
 from gateway.tracing import annotate_request, annotate_response
 
 logger = logging.getLogger("tandem.gateway")
 tracer = trace.get_tracer("tandem.gateway")
 
 
-@dataclass
-class Outcome:
-    """A whole (non-streamed) generation."""
-
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[float] = field(default_factory=list)
-    tops: list[Top | None] = field(default_factory=list)  # per token: its alternatives, when asked
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    seconds: float = 0.0
-    ttft: float | None = None
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-
-
 class Gateway:
+    """The one face the routes use: admit prompts, then `stream` or `collect` their sequences (the
+    scheduler behind it is this object's own); tokenize and detokenize; the chat template."""
+
     def __init__(
         self,
         cfg: GatewayConfig,
@@ -67,9 +50,11 @@ class Gateway:
         poster: StagePoster | None = None,
         *,
         auth_token: str | None = None,
+        id_tokens: httpx.Auth | None = None,
+        chat_override: ChatOverride | None = None,
     ):
         self.cfg = cfg
-        self.clients = Clients(cfg, transport, poster, auth_token=auth_token)
+        self.clients = Clients(cfg, transport, poster, auth_token=auth_token, id_tokens=id_tokens)
         self.replicas = Replicas(cfg, self.clients)
         self.metrics = GatewayMetrics(registry)
         self.metrics.init_stages([p.name for p in self.replicas.pools])
@@ -77,6 +62,10 @@ class Gateway:
         self.scheduler: Scheduler | None = None
         self.tokenizer: TokenizerCore | None = None
         self.layout: StageLayout | None = None
+        self.chat_override = chat_override
+        self.chat_template: ChatTemplate | None = None
+        self.chat_problem = "the gateway is not ready"
+        self.tracing = False  # spans are exported (the UI shows trace links only then)
         self.status = "discovering the tokenizer and stages"
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -97,52 +86,22 @@ class Gateway:
         """Retry until the tokenizer and one replica of every stage describe themselves."""
         while True:
             try:
-                raw, eos = await self.clients.tokenizer_json()
-                tok = TokenizerCore(Tokenizer.from_str(raw.decode()), eos_token_ids=eos, raw_json=raw)
-                metas = []
-                for pool in self.replicas.pools:
-                    metas.append(await self._stage_metadata(pool.name, [r.node for r in pool.replicas]))
+                found = await discover(self.clients, self.replicas, self.cfg.model_name, self.chat_override)
                 break
             except Exception as e:  # keep trying: functions may start after the gateway
                 self.status = f"waiting for the functions: {e}"
                 await asyncio.sleep(0.5)
-        p0 = metas[0]["parameters"]
-        self.layout = StageLayout(
-            input_names=[contract.data_input([t["name"] for t in m["inputs"]]) for m in metas],
-            output_names=[m["outputs"][0]["name"] for m in metas if m["outputs"]],
-            hidden_size=int(p0["hidden_size"]),
-            max_positions=int(p0["max_positions"]),
-            vocab_size=int(p0["vocab_size"]),
-            model_id=str(p0["model_id"]),
-            max_batch_tokens=min(int(m["parameters"].get("max_batch_tokens", 1 << 62)) for m in metas),
-            max_call_positions=min(int(m["parameters"].get("max_call_positions") or 1 << 62) for m in metas),
-            scoring=contract.TARGET_IDS in {t["name"] for t in metas[-1]["inputs"]},
-        )
-        if self.layout.output_names[-1] != contract.TOKEN_IDS:
-            raise RuntimeError(
-                f"the last configured stage is not the model's last ({self.layout.output_names})"
-            )
-        self.tokenizer = tok
+        self.layout, self.tokenizer = found.layout, found.tokenizer
+        self.chat_template, self.chat_problem = found.chat, found.chat_problem
         pipeline = Pipeline(
-            self.cfg, self.clients, self.replicas, self.metrics, self.layout, tok.eos_token_ids
+            self.cfg, self.clients, self.replicas, self.metrics, self.layout, self.tokenizer.eos_token_ids
         )
-        self.scheduler = Scheduler(self.cfg, self.clients, self.replicas, self.metrics, tok, pipeline)
+        self.scheduler = Scheduler(
+            self.cfg, self.clients, self.replicas, self.metrics, self.tokenizer, pipeline
+        )
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
         self.status = "ready"
-        logger.info("gateway ready: %d stages, model %s", len(metas), self.layout.model_id)
-
-    async def _stage_metadata(self, name: str, nodes: list[Node]) -> dict[str, Any]:
-        last_error = "no replica configured"
-        for node in nodes:  # errors name the replica by id: addresses stay out of /readyz
-            try:
-                r = await self.clients.http.get(f"{node.url}/v2/models/{name}", timeout=2.0)
-                meta: dict[str, Any] = r.json()
-                if r.status_code == 200 and meta.get("inputs"):
-                    return meta
-                last_error = f"{node.id}: {r.status_code} {meta.get('detail', 'not loaded yet')}"
-            except (httpx.HTTPError, ValueError) as e:
-                last_error = f"{node.id}: {type(e).__name__}"
-        raise StageUnavailableError(f"{name} metadata unavailable ({last_error})")
+        logger.info("gateway ready: %d stages, model %s", self.cfg.stages, self.layout.model_id)
 
     def readiness(self) -> tuple[bool, str]:
         if self.scheduler is None:
@@ -161,6 +120,19 @@ class Gateway:
         if self.scheduler is None:
             raise StageUnavailableError(f"the gateway is not ready: {self.status}")
         return self.scheduler
+
+    def ready_layout(self) -> tuple[StageLayout, TokenizerCore]:
+        """The stage layout and the tokenizer, once discovered (else 503)."""
+        self.require_scheduler()
+        assert self.layout is not None and self.tokenizer is not None  # set with the scheduler
+        return self.layout, self.tokenizer
+
+    def chat(self) -> ChatTemplate:
+        """The chat template to render, or a 400 saying why there is none."""
+        self.require_scheduler()
+        if self.chat_template is None:
+            raise InvalidRequestError(self.chat_problem, param="messages")
+        return self.chat_template
 
     # ---- what the routes use ----
     async def admit(
@@ -200,71 +172,77 @@ class Gateway:
         stages = [p.name for p in self.replicas.pools]
         annotate_response(span, seqs, stages, output_tokens, finish_reasons)
 
-    async def encode(self, texts: list[str]) -> list[list[int]]:
+    def stage_ms(self, seqs: list[Sequence]) -> dict[str, float]:
+        """Milliseconds spent in each stage's calls for these sequences."""
+        return {
+            p.name: round(sum(s.stage_seconds[p.index] for s in seqs) * 1000, 2) for p in self.replicas.pools
+        }
+
+    async def encode(self, texts: list[str], *, add_special_tokens: bool = False) -> list[list[int]]:
         with tracer.start_as_current_span("tokenizer encode") as span:
             headers: dict[str, str] = {}
             inject(headers)
-            ids = await self.clients.encode(texts, headers)
+            ids = await self.clients.encode(texts, headers, add_special_tokens=add_special_tokens)
             span.set_attribute("gen_ai.usage.input_tokens", sum(len(i) for i in ids))
         return ids
 
+    def token_text(self, token: int) -> str:
+        """One token's text (for logprobs)."""
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
+
+    def decode(self, ids: list[int]) -> str:
+        _, tok = self.ready_layout()
+        return tok.decode(ids)
+
     def check_prompt(self, ids: list[int], params: SamplingParams, param: str = "prompt") -> None:
-        layout = self.layout
-        if layout is None:
+        if self.layout is None:
             raise StageUnavailableError(f"the gateway is not ready: {self.status}")
-        if any(not 0 <= t < layout.vocab_size for t, _ in params.logit_bias):
-            raise InvalidRequestError(
-                f"logit_bias names a token id outside the vocabulary [0, {layout.vocab_size})",
-                param="logit_bias",
-            )
-        if params.top_k > layout.vocab_size:
-            raise InvalidRequestError(
-                f"top_k must be at most the vocabulary size {layout.vocab_size}", param="top_k"
-            )
-        if not ids:
-            raise InvalidRequestError(f"{param} is empty: it must contain at least one token", param=param)
-        bad = [t for t in ids if not 0 <= t < layout.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"token id {bad[0]} is outside the vocabulary [0, {layout.vocab_size})", param=param
-            )
-        if len(ids) > layout.max_batch_tokens:
-            raise PayloadTooLargeError(
-                f"the prompt has {len(ids)} tokens; the stages take at most {layout.max_batch_tokens} "
-                "positions per call (TANDEM_MAX_BATCH_TOKENS)",
-                param=param,
-            )
-        if len(ids) + params.max_tokens > layout.max_call_positions:
-            raise PayloadTooLargeError(
-                f"the prompt ({len(ids)} tokens) and max_tokens ({params.max_tokens}) need "
-                f"{len(ids) + params.max_tokens} cached positions; the smallest stage KV cache holds "
-                f"{layout.max_call_positions} (TANDEM_KV_CACHE_BYTES)",
-                param="max_tokens",
-            )
-        if len(ids) + params.max_tokens > layout.max_positions:
-            raise InvalidRequestError(
-                f"this model's context window is {layout.max_positions} tokens; the prompt has {len(ids)} "
-                f"and max_tokens asks for {params.max_tokens} more ({len(ids) + params.max_tokens}); "
-                "shorten one",
-                param="max_tokens",
-            )
+        check_prompt(self.layout, ids, params, param)
+
+    async def stream(self, seqs: list[Sequence]) -> AsyncGenerator[tuple[int, Event], None]:
+        """Every event of these sequences as it comes, with the sequence's index; it ends when all
+        have finished, or right after the first error event. However it ends (the consumer stops
+        early or is cancelled because the client went away), every sequence still running is
+        cancelled and its KV cache freed. Consume it inside `contextlib.aclosing`."""
+        sched = self.require_scheduler()
+        queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+
+        async def pump(i: int, s: Sequence) -> None:
+            async for ev in sched.stream(s):
+                queue.put_nowait((i, ev))
+            queue.put_nowait((i, None))
+
+        pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(seqs)]
+        try:
+            left = len(seqs)
+            while left:
+                i, ev = await queue.get()
+                if ev is None:
+                    left -= 1
+                    continue
+                yield i, ev
+                if ev.kind == "error":
+                    return
+        finally:
+            for s in seqs:
+                sched.cancel(s)  # a no-op for finished ones
+            for p in pumps:
+                p.cancel()
 
     async def collect(
         self, seqs: list[Sequence], wait_disconnect: Callable[[], Awaitable[None]]
     ) -> list[Outcome]:
         """Run sequences to the end; if the client goes away first, cancel them all and raise
-        ClientClosedError (the route's error handler counts it as 499)."""
-        sched = self.require_scheduler()
+        ClientClosedError (the route's error handler counts it as 499); an error event is raised."""
         t0 = time.perf_counter()
         outs = [Outcome(prompt_tokens=len(s.prompt)) for s in seqs]
 
-        async def consume(seq: Sequence, out: Outcome) -> None:
-            async for ev in sched.stream(seq):
-                self._apply(out, ev)
+        async def consume() -> None:
+            async with contextlib.aclosing(self.stream(seqs)) as events:
+                async for i, ev in events:
+                    outs[i].apply(ev)
 
-        consumer: asyncio.Future[list[None]] = asyncio.ensure_future(
-            asyncio.gather(*(consume(s, o) for s, o in zip(seqs, outs, strict=True)))
-        )
+        consumer: asyncio.Future[None] = asyncio.ensure_future(consume())
         watcher: asyncio.Future[None] = asyncio.ensure_future(wait_disconnect())
         try:
             pair: set[asyncio.Future[Any]] = {consumer, watcher}
@@ -277,28 +255,12 @@ class Gateway:
             consumer.result()
         finally:
             watcher.cancel()
-            for s in seqs:
-                sched.cancel(s)  # a no-op for finished ones; frees the rest after an error
         elapsed = time.perf_counter() - t0
         for seq, out in zip(seqs, outs, strict=True):
             out.seconds = elapsed
             out.ttft = (seq.t_first - seq.t_arrival) if seq.t_first else None
             out.stage_seconds = {p.name: seq.stage_seconds[k] for k, p in enumerate(self.replicas.pools)}
         return outs
-
-    @staticmethod
-    def _apply(out: Outcome, ev: Event) -> None:
-        if ev.kind == "error":
-            assert ev.error is not None
-            raise ev.error
-        if ev.kind == "token":
-            out.token_ids.append(ev.token_id)
-            out.text += ev.text
-            if ev.logprob is not None:
-                out.logprobs.append(ev.logprob)
-            out.tops.append(ev.top)
-        else:
-            out.finish_reason = ev.finish_reason
 
 
 def disconnected(request: Request[Any, Any, Any]) -> Callable[[], Awaitable[None]]:
@@ -312,12 +274,3 @@ def disconnected(request: Request[Any, Any, Any]) -> Callable[[], Awaitable[None
                 return
 
     return wait
-
-
-__all__ = [
-    "Gateway",
-    "GatewayError",
-    "Outcome",
-    "disconnected",
-    "sampling_from",
-]  # sampling_from: gateway.params

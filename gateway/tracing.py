@@ -21,6 +21,7 @@ from collections.abc import Sequence as Seq
 from contextvars import ContextVar
 
 from opentelemetry import trace
+from opentelemetry.propagate import inject
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from functions.fastpath import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +31,7 @@ TRACE_HEADER = b"x-trace-id"
 TRACED_STEPS = 16
 TRACE_EVERY = 32
 
+_tracer = trace.get_tracer("tandem.gateway")
 _trace_id: ContextVar[str | None] = ContextVar("tandem_trace_id", default=None)
 
 
@@ -118,3 +120,24 @@ def annotate_response(
     span.set_attribute("tandem.steps_traced", sum(1 for n in range(steps) if step_traced(n)))
     for k, name in enumerate(stage_names):
         span.set_attribute(f"tandem.stage_seconds.{name}", round(sum(s.stage_seconds[k] for s in seqs), 6))
+
+
+def call_spans(name: str, replica: str, grp: Seq[Sequence], headers: dict[str, str]) -> list[trace.Span]:
+    """The spans of one stage call: one per request in the batch, each in its own request's trace
+    (one trace per request); the stage's server span hangs under the first, through `headers`.
+    Steps that are not traced (step_traced) get no span, and the call tells the stage not to
+    record either."""
+    parents = [(s.parent, s.n_generated) for s in grp if s.parent is not None and s.parent.is_recording()]
+    spans = [
+        _tracer.start_span(f"{name} call", context=trace.set_span_in_context(parent))
+        for parent, step in parents
+        if step_traced(step)
+    ]
+    for span in spans:
+        span.set_attribute("tandem.batch_size", len(grp))
+        span.set_attribute("tandem.replica", replica)
+    if spans:
+        inject(headers, context=trace.set_span_in_context(spans[0]))
+    elif parents:
+        inject(headers, context=trace.set_span_in_context(unsampled(parents[0][0])))
+    return spans

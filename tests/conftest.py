@@ -25,10 +25,12 @@ def run_export(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A GPT-2-architecture model with seeded random weights, saved like a hub download."""
+    """A GPT-2-architecture model with seeded random weights, saved like a hub download. Its folder
+    is named gpt2, so its bundle's model is called "gpt2", as the test stacks' configs name it (the
+    gateway checks model_name against the bundle)."""
     from export.random_init import make_random_model
 
-    d = tmp_path_factory.mktemp("tiny-hf")
+    d = tmp_path_factory.mktemp("tiny-hf") / "gpt2"
     make_random_model("tiny", d, None, seed=0)
     return d
 
@@ -80,3 +82,18 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(tiny_hf_dir: Path) -> Reference:
     return Reference(tiny_hf_dir)
+
+
+@pytest.fixture(scope="session")
+def chat_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle as a chat model: a tokenizer with chat special tokens (same vocabulary size,
+    BOS added by its post-processor when asked) and a ChatML-with-BOS chat template, written as the
+    export writes them (tests/helpers/chat.py)."""
+    from tests.helpers.chat import TEMPLATES
+    from tests.helpers.chat import chat_bundle as make
+
+    return make(
+        tiny_bundle,
+        tmp_path_factory.mktemp("bundles") / "tiny-chat",
+        (TEMPLATES / "served.jinja").read_text(),
+    )

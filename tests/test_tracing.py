@@ -428,3 +428,10 @@ def test_a_long_generation_traces_a_sample_of_its_steps(traced_stack: Stack, otl
         s for s in otlp.spans() if s.service in STAGES and s.parent_span_id is None and "infer" in s.name
     ]
     assert orphans == [], orphans
+
+
+def test_the_ui_is_told_whether_the_gateway_traces(traced_stack: Stack, untraced_stack: Stack) -> None:
+    """GET /api/nodes says whether the gateway exports traces: the UI links a trace only then."""
+    for stack, tracing in ((traced_stack, True), (untraced_stack, False)):
+        r = httpx.get(f"{stack.gateway_url}/api/nodes", timeout=10)
+        assert r.status_code == 200 and r.json()["tracing"] is tracing, r.text

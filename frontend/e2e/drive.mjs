@@ -2,7 +2,10 @@
 // stack, as a person would, and writes what it saw to OUT/results.json plus screenshots; the
 // pytest test tests/frontend/test_browser.py starts the stack, runs this and judges the results.
 //
-//   node e2e/drive.mjs '{"ui": URL, "chromium": PATH, "out": DIR, "stages": {NAME: URL, ...}}'
+//   node e2e/drive.mjs '{"ui": URL, "chromium": PATH, "out": DIR, "stages": {NAME: URL, ...},
+//                        "docs": URL, "apiKey": KEY}'
+//
+// With an apiKey (the gateway runs with TANDEM_API_KEYS) each page enters it in Settings first.
 //
 // It fails (exit 1, failure.png) when a step does not happen in time; the figures are judged
 // by the caller.
@@ -44,6 +47,85 @@ async function fill(page, fields) {
 }
 
 const text = (page, id) => page.getByTestId(id).innerText();
+
+/** Enter the API key in Settings (kept for this tab), as a person would. */
+async function apiKey(page) {
+  if (!cfg.apiKey) return;
+  await page.getByText("Settings", { exact: true }).click();
+  await page.getByLabel("API key", { exact: true }).fill(cfg.apiKey);
+  await page.getByRole("button", { name: "Save settings" }).click();
+}
+
+/** Record the length of the conversation's last answer at every change, from now on. */
+async function watchAnswer(page) {
+  await page.evaluate(() => {
+    const list = document.querySelector('[data-testid="conversation"]');
+    window.__answer = [];
+    window.__answerObserver?.disconnect();
+    window.__answerObserver = new MutationObserver(() => {
+      const answers = list.querySelectorAll('[data-testid="answer"]');
+      if (answers.length) window.__answer.push([...answers[answers.length - 1].textContent].length);
+    });
+    window.__answerObserver.observe(list, { childList: true, characterData: true, subtree: true });
+  });
+}
+
+async function chatTurns(page) {
+  await page.getByRole("tab", { name: "Chat" }).click();
+  await fill(page, { "System message": "You are a test.", "Max tokens": 24, Temperature: 0, [IGNORE_EOS]: true });
+  const turns = [];
+  for (const message of ["Hello there", "Tell me more", "And then?"]) {
+    await watchAnswer(page);
+    await page.getByLabel("Message", { exact: true }).fill(message);
+    await page.getByRole("button", { name: "Send" }).click();
+    await page.getByTestId("status").getByText(/^Finished/).waitFor({ timeout: STEP_MS });
+    const metrics = {};
+    for (const id of ["ttft", "rate", "total", "prompt", "generated"]) metrics[id] = await text(page, `metric-${id}`);
+    const stageTimes = {};
+    for (const name of Object.keys(cfg.stages)) stageTimes[name] = await text(page, `stage-time-${name}`);
+    const link = page.getByTestId("trace-link");
+    turns.push({
+      message,
+      answer: await page.getByTestId("answer").last().textContent(),
+      lengths: await page.evaluate(() => window.__answer),
+      status: await text(page, "status"),
+      metrics,
+      stageTimes,
+      traceLink: (await link.count()) ? await link.getAttribute("href") : null,
+    });
+  }
+  const shown = await page.locator('[data-testid^="turn-"]').allInnerTexts();
+  await page.screenshot({ path: join(cfg.out, "chat.png"), fullPage: true });
+  return { turns, shown };
+}
+
+async function chatStop(page) {
+  // room left in the tiny model's 1,024 positions after three turns
+  await fill(page, { "Max tokens": 700, [IGNORE_EOS]: true });
+  await page.getByLabel("Message", { exact: true }).fill("Keep going");
+  await page.getByRole("button", { name: "Send" }).click();
+  await until("10 tokens on screen", async () => Number(await text(page, "metric-generated")) >= 10, STEP_MS);
+  const during = await held();
+  await page.getByRole("button", { name: "Stop" }).click();
+  await page.getByTestId("status").getByText(/^Stopped/).waitFor({ timeout: STEP_MS });
+  let after = await held();
+  try {
+    after = await until("every stage to free the sequence", async () => {
+      const now = await held();
+      return Object.values(now).every((n) => n === 0) ? now : null;
+    });
+  } catch {
+    // reported as it is; the caller judges
+  }
+  return {
+    heldDuring: during,
+    heldAfter: after,
+    kvShown: await panelKV(page),
+    generated: Number(await text(page, "metric-generated")),
+    status: await text(page, "status"),
+    last: await page.locator('[data-testid^="turn-"]').last().innerText(),
+  };
+}
 const IGNORE_EOS = "Ignore end of text (generate exactly max tokens)";
 
 async function nodeHealth(page) {
@@ -144,10 +226,15 @@ function unlabelled(page) {
 async function narrow(browser) {
   const page = await browser.newPage({ viewport: { width: 390, height: 844 } });
   await page.goto(cfg.ui);
+  await apiKey(page);
+  await page.reload(); // the key stays (this tab's sessionStorage); focus starts from the top again
   await nodeHealth(page);
-  // keyboard only: Tab to the input text, type, Ctrl+Enter runs it
-  await page.keyboard.press("Tab");
-  const focused = await page.evaluate(() => document.activeElement?.id);
+  // keyboard only: Tab to the input text (past the view tabs), type, Ctrl+Enter runs it
+  const focused = [];
+  for (let i = 0; i < 2; i++) {
+    await page.keyboard.press("Tab");
+    focused.push(await page.evaluate(() => document.activeElement?.id));
+  }
   await page.keyboard.press("Control+A");
   await page.keyboard.type("Keyboard only");
   await page.keyboard.press("Control+Enter");
@@ -180,8 +267,11 @@ const browser = await chromium.launch({
   args: [...FLAGS, "--disable-component-update", "--disable-sync"],
 });
 const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+results.pageErrors = []; // uncaught exceptions in the page: there should be none
+page.on("pageerror", (e) => results.pageErrors.push(String(e?.stack ?? e)));
 try {
   await page.goto(cfg.ui);
+  await apiKey(page);
   results.nodes = await nodeHealth(page);
   results.unlabelled = await unlabelled(page);
   await fill(page, { "Input text": "Hello the model", "Max tokens": 48, Temperature: 0, [IGNORE_EOS]: true });
@@ -191,6 +281,8 @@ try {
   results.stop = await stopMidway(page);
   results.refused = await refusedParameter(page);
   await page.screenshot({ path: join(cfg.out, "desktop-error.png"), fullPage: true });
+  results.chat = await chatTurns(page);
+  results.chatStop = await chatStop(page);
   results.narrow = await narrow(browser);
   results.docs = await apiDocs(browser);
 } catch (e) {

@@ -1,98 +1,89 @@
-import { useCallback, useEffect, useRef, useState } from "react";
-import { type StreamResult, streamCompletion } from "./client";
+import { type KeyboardEvent, useCallback, useState } from "react";
+import { type ChatMessage, streamChat, streamCompletion } from "./client";
+import { ChatView, type Turn } from "./components/ChatView";
 import { MetricsPanel } from "./components/MetricsPanel";
 import { NodesPanel } from "./components/NodesPanel";
 import { ParamsForm } from "./components/ParamsForm";
 import { SettingsPanel } from "./components/SettingsPanel";
-import { GatewayError } from "./errors";
-import { type RequestMetrics, computeMetrics } from "./metrics";
+import { statusLine, useGeneration } from "./generation";
 import { useNodes } from "./nodes";
-import { DEFAULT_FIELDS, type FormFields, toParams } from "./params";
+import { DEFAULT_FIELDS, type FormFields, toParams, toSampling } from "./params";
 import { type Settings, loadSettings, saveSettings } from "./settings";
 
-type Phase = "idle" | "running" | "done" | "stopped" | "failed";
+type View = "completion" | "chat";
+const VIEWS: { id: View; label: string }[] = [
+  { id: "completion", label: "Completion" },
+  { id: "chat", label: "Chat" },
+];
 
-function statusLine(phase: Phase, result: StreamResult | null, tokens: number): string {
-  switch (phase) {
-    case "running":
-      return `Streaming… ${tokens} token${tokens === 1 ? "" : "s"} so far`;
-    case "done":
-      return `Finished (${result?.finishReason ?? "unknown reason"}) after ${tokens} tokens`;
-    case "stopped":
-      return `Stopped after ${tokens} tokens; the gateway frees the sequence's KV cache in every stage`;
-    case "failed":
-      return "Failed";
-    default:
-      return "Ready";
-  }
+function replaceLast(turns: Turn[], change: Partial<Turn>): Turn[] {
+  return turns.map((t, i) => (i === turns.length - 1 ? { ...t, ...change } : t));
 }
 
 export function App({ nodesIntervalMs = 2000 }: { nodesIntervalMs?: number }) {
   const [settings, setSettings] = useState<Settings>(() => loadSettings());
   const [fields, setFields] = useState<FormFields>(DEFAULT_FIELDS);
-  const [phase, setPhase] = useState<Phase>("idle");
+  const [view, setView] = useState<View>("completion");
   const [output, setOutput] = useState("");
-  const [error, setError] = useState<string | null>(null);
-  const [metrics, setMetrics] = useState<RequestMetrics | null>(null);
-  const [result, setResult] = useState<StreamResult | null>(null);
-  const [traceId, setTraceId] = useState<string | null>(null);
-  const abort = useRef<AbortController | null>(null);
-  const nodes = useNodes(settings.gatewayUrl, nodesIntervalMs);
+  const [turns, setTurns] = useState<Turn[]>([]);
+  const [system, setSystem] = useState("");
+  const nodes = useNodes(settings.gatewayUrl, nodesIntervalMs, fetch, settings.apiKey);
+  const gen = useGeneration(nodes.refresh);
+  const { gatewayUrl, apiKey } = settings;
 
-  useEffect(() => () => abort.current?.abort(), []);
-
-  const run = useCallback(async () => {
+  const runCompletion = useCallback(async () => {
     let params;
     try {
       params = toParams(fields);
     } catch (e) {
-      setError((e as Error).message);
-      setPhase("failed");
+      gen.fail((e as Error).message);
       return;
     }
-    const ctrl = new AbortController();
-    abort.current = ctrl;
-    const start = performance.now();
-    const times: number[] = [];
-    let text = "";
-    setPhase("running");
     setOutput("");
-    setError(null);
-    setResult(null);
-    setTraceId(null);
-    setMetrics(computeMetrics(start, times, start));
-    let res: StreamResult | null = null;
-    try {
-      res = await streamCompletion(settings.gatewayUrl, params, {
-        signal: ctrl.signal,
-        onStart: setTraceId,
-        onToken: (t) => {
-          times.push(performance.now());
-          text += t;
-          setOutput(text);
-          setMetrics(computeMetrics(start, times, performance.now()));
-        },
-      });
-      setResult(res);
-      setPhase(res.aborted ? "stopped" : "done");
-    } catch (e) {
-      setError(e instanceof GatewayError ? e.message : `Unexpected error: ${String(e)}`);
-      setPhase("failed");
-    } finally {
-      // a request refused before any token has no figures worth showing (nor a trace id)
-      const figures = res || times.length ? computeMetrics(start, times, performance.now()) : null;
-      setMetrics(figures && { ...figures, promptTokens: res?.usage?.prompt_tokens ?? null });
-      abort.current = null;
-      setTimeout(nodes.refresh, 250); // show the KV cache freed soon, not at the next tick
-    }
-  }, [fields, settings.gatewayUrl, nodes.refresh]);
+    await gen.run((h) => streamCompletion(gatewayUrl, params, { ...h, apiKey }), setOutput);
+  }, [fields, gatewayUrl, apiKey, gen]);
 
-  const stop = useCallback(() => abort.current?.abort(), []);
+  const sendChat = useCallback(
+    async (message: string) => {
+      let params;
+      try {
+        if (message.trim() === "") throw new Error("Type a message first.");
+        params = toSampling(fields);
+      } catch (e) {
+        gen.fail((e as Error).message);
+        return false;
+      }
+      const history: ChatMessage[] = turns.map(({ role, content }) => ({ role, content }));
+      const messages: ChatMessage[] = [
+        ...(system.trim() ? [{ role: "system" as const, content: system }] : []),
+        ...history,
+        { role: "user", content: message },
+      ];
+      setTurns([...turns, { role: "user", content: message }, { role: "assistant", content: "", state: "streaming" }]);
+      const res = await gen.run(
+        (h) => streamChat(gatewayUrl, messages, params, { ...h, apiKey }),
+        (text) => setTurns((ts) => replaceLast(ts, { content: text })),
+      );
+      if (res === null) setTurns(turns); // refused or failed: the turn is taken back, the draft restored
+      else setTurns((ts) => replaceLast(ts, { state: res.aborted ? "stopped" : "done" }));
+      return res !== null;
+    },
+    [fields, turns, system, gatewayUrl, apiKey, gen],
+  );
+
   const save = (s: Settings) => {
     saveSettings(s);
     setSettings(s);
   };
-  const running = phase === "running";
+  const running = gen.phase === "running";
+  // one tab stop for the tab list; the arrow keys move between the views (WAI-ARIA tabs)
+  const arrows = (e: KeyboardEvent) => {
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[e.key];
+    if (step === undefined || running) return;
+    const next = VIEWS[(VIEWS.findIndex((v) => v.id === view) + step + VIEWS.length) % VIEWS.length];
+    setView(next.id);
+    document.getElementById(`tab-${next.id}`)?.focus();
+  };
 
   return (
     <>
@@ -101,29 +92,67 @@ export function App({ nodesIntervalMs = 2000 }: { nodesIntervalMs?: number }) {
         <p>GPT-2 as a pipeline of stage functions: watch a request go through it.</p>
       </header>
       <main>
-        <section className="left" aria-labelledby="request-h">
-          <h2 id="request-h">Request</h2>
-          <ParamsForm fields={fields} running={running} onChange={setFields} onSubmit={run} onStop={stop} />
-          {error && (
+        <section className="left" aria-label="Request">
+          <div className="tabs" role="tablist" aria-label="View" onKeyDown={arrows}>
+            {VIEWS.map((v) => (
+              <button
+                key={v.id}
+                type="button"
+                role="tab"
+                id={`tab-${v.id}`}
+                aria-selected={view === v.id}
+                aria-controls="view"
+                tabIndex={view === v.id ? 0 : -1}
+                className={view === v.id ? "tab selected" : "tab"}
+                disabled={running && view !== v.id}
+                onClick={() => setView(v.id)}
+              >
+                {v.label}
+              </button>
+            ))}
+          </div>
+          <div id="view" role="tabpanel" aria-labelledby={`tab-${view}`}>
+            {view === "completion" ? (
+              <ParamsForm fields={fields} running={running} onChange={setFields} onSubmit={runCompletion} onStop={gen.stop} />
+            ) : (
+              <ChatView
+                turns={turns}
+                system={system}
+                fields={fields}
+                running={running}
+                onSystem={setSystem}
+                onFields={setFields}
+                onSend={sendChat}
+                onStop={gen.stop}
+                onClear={() => setTurns([])}
+              />
+            )}
+          </div>
+          {gen.error && (
             <div className="error" role="alert" data-testid="error">
-              {error}
+              {gen.error}
             </div>
           )}
-          <h2 id="output-h">Output</h2>
           <p className="status" role="status" data-testid="status">
-            {statusLine(phase, result, metrics?.generatedTokens ?? 0)}
+            {statusLine(gen.phase, gen.result, gen.metrics?.generatedTokens ?? 0)}
           </p>
-          <pre className="output" aria-labelledby="output-h" data-testid="output" tabIndex={0}>
-            {output}
-          </pre>
+          {view === "completion" && (
+            <>
+              <h2 id="output-h">Output</h2>
+              <pre className="output" aria-labelledby="output-h" data-testid="output" tabIndex={0}>
+                {output}
+              </pre>
+            </>
+          )}
         </section>
         <section className="right">
           <div className="panel">
             <h2>Metrics</h2>
             <MetricsPanel
-              metrics={metrics}
-              stageMs={result?.stageMs ?? null}
-              traceId={traceId}
+              metrics={gen.metrics}
+              stageMs={gen.result?.stageMs ?? null}
+              traceId={gen.traceId}
+              tracing={nodes.status?.tracing ?? null}
               jaegerUrl={settings.jaegerUrl}
               finished={!running}
             />

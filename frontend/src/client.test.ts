@@ -1,12 +1,15 @@
 import { describe, expect, it, vi } from "vitest";
-import { type CompletionParams, streamCompletion } from "./client";
+import { type CompletionParams, streamChat, streamCompletion } from "./client";
 import { GatewayError, errorFromResponse, retryAfterSeconds } from "./errors";
 import {
+  chatFinishChunk,
   chunkedBody,
+  deltaChunk,
   finishChunk,
   jsonResponse,
   openBody,
   openaiError,
+  roleChunk,
   sse,
   streamResponse,
   tokenChunk,
@@ -138,6 +141,36 @@ describe("streamCompletion", () => {
     fetchImpl = vi.fn(async () => streamResponse(chunkedBody([sse(tokenChunk("a"))])));
     err = await failure(streamCompletion(GW, PARAMS, { fetchImpl }));
     expect(err.message).toContain("ended before [DONE]");
+  });
+});
+
+describe("streamChat", () => {
+  it("sends the messages with the key, and streams the deltas as tokens (the role chunk is none)", async () => {
+    const text = sse(roleChunk(), deltaChunk("Hi"), deltaChunk(" there"), chatFinishChunk("stop"), usageChunk(9, 2), "[DONE]");
+    const fetchImpl = vi.fn(async () => streamResponse(chunkedBody([text])));
+    const tokens: string[] = [];
+    const messages = [{ role: "user" as const, content: "Hello" }];
+    const { prompt: _, ...sampling } = PARAMS;
+    const res = await streamChat(GW, messages, sampling, { fetchImpl, apiKey: "sk-key", onToken: (t) => tokens.push(t) });
+    expect(tokens).toEqual(["Hi", " there"]);
+    expect(res.finishReason).toBe("stop");
+    expect(res.usage?.completion_tokens).toBe(2);
+    const [url, init] = fetchImpl.mock.calls[0] as unknown as [string, RequestInit];
+    expect(url).toBe(`${GW}/v1/chat/completions`);
+    expect((init.headers as Record<string, string>).Authorization).toBe("Bearer sk-key");
+    expect(JSON.parse(init.body as string)).toEqual({
+      messages,
+      ...sampling,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+  });
+
+  it("sends no Authorization header without a key", async () => {
+    const fetchImpl = vi.fn(async () => streamResponse(chunkedBody([sse(roleChunk(), chatFinishChunk(), "[DONE]")])));
+    await streamChat(GW, [{ role: "user", content: "x" }], { max_tokens: 1, temperature: 0, top_p: 1, top_k: -1 }, { fetchImpl });
+    const [, init] = fetchImpl.mock.calls[0] as unknown as [string, RequestInit];
+    expect(init.headers).not.toHaveProperty("Authorization");
   });
 });
 

@@ -1,9 +1,12 @@
-// The gateway's streamed completion as the UI uses it: POST /v1/completions with `stream: true`,
-// token chunks handed over as they arrive, the usage chunk's counts and per-stage times kept, the
-// trace id read from X-Trace-Id. Aborting the signal closes the connection; the gateway then
-// cancels the sequence and frees its KV cache in every stage.
+// The gateway's streamed generations as the UI uses them: POST /v1/completions or
+// /v1/chat/completions with `stream: true`, token chunks handed over as they arrive (a chat's
+// opening chunk, which only names the role, is not a token), the usage chunk's counts and per-stage
+// times kept, the trace id read from X-Trace-Id, the API key sent when there is one. Aborting the
+// signal closes the connection; the gateway then cancels the sequence and frees its KV cache in
+// every stage.
 
 import { GatewayError, errorFromResponse, reasonOf, unreachable } from "./errors";
+import { authHeaders } from "./settings";
 import { sseEvents } from "./sse";
 
 export interface CompletionParams {
@@ -15,6 +18,14 @@ export interface CompletionParams {
   seed?: number;
   stop?: string[];
   ignore_eos?: boolean;
+}
+
+/** The generation parameters of either route (a completion's without its prompt). */
+export type SamplingParams = Omit<CompletionParams, "prompt">;
+
+export interface ChatMessage {
+  role: "system" | "user" | "assistant";
+  content: string;
 }
 
 export interface Usage {
@@ -36,10 +47,17 @@ export interface StreamHandlers {
   onStart?: (traceId: string | null) => void;
   onToken?: (text: string) => void;
   fetchImpl?: typeof fetch;
+  apiKey?: string;
+}
+
+interface Choice {
+  text?: string; // a completion's
+  delta?: { role?: string; content?: string }; // a chat's
+  finish_reason?: string | null;
 }
 
 interface Chunk {
-  choices?: { text?: string; finish_reason?: string | null }[];
+  choices?: Choice[];
   usage?: Usage | null;
   metrics?: { stage_ms?: Record<string, number> };
   error?: unknown;
@@ -49,21 +67,48 @@ export function completionsUrl(gatewayUrl: string): string {
   return `${gatewayUrl.replace(/\/+$/, "")}/v1/completions`;
 }
 
+export function chatUrl(gatewayUrl: string): string {
+  return `${gatewayUrl.replace(/\/+$/, "")}/v1/chat/completions`;
+}
+
 function isAbort(e: unknown, signal?: AbortSignal): boolean {
   return Boolean(signal?.aborted) || (e instanceof DOMException && e.name === "AbortError");
 }
 
-export async function streamCompletion(
+export function streamCompletion(
   gatewayUrl: string,
   params: CompletionParams,
-  { signal, onStart, onToken, fetchImpl = fetch }: StreamHandlers = {},
+  handlers: StreamHandlers = {},
+): Promise<StreamResult> {
+  return streamFrom(gatewayUrl, completionsUrl(gatewayUrl), params, handlers, (c) => c.text ?? "");
+}
+
+/** A chat answer to `messages`, streamed. */
+export function streamChat(
+  gatewayUrl: string,
+  messages: ChatMessage[],
+  params: SamplingParams,
+  handlers: StreamHandlers = {},
+): Promise<StreamResult> {
+  const body = { messages, ...params };
+  return streamFrom(gatewayUrl, chatUrl(gatewayUrl), body, handlers, (c) =>
+    c.delta?.role ? null : (c.delta?.content ?? ""),
+  );
+}
+
+async function streamFrom(
+  gatewayUrl: string,
+  url: string,
+  params: object,
+  { signal, onStart, onToken, fetchImpl = fetch, apiKey = "" }: StreamHandlers,
+  tokenOf: (choice: Choice) => string | null, // null: a chunk that carries no token
 ): Promise<StreamResult> {
   const result: StreamResult = { aborted: false, finishReason: null, usage: null, stageMs: null, traceId: null };
   let response: Response;
   try {
-    response = await fetchImpl(completionsUrl(gatewayUrl), {
+    response = await fetchImpl(url, {
       method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authHeaders(apiKey) },
       body: JSON.stringify({ ...params, stream: true, stream_options: { include_usage: true } }),
       signal,
     });
@@ -81,8 +126,9 @@ export async function streamCompletion(
       const chunk = JSON.parse(data) as Chunk;
       if (chunk.error) throw new GatewayError(`Generation failed: ${reasonOf(data)}`, "stream");
       for (const choice of chunk.choices ?? []) {
+        const token = tokenOf(choice);
         if (choice.finish_reason) result.finishReason = choice.finish_reason;
-        else onToken?.(choice.text ?? "");
+        else if (token !== null) onToken?.(token);
       }
       if (chunk.usage) result.usage = chunk.usage;
       if (chunk.metrics?.stage_ms) result.stageMs = chunk.metrics.stage_ms;

@@ -1,6 +1,8 @@
-// The gateway's GET /api/nodes (gateway/nodes.py), polled for the node health panel.
+// The gateway's GET /api/nodes (gateway/nodes.py), polled for the node health panel; it also says
+// whether the gateway traces (the metrics panel links a request's trace only then).
 
 import { useCallback, useEffect, useState } from "react";
+import { authHeaders } from "./settings";
 
 export interface KVUse {
   sequences: number;
@@ -23,6 +25,7 @@ export interface NodesStatus {
   reason: string;
   tokenizer: { up: boolean; reason: string };
   stages: { name: string; replicas: ReplicaStatus[] }[];
+  tracing: boolean;
 }
 
 export interface NodesState {
@@ -35,21 +38,31 @@ export interface LiveNodes extends NodesState {
   refresh: () => void; // ask now (e.g. right after a generation ended) instead of at the next tick
 }
 
-export async function fetchNodes(gatewayUrl: string, fetchImpl: typeof fetch = fetch): Promise<NodesStatus> {
+export async function fetchNodes(
+  gatewayUrl: string,
+  fetchImpl: typeof fetch = fetch,
+  apiKey = "",
+): Promise<NodesStatus> {
   const url = `${gatewayUrl.replace(/\/+$/, "")}/api/nodes`;
   let response: Response;
   try {
-    response = await fetchImpl(url, { signal: AbortSignal.timeout(1500) });
+    response = await fetchImpl(url, { signal: AbortSignal.timeout(1500), headers: authHeaders(apiKey) });
   } catch {
     throw new Error(`cannot reach the gateway at ${url}`);
   }
+  if (response.status === 401) throw new Error(`GET ${url} wants an API key: enter it in Settings`);
   if (!response.ok) throw new Error(`GET ${url} answered ${response.status}`);
   return (await response.json()) as NodesStatus;
 }
 
 /** The last node status, refreshed every `intervalMs` and on `refresh()`; the last good one stays
  * on screen (marked stale by `error`) while the gateway does not answer. */
-export function useNodes(gatewayUrl: string, intervalMs = 2000, fetchImpl: typeof fetch = fetch): LiveNodes {
+export function useNodes(
+  gatewayUrl: string,
+  intervalMs = 2000,
+  fetchImpl: typeof fetch = fetch,
+  apiKey = "",
+): LiveNodes {
   const [state, setState] = useState<NodesState>({ status: null, error: null, updatedAt: null });
   const [asked, setAsked] = useState(0);
   const refresh = useCallback(() => setAsked((n) => n + 1), []);
@@ -57,7 +70,7 @@ export function useNodes(gatewayUrl: string, intervalMs = 2000, fetchImpl: typeo
     let live = true;
     const poll = async () => {
       try {
-        const status = await fetchNodes(gatewayUrl, fetchImpl);
+        const status = await fetchNodes(gatewayUrl, fetchImpl, apiKey);
         if (live) setState({ status, error: null, updatedAt: new Date() });
       } catch (e) {
         if (live) setState((s) => ({ ...s, error: e instanceof Error ? e.message : String(e) }));
@@ -69,6 +82,6 @@ export function useNodes(gatewayUrl: string, intervalMs = 2000, fetchImpl: typeo
       live = false;
       clearInterval(timer);
     };
-  }, [gatewayUrl, intervalMs, fetchImpl, asked]);
+  }, [gatewayUrl, intervalMs, fetchImpl, apiKey, asked]);
   return { ...state, refresh };
 }

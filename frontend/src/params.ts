@@ -2,7 +2,7 @@
 // parameters they make. Only the form's own shape is checked here; the gateway judges the values
 // (its 400 explains what is out of range), so the UI never disagrees with it.
 
-import type { CompletionParams } from "./client";
+import type { CompletionParams, SamplingParams } from "./client";
 
 export interface FormFields {
   prompt: string;
@@ -36,9 +36,13 @@ function number(label: string, value: string, integer: boolean): number {
 
 export function toParams(f: FormFields): CompletionParams {
   if (f.prompt.trim() === "") throw new Error("Enter some input text first.");
+  return { prompt: f.prompt, ...toSampling(f) };
+}
+
+/** The generation parameters alone (what the chat view sends with its messages). */
+export function toSampling(f: FormFields): SamplingParams {
   const stop = f.stop.split("\n").filter((s) => s !== "");
   return {
-    prompt: f.prompt,
     max_tokens: number("Max tokens", f.maxTokens, true),
     temperature: number("Temperature", f.temperature, false),
     top_p: number("Top-p", f.topP, false),

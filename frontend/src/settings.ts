@@ -4,13 +4,17 @@
 // <meta name="tandem-gateway-url"> (filled in by the local stack's server), then the build's
 // VITE_GATEWAY_URL / VITE_JAEGER_URL, then the defaults: under `npm run dev` the page's own origin
 // (Vite proxies /v1 and /api), else this page's host on port 8000; Jaeger on localhost:16686.
+// The API key (the gateway's TANDEM_API_KEYS) is kept in sessionStorage only: it lasts as long as
+// this tab, and is sent as `Authorization: Bearer KEY` with every call to the gateway.
 
 export interface Settings {
   gatewayUrl: string;
   jaegerUrl: string;
+  apiKey: string; // "" = none (a gateway without API keys)
 }
 
 const KEY = "tandem.settings";
+const API_KEY = "tandem.apiKey";
 
 export function defaultGatewayUrl(loc: Pick<Location, "protocol" | "hostname">, dev: boolean): string {
   if (dev) return "";
@@ -28,6 +32,7 @@ export function loadSettings(
   storage: Pick<Storage, "getItem"> = window.localStorage,
   env: Record<string, string | boolean | undefined> = import.meta.env,
   served: string | undefined = servedGatewayUrl(),
+  session: Pick<Storage, "getItem"> = window.sessionStorage,
 ): Settings {
   const query = new URLSearchParams(loc.search);
   let saved: Partial<Settings> = {};
@@ -45,11 +50,22 @@ export function loadSettings(
       text(env.VITE_GATEWAY_URL) ??
       defaultGatewayUrl(loc, Boolean(env.DEV)),
     jaegerUrl: query.get("jaeger") ?? saved.jaegerUrl ?? text(env.VITE_JAEGER_URL) ?? "http://localhost:16686",
+    apiKey: session.getItem(API_KEY) ?? "",
   };
 }
 
-export function saveSettings(s: Settings, storage: Pick<Storage, "setItem"> = window.localStorage): void {
-  storage.setItem(KEY, JSON.stringify(s));
+export function saveSettings(
+  s: Settings,
+  storage: Pick<Storage, "setItem"> = window.localStorage,
+  session: Pick<Storage, "setItem"> = window.sessionStorage,
+): void {
+  storage.setItem(KEY, JSON.stringify({ gatewayUrl: s.gatewayUrl, jaegerUrl: s.jaegerUrl }));
+  session.setItem(API_KEY, s.apiKey);
+}
+
+/** The headers that carry the API key, when there is one. */
+export function authHeaders(apiKey: string): Record<string, string> {
+  return apiKey.trim() ? { Authorization: `Bearer ${apiKey.trim()}` } : {};
 }
 
 export function traceUrl(jaegerUrl: string, traceId: string): string {

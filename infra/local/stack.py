@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from functions.bundle import short_name
 from functions.settings import Env, SettingsError
 from infra.local import frontend, prometheus
 from infra.local.export_step import run_export
@@ -142,12 +143,7 @@ def resolve_loop_cpu(value: str, cpus: set[int] | None = None) -> int | None:
 
 def model_name(manifest: dict[str, Any]) -> str:
     """The name clients pass as `model`: the bundle's model id, without path or random-init prefix."""
-    model_id = str(manifest.get("model", {}).get("id", "gpt2"))
-    return (
-        Path(model_id.removeprefix("random-init:")).stem
-        if model_id.startswith("random-init:")
-        else Path(model_id).name
-    )
+    return short_name(str(manifest.get("model", {}).get("id", "gpt2")))
 
 
 def client_host(host: str) -> str:

@@ -37,8 +37,10 @@ import numpy as np
 
 from functions import contract as c
 from functions import protocol
+from functions import stage_api as api
 from functions.bundle import load_manifest
-from functions.engine import StageEngine, stage_io
+from functions.engine import StageEngine
+from functions.stage_io import StageIO, stage_io
 from gateway.clients import server_seconds
 from gateway.wire import WireClient
 from tests.helpers.procs import free_port, start_stage, stop_process
@@ -46,7 +48,7 @@ from tests.helpers.procs import free_port, start_stage, stop_process
 WARMUP_FRACTION = 0.1
 
 
-def step_inputs(engine_io: c.StageIO, past: int, width: int, seq: int = 7) -> dict[str, np.ndarray]:
+def step_inputs(engine_io: StageIO, past: int, width: int, seq: int = 7) -> dict[str, np.ndarray]:
     """One row of `width` new positions after `past` held ones (zeros: the values do not matter)."""
     x = (
         np.zeros((1, width), dtype=np.int64)
@@ -63,7 +65,7 @@ def step_inputs(engine_io: c.StageIO, past: int, width: int, seq: int = 7) -> di
     return inputs
 
 
-def describe(bundle: Path, k: int) -> tuple[str, c.StageIO, list[str]]:
+def describe(bundle: Path, k: int) -> tuple[str, StageIO, list[str]]:
     """The stage's name, what it takes and returns, and the output the gateway asks it for."""
     manifest = load_manifest(bundle)
     entry = manifest.stage(c.stage_name(k))
@@ -71,7 +73,7 @@ def describe(bundle: Path, k: int) -> tuple[str, c.StageIO, list[str]]:
     return entry.name, io, [c.TOKEN_IDS] if io.last else [io.y_name]
 
 
-def steps_of(io: c.StageIO, prompt: int, steps: int) -> list[dict[str, np.ndarray]]:
+def steps_of(io: StageIO, prompt: int, steps: int) -> list[dict[str, np.ndarray]]:
     """The prefill, then `steps` decode steps (starting over when the context window is full)."""
     room = io.max_positions - prompt
     out = [step_inputs(io, 0, prompt)]
@@ -94,7 +96,7 @@ async def over_http(
     port: int, name: str, steps: list[dict[str, np.ndarray]], outputs: list[str]
 ) -> dict[str, Any]:
     client = WireClient(5.0)
-    path = f"/v2/models/{name}/infer"
+    path = api.infer_path(name)
     rtt: list[float] = []
     session: list[float] = []
     before = (0.0, 0)

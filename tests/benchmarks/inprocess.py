@@ -21,7 +21,7 @@ class Monolith:
     def __init__(self, model_path: Path):
         import onnxruntime as ort
 
-        from functions.engine import session_options
+        from functions.device import session_options
 
         # the stages' own session options, so both sides run ONNX Runtime the same way
         opts = session_options(None)

@@ -6,8 +6,10 @@ corrupt file, a manifest that is not the pinned one, or an unreachable location 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +86,24 @@ def test_unreachable_or_unsupported_locations(tmp_path: Path) -> None:
         fetch_bundle(f"http://127.0.0.1:{free_port()}", tmp_path / "a", "1")
     with pytest.raises(BundleError, match="must be an http"):
         prepare_bundle(tmp_path / "b", "1", {"TANDEM_BUNDLE_URL": "ftp://example.invalid/b"})
+
+
+def test_waits_for_a_manifest_not_published_yet(published: Path, tmp_path: Path) -> None:
+    """TANDEM_BUNDLE_WAIT: the store answers 404 until the export has written the bundle."""
+    store = tmp_path / "store"
+    store.mkdir()
+    env = {"TANDEM_BUNDLE_URL": "", "TANDEM_BUNDLE_WAIT": "20"}
+    with serve_directory(store) as (url, paths):
+        env["TANDEM_BUNDLE_URL"] = url
+        publish = threading.Timer(1.0, lambda: shutil.copytree(published, store, dirs_exist_ok=True))
+        publish.start()
+        try:
+            assert prepare_bundle(tmp_path / "bundle", "2", env) == ["stage2.onnx"]
+        finally:
+            publish.cancel()
+        assert paths.count("/manifest.json") >= 2  # asked before it was there, then again
+        with pytest.raises(BundleError, match="answered 404"):  # no wait: at once
+            prepare_bundle(tmp_path / "other", "2", {"TANDEM_BUNDLE_URL": url + "missing/"})
 
 
 def test_verify_in_place(published: Path) -> None:

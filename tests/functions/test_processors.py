@@ -13,6 +13,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 from functions import processors
 from functions.contract import ContractError
+from functions.last_inputs import parse_processors
 
 V = 50
 
@@ -25,9 +26,9 @@ def inputs(**kw: Any) -> dict[str, np.ndarray]:
 
 
 def test_no_processor_input_means_none_and_no_copy() -> None:
-    assert processors.from_tensors({}, 2, V) is None
+    assert parse_processors({}, 2, V) is None
     logits = np.zeros((2, V), np.float32)
-    p = processors.from_tensors(inputs(presence_penalty=[0.0, 0.0]), 2, V)
+    p = parse_processors(inputs(presence_penalty=[0.0, 0.0]), 2, V)
     assert p is not None
     assert processors.apply(logits, p) is logits  # nothing to change: the same array
 
@@ -37,7 +38,7 @@ def test_repetition_penalty_equals_transformers() -> None:
     logits = rng.standard_normal((3, V)).astype(np.float32) * 3
     seen = [[1, 4, 4, 9, 30], [2, 2, 2, -1, -1], [7, 8, -1, -1, -1]]
     rep = [1.3, 0.7, 1.0]
-    p = processors.from_tensors(
+    p = parse_processors(
         inputs(repetition_penalty=rep, penalty_token_ids=seen, penalty_prompt_lengths=[2, 0, 2]), 3, V
     )
     assert p is not None
@@ -54,7 +55,7 @@ def test_presence_and_frequency_count_generated_tokens_only() -> None:
     tokens = [[3, 3, 5, 5, 5, 6], [10, 11, 11, -1, -1, -1]]
     prompt_lengths = [2, 1]  # row 0: 3, 3 are prompt; row 1: 10 is prompt
     presence, frequency = [0.5, -1.0], [0.25, 2.0]
-    p = processors.from_tensors(
+    p = parse_processors(
         inputs(
             presence_penalty=presence,
             frequency_penalty=frequency,
@@ -76,7 +77,7 @@ def test_presence_and_frequency_count_generated_tokens_only() -> None:
 
 def test_logit_bias_adds_and_banned_ids_never_win() -> None:
     logits = np.zeros((2, V), np.float32)
-    p = processors.from_tensors(
+    p = parse_processors(
         inputs(
             logit_bias_ids=[[4, 9], [1, -1]],
             logit_bias_values=[[100.0, -5.5], [2.0, 0.0]],
@@ -111,11 +112,11 @@ def test_logit_bias_adds_and_banned_ids_never_win() -> None:
 )
 def test_bad_inputs_name_the_tensor(given: dict[str, Any], named: str) -> None:
     with pytest.raises(ContractError, match=named):
-        processors.from_tensors(inputs(**given), 1, V)
+        parse_processors(inputs(**given), 1, V)
 
 
 def test_banning_every_token_is_refused() -> None:
-    p = processors.from_tensors(inputs(banned_token_ids=[list(range(V))]), 1, V)
+    p = parse_processors(inputs(banned_token_ids=[list(range(V))]), 1, V)
     assert p is not None
     with pytest.raises(ContractError, match="banned_token_ids"):
         processors.apply(np.zeros((1, V), np.float32), p)

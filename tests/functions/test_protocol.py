@@ -91,6 +91,21 @@ def test_binary_data_output_parameter() -> None:
     assert plain.binary_output_names(["y"]) == set()
 
 
+def test_an_output_s_binary_data_wins_over_the_request_s_binary_data_output() -> None:
+    """As Triton reads them: an output's own `binary_data`, else the request's `binary_data_output`."""
+    outputs = [
+        {"name": "a"},
+        {"name": "b", "parameters": {"binary_data": False}},
+        {"name": "c", "parameters": {"binary_data": True}},
+    ]
+    both = decode_request(json_request([], outputs=outputs, parameters={"binary_data_output": True}), None)
+    assert both.output_names() == ["a", "b", "c"]
+    assert both.binary_output_names(["a", "b", "c"]) == {"a", "c"}
+    per_output = decode_request(json_request([], outputs=outputs), None)
+    assert per_output.binary_output_names(["a", "b", "c"]) == {"c"}
+    assert decode_request(json_request([], outputs=[]), None).output_names() is None
+
+
 def test_binary_encoding_is_fast() -> None:
     hidden = np.random.default_rng(0).standard_normal((1, 1, 768)).astype(np.float32)  # 3 KB
     start = time.perf_counter()
@@ -148,6 +163,8 @@ BAD_JSON_REQUESTS = {
         [entry()], outputs=[{"name": "y", "parameters": {"binary_data": 1}}]
     ),
     "id not a string": json_request([entry()], id=5),
+    "output asked twice": json_request([entry()], outputs=[{"name": "y"}, {"name": "y"}]),
+    "binary_data_output not bool": json_request([entry()], parameters={"binary_data_output": "yes"}),
 }
 
 

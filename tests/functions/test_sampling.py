@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from functions.contract import Sampling
+from functions.last_inputs import Sampling
 from functions.sampling import log_softmax, sample
 
 V = 50

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from functions import contract as c
 from functions import protocol
 from tests.helpers.stage_calls import (
     MAX_BODY,
@@ -349,6 +350,33 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, tuple[str, ...]]] = [
     ("sampling-on-stage-1", "stage-1", lambda: _encoded(_ok1(temperature=_f32(1))), 400, ("temperature",)),
     # found by tests/fuzz: finite but huge hidden states give NaN logits, and sampling them was a 500
     ("hidden-states-huge-sampled", "stage-3", lambda: _encoded(_huge3()), 400, ("logits", "not finite")),
+    # found by the fuzzer's output check: a greedy row took the argmax of NaN logits, and its logprob
+    # (NaN) could not travel as JSON
+    (
+        "hidden-states-huge-greedy",
+        "stage-3",
+        lambda: _encoded(_with(_huge3(), temperature=_f32(0)), [c.TOKEN_IDS, c.LOGPROBS]),
+        400,
+        ("logits", "not finite"),
+    ),
+    # an output whose driving input is absent was a 500 in binary and missing in JSON: now a 400
+    # naming both (as generic OIP clients ask for every output the metadata lists)
+    (
+        "top-ids-without-num-top",
+        "stage-3",
+        lambda: _encoded(_ok3(), [c.TOP_IDS]),
+        400,
+        (c.TOP_IDS, c.NUM_TOP),
+    ),
+    (
+        "target-logprobs-without-target-ids",
+        "stage-3",
+        lambda: _encoded(_ok3(), [c.TOKEN_IDS, c.TARGET_LOGPROBS]),
+        400,
+        (c.TARGET_LOGPROBS, c.TARGET_IDS),
+    ),
+    ("unknown-output", "stage-1", lambda: _encoded(_ok1(), ["nope"]), 400, ("nope", "hidden_states_2")),
+    ("output-of-another-stage", "stage-2", lambda: _encoded(_ok1(), [c.TOKEN_IDS]), 400, (c.TOKEN_IDS,)),
 ]
 
 

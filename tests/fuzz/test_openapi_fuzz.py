@@ -1,5 +1,7 @@
 """Schemathesis against the OpenAPI schemas a real gateway and a real tokenizer function publish
-(GET /docs/openapi.json), on a whole stack of processes (tests/helpers/stack.py).
+(GET /docs/openapi.json), on a whole stack of processes (tests/helpers/stack.py) serving the tiny
+model as a chat model (tests/helpers/chat.py), so chat completions render and generate; the chat
+route gets its own run of CASES cases besides the whole schema's.
 
 Every operation gets cases generated from its schema, valid ones and ones that break it (wrong
 types, missing fields, values out of range), derandomized so CI sends the same cases every run.
@@ -34,12 +36,14 @@ MAX_TOKENS = 3  # generated max_tokens above this are capped (each token is a pa
 TIMEOUT = 30.0  # per request
 SCHEMA_PATH = "/docs/openapi.json"
 COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+ROLES = ("system", "user", "assistant")
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(chat_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = start_stack(
-        tiny_bundle, tmp_path_factory.mktemp("fuzz-stack"), gateway_env={"TANDEM_DEFAULT_MAX_TOKENS": "2"}
+        chat_bundle, tmp_path_factory.mktemp("fuzz-stack"), gateway_env={"TANDEM_DEFAULT_MAX_TOKENS": "2"}
     )
     try:
         yield s
@@ -53,9 +57,10 @@ def cap_generation(case: Case) -> None:
     body = case.body
     for holder in (body, body.get("metadata") if isinstance(body, dict) else None):
         if isinstance(holder, dict):
-            value = holder.get("max_tokens")
-            if type(value) is int and value > MAX_TOKENS:
-                holder["max_tokens"] = MAX_TOKENS
+            for key in ("max_tokens", "max_completion_tokens"):
+                value = holder.get(key)
+                if type(value) is int and value > MAX_TOKENS:
+                    holder[key] = MAX_TOKENS
 
 
 # fields /v1/completions refuses with a 400 (echo, best_of > n when streaming, ...) or often out of range (temperature,
@@ -73,8 +78,37 @@ def streaming(case: Case) -> Case:
         case.body["stream"] = True
         if type(case.body.get("max_tokens")) is int:
             case.body["max_tokens"] = min(max(case.body["max_tokens"], 1), MAX_TOKENS)
-        if not isinstance(case.body.get("prompt"), str):  # token ids are mostly beyond the vocabulary
+        if "prompt" in case.body and not isinstance(
+            case.body["prompt"], str
+        ):  # ids: mostly beyond the vocabulary
             case.body["prompt"] = str(case.body.get("prompt"))[:40]
+    return case
+
+
+CHAT_REFUSED = "tools functions tool_choice function_call response_format chat_template".split()
+CHAT_REFUSED += ["continue_final_message", "top_logprobs", "chat_template_kwargs"]
+
+
+def chatting(case: Case) -> Case:
+    """A generated chat request with roles the route takes and string contents, without the fields
+    that would refuse it, so that most of them render the template and generate."""
+    if isinstance(case.body, dict):
+        for key in CHAT_REFUSED:
+            case.body.pop(key, None)
+        messages = case.body.get("messages")
+        if isinstance(messages, list):
+            for i, m in enumerate(messages):
+                if isinstance(m, dict):
+                    m["role"] = ROLES[i % 3]
+                    if not isinstance(m.get("content"), str):
+                        m["content"] = str(m.get("content"))[:40]
+    return case
+
+
+def chat_streaming(case: Case) -> Case:
+    case = chatting(streaming(case))
+    if isinstance(case.body, dict) and type(case.body.get("max_completion_tokens")) is int:
+        case.body["max_completion_tokens"] = min(max(case.body["max_completion_tokens"], 1), MAX_TOKENS)
     return case
 
 
@@ -139,19 +173,24 @@ def check_event_stream(text: str) -> str | None:
     return None
 
 
-def fuzz(base_url: str, procs: dict[str, ProcessHandle], label: str) -> None:
+def fuzz(base_url: str, procs: dict[str, ProcessHandle], label: str, only: str | None = None) -> None:
+    """CASES cases over every operation of the service's schema (or only the one at path `only`)."""
     schema = schemathesis.openapi.from_url(f"{base_url}{SCHEMA_PATH}", timeout=10)
     operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [op for op in operations if only is None or op.path == only]
     strategies = [
         op.as_strategy(mode)
         for op in operations
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
     ]
+    posts = [op for op in operations if op.method.upper() == "POST"]
     strategies += [
-        op.as_strategy(GenerationMode.POSITIVE).map(streaming)
-        for op in operations
-        if op.method.upper() == "POST" and op.path == COMPLETIONS
+        op.as_strategy(GenerationMode.POSITIVE).map(streaming) for op in posts if op.path == COMPLETIONS
     ] * 2
+    for variant in (chatting, chat_streaming):
+        strategies += [
+            op.as_strategy(GenerationMode.POSITIVE).map(variant) for op in posts if op.path == CHAT
+        ] * 2
     statuses: dict[tuple[str, int], int] = {}
     failures: list[str] = []
     streams = 0
@@ -219,6 +258,11 @@ def assert_all_serve(stack: Stack) -> None:
 
 def test_gateway_schema_fuzz(stack: Stack) -> None:
     fuzz(stack.gateway_url, stack.procs, "gateway schema fuzz")
+    assert_all_serve(stack)
+
+
+def test_chat_completions_schema_fuzz(stack: Stack) -> None:
+    fuzz(stack.gateway_url, stack.procs, "chat completions schema fuzz", only=CHAT)
     assert_all_serve(stack)
 
 

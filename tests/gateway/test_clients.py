@@ -185,3 +185,43 @@ def test_server_timing_header_is_read_leniently() -> None:
     assert server_seconds("infer;desc=x;dur=2, other;dur=9") == 0.002
     assert server_seconds(None) is None and server_seconds("infer") is None
     assert server_seconds("infer;dur=abc") is None
+
+
+def _counting(handler: Callable[[httpx.Request], httpx.Response]) -> tuple[httpx.MockTransport, list[str]]:
+    seen: list[str] = []
+
+    def wrapped(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return handler(request)
+
+    return httpx.MockTransport(wrapped), seen
+
+
+def _refuse(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("refused", request=request)
+
+
+def test_control_calls_go_through_the_retrying_face() -> None:
+    """The model metadata and the KV listing map failures at the one boundary: a refused metadata
+    call is retried (the configured 2 retries) then StageUnavailableError; the listing is asked
+    once (a polling caller asks again) and reads the stage's body type (functions.stage_api)."""
+    transport, seen = _counting(_refuse)
+    with pytest.raises(StageUnavailableError) as info:
+        asyncio.run(clients(transport=transport).model_metadata(NODE, "stage-1"))
+    assert len(seen) == 3 and isinstance(info.value.__cause__, httpx.ConnectError)
+    transport, seen = _counting(_refuse)
+    with pytest.raises(StageUnavailableError):
+        asyncio.run(clients(transport=transport).sequences(NODE, "stage-1", 0.5))
+    assert len(seen) == 1
+
+    def listing(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"sequences": {"7": 3}, "bytes": 96, "capacity_bytes": 1024})
+
+    transport, seen = _counting(listing)
+    held = asyncio.run(clients(transport=transport).sequences(NODE, "stage-1", 0.5))
+    assert (held.sequences, held.bytes, held.capacity_bytes) == ({"7": 3}, 96, 1024)
+    assert seen == ["/v2/models/stage-1/sequences"]
+    for answer in (httpx.Response(500, json={}), httpx.Response(200, content=b"[]")):
+        transport, _ = _counting(lambda request, a=answer: a)
+        with pytest.raises(StageError, match="/v2/models/stage-1/sequences"):
+            asyncio.run(clients(transport=transport).sequences(NODE, "stage-1", 0.5))

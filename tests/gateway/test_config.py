@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ConfigError, GatewayConfig, Node, load_config, parse_config
+from gateway.config import ConfigError, GatewayConfig, Node, check_served_model, load_config, parse_config
 from tests.helpers.procs import REPO_ROOT
 
 NO_ENV: dict[str, str] = {}
@@ -82,19 +82,30 @@ def test_readme_shape_parses_with_replicas_grouped_by_model_part() -> None:
     assert cfg.retries == defaults.retries and cfg.health_interval == defaults.health_interval
 
 
-def test_original_shape_needs_only_a_tokenizer_address() -> None:
+def test_original_shape_takes_the_default_tokenizer_address() -> None:
+    """config.json as the original system writes it (no tokenizer): the compose service
+    tokenizer:8100, or port 8100 on the nodes' host when they all share one loopback host."""
     original = {
         "model_name": "gpt2",
         "nodes": [
-            {"id": "node1", "address": "127.0.0.1:8101", "model_part": 0},
-            {"id": "node2", "address": "127.0.0.1:8102", "model_part": 1},
-            {"id": "node3", "address": "127.0.0.1:8103", "model_part": 2},
+            {"id": "node1", "address": "node1:8001", "model_part": 0},
+            {"id": "node2", "address": "http://node2:8002", "model_part": 1},
+            {"id": "node3", "address": "node3:8003", "model_part": 2},
         ],
     }
-    cfg = parse_config(original, {"TANDEM_TOKENIZER_ADDRESS": "127.0.0.1:8100"})
+    cfg = parse_config(original, NO_ENV)
     assert cfg.stages == 3 and [len(cfg.replicas(k)) for k in range(3)] == [1, 1, 1]
-    assert cfg.tokenizer_url == "http://127.0.0.1:8100"
-    assert "tokenizer" in rejected(original)
+    assert cfg.tokenizer_url == "http://tokenizer:8100"
+    local = {
+        **original,
+        "nodes": [{**n, "address": f"127.0.0.1:{8101 + i}"} for i, n in enumerate(original["nodes"])],
+    }
+    assert parse_config(local, NO_ENV).tokenizer_url == "http://127.0.0.1:8100"
+    ipv6 = {**original, "nodes": [{**n, "address": "http://[::1]:8101"} for n in original["nodes"]]}
+    assert parse_config(ipv6, NO_ENV).tokenizer_url == "http://[::1]:8100"
+    mixed = {**original, "nodes": [*local["nodes"][:2], original["nodes"][2]]}
+    assert parse_config(mixed, NO_ENV).tokenizer_url == "http://tokenizer:8100"
+    assert parse_config(original, {"TANDEM_TOKENIZER_ADDRESS": "tok:9"}).tokenizer_url == "http://tok:9"
     # the tokenizer may also be given as a bare address string
     assert parse_config({**original, "tokenizer": "tok:1"}, NO_ENV).tokenizer_url == "http://tok:1"
 
@@ -135,16 +146,48 @@ def test_model_name_is_required(data: dict) -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        config(tokenizer=None),
         config(tokenizer={}),
         config(tokenizer={"address": ""}),
         config(tokenizer={"address": 8100}),
         config(tokenizer=8100),
     ],
-    ids=["missing", "no-address", "empty", "int-address", "int"],
+    ids=["no-address", "empty", "int-address", "int"],
 )
-def test_tokenizer_address_is_required(data: dict) -> None:
+def test_a_tokenizer_given_needs_an_address(data: dict) -> None:
     assert "tokenizer" in rejected(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "model_id"),
+    [
+        ("gpt2", "gpt2"),
+        ("gpt2", "openai-community/gpt2"),
+        ("openai-community/gpt2", "openai-community/gpt2"),
+        ("gpt2", "random-init:gpt2"),
+        ("tiny", "random-init:tiny"),
+        ("small", "random-init:cfg/small.json"),
+        ("distilgpt2", "/models/distilgpt2"),
+    ],
+)
+def test_model_name_names_the_bundle(name: str, model_id: str) -> None:
+    check_served_model(name, [model_id, model_id, model_id])
+
+
+@pytest.mark.parametrize(
+    ("name", "ids", "fragment"),
+    [
+        ("gpt2", ["distilgpt2"], "'distilgpt2'"),
+        ("gpt2", ["random-init:tiny"], "short name 'tiny'"),
+        ("gpt2-medium", ["openai-community/gpt2"], "model_name 'gpt2-medium'"),
+        ("gpt2", ["gpt2", "distilgpt2", "gpt2"], "different bundles"),
+    ],
+)
+def test_model_name_that_does_not_name_the_bundle_is_refused(
+    name: str, ids: list[str], fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_served_model(name, ids)
+    assert fragment in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ def test_every_stage_and_replica_listed_up_with_kv_figures(stack: Stack) -> None
     body = nodes(stack)
     assert body["ready"] is True and body["model"] == "gpt2"
     assert body["tokenizer"] == {"up": True, "reason": "ready"}
+    assert body["tracing"] is False  # no OTEL_* endpoint here: the UI shows no trace link
     assert [st["name"] for st in body["stages"]] == list(stack.stage_urls)
     for st in body["stages"]:
         urls = stack.stage_urls[st["name"]]

@@ -7,6 +7,7 @@ the classic builder. Needs root, dockerd, docker, docker-compose and mmdebstrap 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import signal
@@ -165,13 +166,107 @@ def ensure_base_image(engine: DockerEngine) -> str:
     return BASE_IMAGE
 
 
+NODE_IMAGE = "tandem-local/node:20"
+# the tag docker-compose.monitoring.yml names: made here from Debian's Prometheus of the same version
+PROMETHEUS_IMAGE = "prom/prometheus:v2.42.0"
+
+
+def build_from(engine: DockerEngine, tag: str, dockerfile: str, files: dict[str, Path]) -> str:
+    """`docker build` of a small image whose context is `files` (name in the context -> a file or
+    folder of this machine), made again only when its Dockerfile changed (a label holds its hash)."""
+    recipe = hashlib.sha256(dockerfile.encode()).hexdigest()[:16]
+    fmt = '{{index .Config.Labels "org.tandem.recipe"}}'
+    if (
+        engine.has_image(tag)
+        and engine.run("image", "inspect", "--format", fmt, tag).stdout.strip() == recipe
+    ):
+        return tag
+    dockerfile += f"LABEL org.tandem.recipe={recipe}\n"
+    with tempfile.TemporaryDirectory(prefix="tandem-ctx-") as ctx:
+        for name, source in files.items():
+            if source.is_dir():
+                shutil.copytree(source, Path(ctx) / name, symlinks=True)
+            else:
+                shutil.copy2(source, Path(ctx) / name)
+        (Path(ctx) / "Dockerfile").write_text(dockerfile)
+        engine.run("build", "--network=host", "--tag", tag, ctx)
+    return tag
+
+
+def node_image(engine: DockerEngine, base: str) -> str:
+    """Node 20 and npm on the local base (this machine's), for the UI image's build stage, which
+    otherwise starts from node:20-bookworm-slim of Docker Hub."""
+    node = Path(shutil.which("node") or "/usr/bin/node").resolve()
+    npm = Path(shutil.which("npm") or "/usr/bin/npm").resolve().parents[1]  # .../node_modules/npm
+    # this machine reaches the npm registry through a proxy whose CA only its own bundle trusts
+    dockerfile = (
+        f"FROM {base}\nCOPY node /usr/local/bin/node\nCOPY npm /usr/local/lib/node_modules/npm\n"
+        "COPY ca.crt /etc/ssl/certs/host-ca.crt\nENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/host-ca.crt\n"
+        "RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm && node --version && npm --version\n"
+    )
+    files = {"node": node, "npm": npm, "ca.crt": Path("/etc/ssl/certs/ca-certificates.crt")}
+    return build_from(engine, NODE_IMAGE, dockerfile, files)
+
+
+def prometheus_image(engine: DockerEngine, base: str) -> str:
+    """This machine's Prometheus (Debian's 2.42, a static binary) on the local base, laid out like
+    Prometheus's own image (entry point /bin/prometheus, user nobody, data in /prometheus)."""
+    binary = Path(shutil.which("prometheus") or "/usr/bin/prometheus")
+    dockerfile = (
+        f"FROM {base}\nCOPY prometheus /bin/prometheus\n"
+        "RUN install -d -o 65534 -g 65534 /prometheus\nUSER 65534\nWORKDIR /prometheus\n"
+        'ENTRYPOINT ["/bin/prometheus"]\n'
+    )
+    return build_from(engine, PROMETHEUS_IMAGE, dockerfile, {"prometheus": binary})
+
+
 SOURCE_ONLY = ["openapi-ui-bundles==0.3.0"]  # requirements/serve-common.txt: Swagger UI's files
 
 
-def wheelhouse(engine: DockerEngine, image: str) -> Path:
-    """The serving requirements as wheels in build/wheels for `image`'s Python, downloaded with this
-    machine's pip settings (a build inside the engine cannot see its index or find-links)."""
-    version = engine.run(
+# the export image's build finds its wheels here: the same URL each run keeps its layers cached
+WHEEL_PORT = 39217
+
+
+def _stamp(version: str) -> str:
+    """What a wheel folder was downloaded for: the requirements and the Python version."""
+    files = sorted((REPO_ROOT / "requirements").glob("*.txt"))
+    return hashlib.sha256(version.encode() + b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
+def export_wheelhouse(engine: DockerEngine, image: str) -> Path:
+    """The export image's requirements (torch's CPU build among them) as wheels in
+    build/wheels-export, beside the serving ones of `wheelhouse`. The export image's build finds
+    them over HTTP (`wheel_index`), so they never land in a layer."""
+    version = _python_version(engine, image)
+    out = REPO_ROOT / "build" / "wheels-export"
+    stamp = out / ".downloaded-for"
+    if stamp.is_file() and stamp.read_text() == _stamp(version) and (out.parent / "wheels").is_dir():
+        return out  # nothing changed since the last download (pip would take half a minute to say so)
+    serving = wheelhouse(engine, image)
+    # fmt: off
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+        "--python-version", version, "--requirement", str(REPO_ROOT / "requirements" / "export.txt"),
+        "--find-links", str(serving), "--dest", str(out),
+    ]
+    # fmt: on
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        raise AssertionError(f"pip download (export) failed:\n{r.stderr[-3000:]}")
+    for wheel in out.iterdir():  # what build/wheels holds already need not be there twice
+        if (serving / wheel.name).is_file():
+            wheel.unlink()
+    stamp.write_text(_stamp(version))
+    return out
+
+
+def wheel_index(url: str) -> str:
+    """PIP_ARGS for an image build finding the wheels of build/ (served at `url`) only."""
+    return f"--no-index --find-links {url}wheels/ --find-links {url}wheels-export/"
+
+
+def _python_version(engine: DockerEngine, image: str) -> str:
+    return engine.run(
         "run",
         "--rm",
         "--network=host",
@@ -180,6 +275,12 @@ def wheelhouse(engine: DockerEngine, image: str) -> Path:
         "-c",
         "import sys; print('%d.%d' % sys.version_info[:2])",
     ).stdout.strip()
+
+
+def wheelhouse(engine: DockerEngine, image: str) -> Path:
+    """The serving requirements as wheels in build/wheels for `image`'s Python, downloaded with this
+    machine's pip settings (a build inside the engine cannot see its index or find-links)."""
+    version = _python_version(engine, image)
     out = REPO_ROOT / "build" / "wheels"
     # pure-Python pins published only as source: built into wheels here, found by the download below
     for pin in SOURCE_ONLY:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import httpx
 
 from functions import contract
+from functions import stage_api as api
 from functions.app import litestar_app
 from functions.engine import StageEngine
 from functions.fastpath import ASGIApp
@@ -28,6 +29,7 @@ from functions.stage_state import StageSettings
 from functions.tokenizer import create_tokenizer_app
 from gateway.app import create_gateway_app
 from gateway.config import parse_config
+from gateway.discovery import ChatOverride
 from gateway.service import Gateway
 
 T = TypeVar("T")
@@ -57,9 +59,9 @@ class HostRouter(httpx.AsyncBaseTransport):
         self.calls[host] = self.calls.get(host, 0) + 1
         if host in self.down or host not in self.apps:
             raise httpx.ConnectError(f"connection refused by {host}", request=request)
-        if host in self.hung and request.url.path.endswith("/infer"):
+        if host in self.hung and api.is_infer_path(request.url.path):
             await asyncio.Event().wait()  # until the caller gives up (cancels)
-        if self.compute_seconds and request.url.path.endswith("/infer"):
+        if self.compute_seconds and api.is_infer_path(request.url.path):
             async with self._computing.setdefault(host, asyncio.Lock()):
                 await asyncio.sleep(self.compute_seconds)
                 return await self.apps[host].handle_async_request(request)
@@ -146,11 +148,13 @@ def in_process_stack(
     api_keys: tuple[str, ...] = (),
     max_batch_tokens: int | None = None,
     stage_settings: dict[str, Any] | None = None,
+    chat_template: ChatOverride | None = None,
 ) -> Iterator[InProcessStack]:
     """Tokenizer, stage replicas and gateway apps on a background event loop, ready to serve.
     With `auth_token` the functions require it (and the gateway sends it); with `api_keys` the
     gateway requires one of them from clients. `stage_settings` overrides StageSettings fields of
-    every stage (`max_batch_tokens` is one of them)."""
+    every stage (`max_batch_tokens` is one of them); `chat_template` replaces the model's (the
+    gateway's --chat-template)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="inproc-stack", daemon=True)
     thread.start()
@@ -176,7 +180,9 @@ def in_process_stack(
     cfg = {"model_name": "gpt2", "tokenizer": {"address": "tokenizer:8100"}, "nodes": nodes}
     cfg |= {"health_interval": 0.05, "stage_wait": 1, "backoff": 0.001, **(config or {})}
     gw_settings = FunctionSettings(port=0, auth_token=auth_token, api_keys=api_keys)
-    gateway_app = create_gateway_app(parse_config(cfg, env={}), gw_settings, router)
+    gateway_app = create_gateway_app(
+        parse_config(cfg, env={}), gw_settings, router, chat_template=chat_template
+    )
     router.add("gateway:8000", gateway_app)
     stack = InProcessStack(router, gateway_app, stage_apps, loop, hosts)
 

@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import msgspec
 
 from functions import contract
+from functions.bundle import load_manifest, short_name
+from functions import stage_api as api
 from tests.helpers.procs import ProcessHandle, free_port, start_process, start_stage, stop_process
 
 
@@ -31,7 +34,7 @@ class Stack:
         out = {}
         for name, urls in self.stage_urls.items():
             for url in urls:
-                out[url] = httpx.get(f"{url}/v2/models/{name}/sequences", timeout=5).json()["sequences"]
+                out[url] = held_by(url, name)
         return out
 
     def config(self) -> dict:
@@ -86,7 +89,8 @@ def start_stack(
             stack.stage_urls.setdefault(name, []).append(f"http://127.0.0.1:{port}")
             stack.start_stage(node_id, k + 1, port)
     config = {
-        "model_name": "gpt2",
+        # what clients call the bundle's model (the gateway checks it against what the stages serve)
+        "model_name": short_name(load_manifest(bundle).model["id"]),
         "tokenizer": {"address": f"127.0.0.1:{tok_port}"},
         "nodes": nodes,
         "health_interval": 0.2,
@@ -94,3 +98,10 @@ def start_stack(
     cfg_path.write_text(json.dumps(config))
     stack.gateway_url = stack.start_gateway("gateway", config, env=gateway_env)
     return stack
+
+
+def held_by(url: str, stage: str) -> dict[str, int]:
+    """Sequence id -> positions held, as one stage replica lists them."""
+    r = httpx.get(url + api.sequences_path(stage), timeout=5)
+    r.raise_for_status()
+    return msgspec.json.decode(r.content, type=api.SequencesAnswer).sequences

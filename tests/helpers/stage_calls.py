@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from functions import contract as c
 from functions import protocol
+from functions import stage_api as api
 from tests.helpers.stage_driver import StageEndpoint
 
 N_EMBD = 64
@@ -62,7 +64,7 @@ def infer(
     body, hlen = protocol.encode_request(inputs, outputs=outputs)
     model = model or (STAGE_1 if key == "small" else key)
     return stages.client.post(
-        f"{stages.urls[key]}/v2/models/{model}/infer", content=body, headers={protocol.HEADER: str(hlen)}
+        stages.urls[key] + api.infer_path(model), content=body, headers={protocol.HEADER: str(hlen)}
     )
 
 
@@ -104,16 +106,16 @@ def metric(stages: Stages, key: str, sample: str, **labels: str) -> float:
 
 def held(stages: Stages, key: str) -> dict[int, int]:
     model = STAGE_1 if key == "small" else key
-    r = stages.client.get(f"{stages.urls[key]}/v2/models/{model}/sequences")
+    r = stages.client.get(stages.urls[key] + api.sequences_path(model))
     assert r.status_code == 200, r.text
-    return {int(k): v for k, v in r.json()["sequences"].items()}
+    listing = msgspec.json.decode(r.content, type=api.SequencesAnswer)
+    return {int(k): v for k, v in listing.sequences.items()}
 
 
 def release(stages: Stages, key: str, ids: list[int]) -> None:
     model = STAGE_1 if key == "small" else key
-    r = stages.client.post(
-        f"{stages.urls[key]}/v2/models/{model}/sequences/release", json={c.SEQUENCE_IDS: ids}
-    )
+    body = msgspec.json.encode(api.ReleaseRequest(ids))
+    r = stages.client.post(stages.urls[key] + api.release_path(model), content=body)
     assert r.status_code == 200, r.text
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from functions import contract as c
 from functions import protocol
+from functions import stage_api as api
 
 
 class StageCallError(AssertionError):
@@ -74,7 +75,7 @@ class StageDriver:
     ) -> httpx.Response:
         body, hlen = protocol.encode_request(inputs, outputs=outputs or [stage.output_name])
         return self.client.post(
-            f"{stage.url}/v2/models/{stage.model}/infer",
+            stage.url + api.infer_path(stage.model),
             content=body,
             headers={protocol.HEADER: str(hlen), "Content-Type": "application/octet-stream"},
         )

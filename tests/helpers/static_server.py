@@ -24,11 +24,17 @@ class _Recording(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_directory(directory: Path, host: str = "127.0.0.1") -> Iterator[tuple[str, list[str]]]:
-    """Yields the base URL (ending in /) and the list of paths requested so far."""
+def serve_directory(
+    directory: Path, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[tuple[str, list[str]]]:
+    """Yields the base URL (ending in /) and the list of paths requested so far. `port` 0: any free
+    one; another that is taken: any free one too."""
     paths: list[str] = []
-    handler = type("Handler", (_Recording,), {"paths": paths})
-    httpd = http.server.ThreadingHTTPServer((host, 0), functools.partial(handler, directory=str(directory)))
+    handler = functools.partial(type("Handler", (_Recording,), {"paths": paths}), directory=str(directory))
+    try:
+        httpd = http.server.ThreadingHTTPServer((host, port), handler)
+    except OSError:
+        httpd = http.server.ThreadingHTTPServer((host, 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:

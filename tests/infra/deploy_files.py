@@ -15,17 +15,53 @@ import yaml
 
 from tests.helpers.procs import REPO_ROOT
 
-COMPOSE_FILES = sorted(REPO_ROOT.glob("docker-compose*.yml")) + sorted(
-    (REPO_ROOT / "infra" / "compose").glob("*.yml")
-)
-K8S_FILES = sorted((REPO_ROOT / "infra" / "k8s").glob("*.yaml"))
-KNATIVE_FILES = sorted((REPO_ROOT / "infra" / "knative").glob("*.yaml"))
-CLOUDRUN_FILES = sorted((REPO_ROOT / "infra" / "cloudrun").glob("*.yaml"))
+
+@dataclass(frozen=True)
+class Files:
+    """The deployment files under `root`: the repository, or the generator's output for another N."""
+
+    root: Path
+
+    @property
+    def compose(self) -> list[Path]:
+        return sorted(self.root.glob("docker-compose*.yml")) + sorted(
+            (self.root / "infra" / "compose").glob("*.yml")
+        )
+
+    def folder(self, name: str) -> list[Path]:
+        return sorted((self.root / "infra" / name).glob("*.yaml"))
+
+    @property
+    def k8s(self) -> list[Path]:
+        return self.folder("k8s")
+
+    @property
+    def knative(self) -> list[Path]:
+        return self.folder("knative")
+
+    @property
+    def cloudrun(self) -> list[Path]:
+        return self.folder("cloudrun")
+
+    @property
+    def kserve(self) -> list[Path]:
+        return self.folder("kserve")
+
+
+REPO = Files(REPO_ROOT)
+COMPOSE_FILES = REPO.compose
+K8S_FILES = REPO.k8s
+KNATIVE_FILES = REPO.knative
+CLOUDRUN_FILES = REPO.cloudrun
+KSERVE_FILES = REPO.kserve
 DOCKERFILES = sorted((REPO_ROOT / "infra" / "docker").glob("*.Dockerfile"))
 SERVE_DOCKERFILE = REPO_ROOT / "infra" / "docker" / "serve.Dockerfile"
+# images of other projects the manifests run (monitoring): their variables are theirs
+THIRD_PARTY = ("prom/prometheus", "grafana/grafana", "jaegertracing/")
 
-# the images built from this repository, by role (what their processes are)
-ROLES = ("tokenizer", "stage", "gateway", "frontend", "export")
+# the images built from this repository, by role (what their processes are); "store" is the
+# function image serving the bundle volume (python -m http.server), "monitoring" a third-party image
+ROLES = ("tokenizer", "stage", "gateway", "frontend", "export", "store", "monitoring")
 
 
 @dataclass
@@ -36,6 +72,7 @@ class Container:
     env: dict[str, str | None]  # None: from a ConfigMap or secret
     ports: dict[str, int] = field(default_factory=dict)  # container port by name ("" unnamed)
     probes: list[tuple[str, int | str | None]] = field(default_factory=list)  # (path, port)
+    command: list[str] = field(default_factory=list)
 
 
 def yaml_docs(path: Path) -> list[dict[str, Any]]:
@@ -44,6 +81,10 @@ def yaml_docs(path: Path) -> list[dict[str, Any]]:
 
 def role_of(command: list[str], image: str) -> str:
     words = " ".join(command)
+    if image.startswith(THIRD_PARTY):
+        return "monitoring"
+    if "http.server" in words:
+        return "store"
     if "functions.stage" in words:
         return "stage"
     if "functions.tokenizer" in words:
@@ -77,23 +118,32 @@ def _pod_containers(spec: dict[str, Any], where: str, platform: str) -> Iterator
             env=_env(c.get("env")),
             ports={p.get("name", ""): p["containerPort"] for p in c.get("ports", [])},
             probes=probes,
+            command=cmd,
         )
 
 
 def pod_specs(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(resource, pod spec) of every workload in a Kubernetes, Knative or Cloud Run file."""
+    """(resource, pod spec) of every workload in a Kubernetes, Knative, Cloud Run or KServe file
+    (an InferenceService's predictor holds its pod spec's fields itself)."""
     for doc in yaml_docs(path):
         where = f"{path.name} {doc['kind']}/{doc['metadata']['name']}"
         kind, spec = doc["kind"], doc.get("spec", {})
-        if kind in ("Deployment", "StatefulSet", "Service") and "template" in spec:
-            yield where, spec["template"]["spec"]
-        elif kind == "Job" and doc["apiVersion"].startswith("run.googleapis.com"):
-            yield where, spec["template"]["spec"]["template"]["spec"]
+        if kind in ("Deployment", "StatefulSet", "Service", "Job") and "template" in spec:
+            template = spec["template"]["spec"]
+            yield where, template["template"]["spec"] if "template" in template else template
+        elif kind == "InferenceService":
+            yield where, spec["predictor"]
 
 
-def manifest_containers() -> Iterator[Container]:
-    for platform, files in (("k8s", K8S_FILES), ("knative", KNATIVE_FILES), ("cloudrun", CLOUDRUN_FILES)):
-        for path in files:
+def manifest_containers(files: Files = REPO) -> Iterator[Container]:
+    platforms = (
+        ("k8s", files.k8s),
+        ("knative", files.knative),
+        ("cloudrun", files.cloudrun),
+        ("kserve", files.kserve),
+    )
+    for platform, paths in platforms:
+        for path in paths:
             for where, spec in pod_specs(path):
                 yield from _pod_containers(spec, where, platform)
 

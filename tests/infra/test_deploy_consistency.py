@@ -26,8 +26,10 @@ from gateway.config import _TUNABLE, load_config, parse_config
 from tests.helpers.bundles import make_fake_bundle
 from tests.helpers.procs import REPO_ROOT
 from tests.infra.deploy_files import (
+    CLOUDRUN_FILES,
     K8S_FILES,
     KNATIVE_FILES,
+    KSERVE_FILES,
     SERVE_DOCKERFILE,
     Container,
     compose_containers,
@@ -39,10 +41,14 @@ from tests.infra.deploy_files import (
 )
 
 PACKAGES = ("functions", "gateway", "export", "infra")
+WRITERS = ("infra/deploy",)  # the generator spells the names it writes: that is not reading them
 ENV_NAME = re.compile(r"^(TANDEM|OTEL)_[A-Z0-9_]+$|^PORT$")
+SHELL_READ = re.compile(r"\$\{?((?:TANDEM|OTEL)_[A-Z0-9_]+|PORT)\b")
 # read by the Python interpreter itself, or by the libraries named (checked below)
 INTERPRETER = {"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
 LIBRARY = {"HF_HOME": "huggingface_hub.constants"}
+# read by the platform around the container: KServe's storage initializer and its protocol switch
+PLATFORM = {"STORAGE_URI", "PROTOCOL"}
 IMAGE_TARGET = {"tokenizer": "function", "stage": "function", "gateway": "gateway"}
 
 
@@ -52,6 +58,8 @@ def names_in_code() -> set[str]:
     names = set()
     for package in PACKAGES:
         for path in (REPO_ROOT / package).rglob("*.py"):
+            if path.parent.relative_to(REPO_ROOT).as_posix().startswith(WRITERS):
+                continue
             for node in ast.walk(ast.parse(path.read_text())):
                 if (
                     isinstance(node, ast.Constant)
@@ -59,13 +67,16 @@ def names_in_code() -> set[str]:
                     and ENV_NAME.match(node.value)
                 ):
                     names.add(node.value)
+    for script in (REPO_ROOT / "infra" / "docker").glob("*.sh"):  # the UI container's entry point
+        names |= set(SHELL_READ.findall(script.read_text()))
     names |= {f"TANDEM_{key.upper()}" for key in _TUNABLE}
     names |= {v for k, v in vars(otel_sdk_env).items() if k.startswith("OTEL_") and isinstance(v, str)}
     return names
 
 
 def all_containers() -> list[Container]:
-    return [*compose_containers(), *manifest_containers()]
+    """Every container of this repository's images (the monitoring tools' are theirs)."""
+    return [c for c in [*compose_containers(), *manifest_containers()] if c.role != "monitoring"]
 
 
 def set_env_names() -> dict[str, list[str]]:
@@ -91,9 +102,10 @@ def test_every_variable_set_is_read_by_the_code() -> None:
     unread = {
         name: places
         for name, places in set_env_names().items()
-        if name not in read | INTERPRETER | set(LIBRARY)
+        if name not in read | INTERPRETER | set(LIBRARY) | PLATFORM
     }
     assert not unread, f"set but never read: {unread}"
+    assert "TANDEM_GATEWAY_URL" in read and "TANDEM_EXPORT_OUT" in read  # the UI's script, export.job
 
 
 def test_every_function_and_gateway_takes_the_service_token() -> None:
@@ -105,7 +117,7 @@ def test_every_function_and_gateway_takes_the_service_token() -> None:
     overrides = ("host-network.yml", "docker-compose.monitoring.yml")  # merged onto docker-compose.yml
     whole = [c for c in all_containers() if not c.where.startswith(overrides)]
     served = [c for c in whole if c.role in ("tokenizer", "stage", "gateway")]
-    assert {c.platform for c in served} == {"compose", "k8s", "knative", "cloudrun"}
+    assert {c.platform for c in served} == {"compose", "k8s", "knative", "cloudrun", "kserve"}
     for c in whole:
         assert ("TANDEM_AUTH_TOKEN" in c.env) == (c in served), c.where
         assert ("TANDEM_API_KEYS" in c.env) == (c.role == "gateway"), c.where
@@ -141,6 +153,8 @@ def test_every_probe_asks_a_route_the_app_serves(routes: dict[str, set[str]]) ->
     for where, role, path in probes:
         if role == "frontend":
             assert path == "/", where  # nginx's static root
+        elif role == "store":
+            assert path.endswith("/manifest.json"), where  # ready once the export has published
         elif path not in routes[role]:
             wrong.append(f"{where}: {path} is not a route of the {role} ({sorted(routes[role])})")
     assert not wrong, "\n".join(wrong)
@@ -176,10 +190,12 @@ def test_containers_listen_where_they_declare_and_are_probed() -> None:
     checked = 0
     for c in manifest_containers():
         port = listen_port(c)
+        if c.role in ("export", "monitoring"):
+            continue  # a job (no port), or another project's image
         if c.role == "frontend":
-            port = 5173  # infra/docker/nginx.conf
-        elif c.role == "export":
-            continue  # a job: no port
+            assert port == 5173, c.where  # the UI image's PORT, its EXPOSE
+        elif c.role == "store":
+            port = int(c.command[c.command.index("http.server") + 1])  # python -m http.server PORT
         assert port in c.ports.values(), f"{c.where}: listens on {port}, declares {c.ports}"
         for path, probe_port in c.probes:
             resolved = c.ports.get(probe_port, probe_port) if isinstance(probe_port, str) else probe_port
@@ -249,6 +265,20 @@ def test_gateway_configs_address_the_ports_the_services_listen_on() -> None:
     cfg = parse_config(json.loads(config_map["data"]["config.json"]), env={})
     for address in [cfg.tokenizer, *(n.address for n in cfg.nodes)]:
         assert address.split("//")[1].split(".")[0] in names, f"knative: no Service for {address}"
+    # KServe: <InferenceService>-predictor, the Service KServe makes for it in either mode
+    names = {
+        d["metadata"]["name"] for f in KSERVE_FILES for d in yaml_docs(f) if d["kind"] == "InferenceService"
+    }
+    config_map = next(d for f in KSERVE_FILES for d in yaml_docs(f) if d["kind"] == "ConfigMap")
+    cfg = parse_config(json.loads(config_map["data"]["config.json"]), env={})
+    for address in [cfg.tokenizer, *(n.address for n in cfg.nodes)]:
+        host = address.split("//")[1].split(".")[0]
+        assert host.removesuffix("-predictor") in names, f"kserve: no InferenceService for {address}"
+    # Cloud Run: https://<service>-HASH-REGION.a.run.app, one service file each
+    cfg = gateway_config(REPO_ROOT / "infra" / "cloudrun" / "config.json")
+    names = {d["metadata"]["name"] for f in CLOUDRUN_FILES for d in yaml_docs(f) if d["kind"] == "Service"}
+    for address in [cfg.tokenizer, *(n.address for n in cfg.nodes)]:
+        assert address.split("//")[1].removesuffix("-HASH-REGION.a.run.app") in names, f"cloud run: {address}"
 
 
 def test_every_workload_mounts_the_gateway_config_it_is_told_to_read() -> None:

@@ -1,7 +1,9 @@
 """docker-compose.monitoring.yml: valid against the Compose specification's schema
-(check-jsonschema's vendored copy, no network), and wired as the README says: Prometheus on
-:9090 with the committed configuration, Grafana on :3000 with admin/admin and the dashboard
-provisioned, Jaeger with its OTLP receiver on, every service exporting OTLP to it."""
+(check-jsonschema's vendored copy, no network), and wired as the README says: on its own (the
+original's `docker-compose -f docker-compose.monitoring.yml up -d`), Prometheus on :9090 with the
+committed configuration scraping every service and replica of docker-compose.yml, Grafana on :3000
+with admin/admin and the dashboard provisioned, Jaeger with its OTLP receiver on, and every service
+of docker-compose.yml exporting OTLP to it."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import yaml
 from tests.helpers.procs import REPO_ROOT
 
 COMPOSE = REPO_ROOT / "docker-compose.monitoring.yml"
-SERVICES = ("gateway", "tokenizer", "stage-1", "stage-2", "stage-3")  # the services' compose names
+STACK = REPO_ROOT / "docker-compose.yml"
 
 
 def test_matches_the_compose_schema() -> None:
@@ -59,14 +61,20 @@ def test_wiring() -> None:
     jaeger = svc["jaeger"]
     assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
     assert {"16686:16686", "4318:4318"} <= set(jaeger["ports"])
-    for name in SERVICES:  # the variables functions/telemetry.py reads
-        endpoint = svc[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert set(svc) == {"prometheus", "grafana", "jaeger"}  # nothing of the stack's: it runs on its own
+    stack = yaml.safe_load(STACK.read_text())["services"]
+    serving = {name for name, s in stack.items() if name not in ("export", "frontend")}
+    assert {"gateway", "tokenizer", "stage-1", "stage-2", "stage-2-b", "stage-3"} <= serving
+    for name in serving:  # the variables functions/telemetry.py reads
+        endpoint = stack[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
         assert endpoint.endswith("http://jaeger:4318}"), endpoint
     targets = yaml.safe_load((REPO_ROOT / "observability" / "prometheus" / "prometheus.yml").read_text())
     scraped = {
-        t.split(":")[0]
+        t.split(":")[0]: int(t.split(":")[1])
         for job in targets["scrape_configs"]
         for c in job["static_configs"]
         for t in c["targets"]
     }
-    assert scraped == set(SERVICES)
+    assert set(scraped) == serving  # every replica
+    for name, port in scraped.items():
+        assert stack[name]["environment"]["PORT"] == str(port), name

@@ -6,6 +6,7 @@ interface Props {
   metrics: RequestMetrics | null;
   stageMs: Record<string, number> | null;
   traceId: string | null;
+  tracing: boolean | null; // the gateway exports traces (GET /api/nodes); null: not known yet
   jaegerUrl: string;
   finished: boolean;
 }
@@ -27,8 +28,9 @@ function StageTimes({ stageMs }: { stageMs: Record<string, number> }) {
 }
 
 /** The request's figures: time to first token, decode rate, total time, token counts, time per
- * stage (from the gateway), the inter-token latency chart and the trace link. */
-export function MetricsPanel({ metrics, stageMs, traceId, jaegerUrl, finished }: Props) {
+ * stage (from the gateway), the inter-token latency chart and, when the gateway traces, the link to
+ * the request's trace. */
+export function MetricsPanel({ metrics, stageMs, traceId, tracing, jaegerUrl, finished }: Props) {
   if (!metrics) return <p className="hint">Metrics appear once a request runs.</p>;
   const rate = metrics.tokensPerSecond === null ? "–" : metrics.tokensPerSecond.toFixed(1);
   const rows: [string, string, string][] = [
@@ -57,12 +59,16 @@ export function MetricsPanel({ metrics, stageMs, traceId, jaegerUrl, finished }:
       <h3>Inter-token latency</h3>
       <LatencyChart gapsMs={metrics.interTokenMs} />
       <h3>Trace</h3>
-      {traceId ? (
+      {tracing && traceId ? (
         <a href={traceUrl(jaegerUrl, traceId)} target="_blank" rel="noreferrer" data-testid="trace-link">
           Open trace {traceId.slice(0, 12)}… in Jaeger
         </a>
       ) : (
-        <p className="hint">No trace id: tracing is off on the gateway (set OTEL_EXPORTER_OTLP_ENDPOINT).</p>
+        <p className="hint" data-testid="trace-hint">
+          {tracing === false
+            ? "Tracing is off on the gateway (set OTEL_EXPORTER_OTLP_ENDPOINT to trace requests)."
+            : "The trace link appears once the request has a trace id."}
+        </p>
       )}
     </div>
   );

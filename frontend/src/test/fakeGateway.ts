@@ -71,8 +71,21 @@ export function openaiError(message: string, param: string | null, code: number)
   return { error: { message, type: "invalid_request_error", param, code } };
 }
 
+export function roleChunk() {
+  return { id: "chatcmpl-1", object: "chat.completion.chunk", choices: [{ index: 0, delta: { role: "assistant", content: "" }, finish_reason: null }] };
+}
+
+export function deltaChunk(content: string) {
+  return { id: "chatcmpl-1", object: "chat.completion.chunk", choices: [{ index: 0, delta: { content }, finish_reason: null }] };
+}
+
+export function chatFinishChunk(reason = "length") {
+  return { id: "chatcmpl-1", object: "chat.completion.chunk", choices: [{ index: 0, delta: {}, finish_reason: reason }] };
+}
+
 export const NODES = {
   model: "gpt2",
+  tracing: true,
   ready: true,
   reason: "ready",
   tokenizer: { up: true, reason: "ready" },
