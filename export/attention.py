@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
+from functions import contract as c
+
 NAME = "tandem_grouped"
 # keyword arguments the layers pass that change nothing here (the mask carries the window)
-_IGNORED = {"sliding_window", "position_ids", "cache_position", "use_cache", "output_attentions"}
+_IGNORED = {"sliding_window", c.POSITION_IDS, "cache_position", "use_cache", "output_attentions"}
 
 
 def grouped_attention(

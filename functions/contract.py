@@ -101,6 +101,19 @@ class ContractError(ValueError):
     """A batch breaks the contract; the message says which tensor and how (the stage answers 400)."""
 
 
+def eos_header(ids: Sequence[int]) -> dict[str, str]:
+    """The EOS_HEADER that carries these ids (no header for none)."""
+    return {EOS_HEADER: ",".join(str(i) for i in ids)} if ids else {}
+
+
+def parse_eos_header(value: str | None) -> list[int]:
+    """The ids an EOS_HEADER carries; ContractError when it is not comma-separated token ids."""
+    try:
+        return [int(i) for i in (value or "").split(",") if i.strip()]
+    except ValueError:
+        raise ContractError(f"{EOS_HEADER} must be comma-separated token ids, got {value!r}") from None
+
+
 def hidden_states(layer: int) -> str:
     """The tensor entering layer `layer` (a stage's input, or its predecessor's output)."""
     return f"{HIDDEN_STATES_PREFIX}{layer}"

@@ -185,8 +185,7 @@ class TokenizerService:
     def tokenizer_json(self) -> tuple[bytes, dict[str, str]]:
         """The raw tokenizer.json and the header that carries the end-of-sequence ids."""
         tok = self.core()
-        eos = ",".join(str(i) for i in tok.eos_token_ids)
-        return tok.raw_json, {contract.EOS_HEADER: eos} if eos else {}
+        return tok.raw_json, contract.eos_header(tok.eos_token_ids)
 
     def info(self) -> InfoResponse:
         tok = self.core()

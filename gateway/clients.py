@@ -259,13 +259,7 @@ class Clients:
             raise StageUnavailableError(
                 f"the tokenizer has no tokenizer to give ({r.status_code}): {_detail(r)}"
             )
-        eos = r.headers.get(contract.EOS_HEADER) or ""
-        try:
-            return r.content, [int(i) for i in eos.split(",") if i.strip()]
-        except ValueError:
-            raise StageUnavailableError(
-                f"the tokenizer's {contract.EOS_HEADER} is not a list of ids: {eos!r}"
-            ) from None
+        return r.content, contract.parse_eos_header(r.headers.get(contract.EOS_HEADER))
 
     async def chat_template(self) -> dict[str, Any]:
         """The model's chat template and special tokens' strings (none from an older tokenizer: 404)."""

@@ -73,12 +73,8 @@ def parse(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -
 
     opt("--bundle", help="bundle directory (default bundles/gpt2, or bundles/<kind>-random)")
     opt("--model", "gpt2", help="hub id or local HF directory to export (default gpt2)")
-    opt(
-        "--random-init",
-        metavar="SHAPE",
-        help="export seeded random weights of a named shape instead (gpt2, llama, qwen2, ..., FAMILY-tiny; "
-        "`python -m export --help` lists them): works offline",
-    )
+    shapes = "gpt2, llama, qwen2 ..., FAMILY-tiny: `python -m export --help`"
+    opt("--random-init", metavar="SHAPE", help=f"export seeded random weights of a shape ({shapes}) instead")
     opt("--tokenizer", metavar="PATH", help="tokenizer for --random-init (encoder.json + vocab.bpe dir)")
     opt(
         "--quantize",

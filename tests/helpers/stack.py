@@ -11,8 +11,8 @@ import httpx
 import msgspec
 
 from functions import contract
-from functions.bundle import load_manifest, short_name
 from functions import stage_api as api
+from functions.bundle import load_manifest, short_name
 from tests.helpers.procs import ProcessHandle, free_port, start_process, start_stage, stop_process
 
 
