@@ -186,6 +186,17 @@ def test_each_stage_holds_its_own_files_only(fam: FamilyStack) -> None:
         assert rss < s.bytes + KV_BUDGET + (300 << 20), (s.name, rss, s.bytes)
 
 
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def test_the_launcher_starts_one_process_per_stage(
     family_bundles: dict[str, Future[Path]], tmp_path: Path
 ) -> None:
@@ -193,7 +204,7 @@ def test_the_launcher_starts_one_process_per_stage(
     work = family_bundles["qwen2"].result()
     gw, tok = free_port(), free_port()
     base = free_port()
-    while any(p in (gw, tok) for p in range(base, base + 4)):
+    while any(p in (gw, tok) or not _bindable(p) for p in range(base, base + 4)):
         base = free_port()
     ports = ["--gateway-port", str(gw), "--tokenizer-port", str(tok), "--stage-port-base", str(base)]
     cmd = [sys.executable, "-m", "infra.local.stack", "up", "--bundle", str(work / "bundle"), "--no-export"]
