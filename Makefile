@@ -1,6 +1,8 @@
 # tandem, for one machine: `make up` runs the whole stack, `make test` runs every test.
-# Pass choices through: make up RANDOM_INIT=gpt2 | MODEL=distilgpt2 | BUNDLE=bundles/x | QUANTIZE=int8
-#                       | ARGS='--replicas 2';  make test ARGS='tests/gateway -k scoring' | TEST_WORKERS=0 (no xdist)
+# Pass choices through: make up RANDOM_INIT=gpt2|llama|qwen2|FAMILY-tiny | MODEL=<hub id or dir>
+#                       | BUNDLE=bundles/x | QUANTIZE=int8 | ARGS='--replicas 2'
+#                       make bench BUNDLE=bundles/llama-random ARGS='--stacks s1,s2,s3,s4'
+#                       make test ARGS='tests/gateway -k scoring' | TEST_WORKERS=0 (no xdist)
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -66,8 +68,8 @@ lint: ## ruff check, ruff format --check, mypy (strict on the packages)
 	$(PY) -m ruff format --check $(SOURCES)
 	$(PY) -m mypy
 
-bench: ## distributed vs monolithic benchmark
-	$(PY) -m tests.benchmarks.bench $(ARGS)
+bench: ## distributed vs monolithic benchmark (BUNDLE=dir: any bundle exported --with-reference)
+	$(PY) -m tests.benchmarks.bench $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
 
 clean: ## remove exported bundles (the tests' too), stack logs, the built UI and caches (keeps .venv, .tandem/npm, node_modules)
 	rm -rf bundles .tandem/stack .tandem/test-cache frontend/dist .pytest_cache .ruff_cache .mypy_cache

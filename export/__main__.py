@@ -1,4 +1,6 @@
-"""`python -m export`: turn GPT-2 (hub id, local directory or random weights) into a bundle."""
+"""`python -m export`: split a decoder-only causal LM (hub id, local directory or seeded random
+weights) into a bundle of N ONNX pipeline stages. Families: gpt2, llama, qwen2, mistral, phi3, gemma,
+gemma2, and others with the same layout (README: Model families)."""
 
 from __future__ import annotations
 
@@ -16,15 +18,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--model", default="gpt2", help="hub id or local HF model directory (default gpt2)")
     src.add_argument(
         "--random-init",
-        metavar="gpt2|tiny|CONFIG.json",
-        help="seeded random weights of this GPT-2 shape: works offline",
+        metavar="SHAPE|CONFIG.json",
+        help="seeded random weights of a named shape (works offline): a family's real size (gpt2, llama "
+        "= SmolLM2-135M, qwen2 = Qwen2.5-0.5B, mistral, phi3, gemma, gemma2) or its tiny test shape "
+        "(FAMILY-tiny; tiny = gpt2-tiny), or a config.json of any supported family",
     )
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument(
         "--tokenizer", metavar="PATH", help="tokenizer.json, or a directory with vocab.json + merges.txt"
     )
+    p.add_argument(
+        "--chat-template", metavar="FILE", help="a Jinja chat template for the bundle (overrides the model's)"
+    )
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--stages", type=int, help="number of balanced stages (default 3)")
+    p.add_argument("--stages", type=int, help="number of stages, balanced by bytes (default 3)")
     p.add_argument("--layers", help="explicit split, e.g. 0:4,4:8,8:12")
     p.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantisation of the weights")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
@@ -39,19 +46,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stages is not None and args.layers:
         p.error("give --stages or --layers, not both")
-    tok_digest = None
-    if args.tokenizer:
-        t = Path(args.tokenizer)
-        if not t.exists():
-            p.error(f"--tokenizer {t}: no such file or directory")
-        files = [t] if t.is_file() else sorted(f for f in t.iterdir() if f.is_file())
-        tok_digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    tok_digest = _digest(p, "--tokenizer", args.tokenizer)
+    template_digest = _digest(p, "--chat-template", args.chat_template)
     args.export_args = {
         "model": None if args.random_init else args.model,
         "revision": args.revision,
         "random_init": args.random_init,
         "seed": args.seed if args.random_init else None,
         "tokenizer_sha256": tok_digest,
+        "chat_template_sha256": template_digest,
         "stages": args.stages,
         "layers": args.layers,
         "quantize": args.quantize,
@@ -60,6 +63,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "verify": not args.skip_verify,
     }
     return args
+
+
+def _digest(p: argparse.ArgumentParser, flag: str, value: str | None) -> str | None:
+    """sha256 of a given file (or a directory's files), so that a re-run with other contents rebuilds."""
+    if not value:
+        return None
+    t = Path(value)
+    if not t.exists():
+        p.error(f"{flag} {t}: no such file or directory")
+    files = [t] if t.is_file() else sorted(f for f in t.iterdir() if f.is_file())
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

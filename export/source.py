@@ -1,22 +1,17 @@
-"""Where the model comes from: a hub id, a local HF directory, or seeded random weights.
-
-Random weights are written to a local HF directory first, so they load through exactly the
-same `from_pretrained` code as a downloaded model.
+"""Where the model comes from: a hub id or a local HF directory (random weights are written to a
+local directory first: export/random_init.py), loaded as a causal LM of a supported family
+(export/families.py), and its tokenizer.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
 
-# A wider init than GPT-2's 0.02 makes greedy output vary from step to step, so parity tests
-# on the tiny model compare something (at 0.02 it repeats one token).
-TINY = dict(n_layer=6, n_embd=64, n_head=4, n_positions=1024, initializer_range=0.3)
-EOS = "<|endoftext|>"
+EOS = "<|endoftext|>"  # GPT-2's end of text: OpenAI's BPE files do not mark it special
 
 _WORDS = (
     "the a model token stage pipeline gateway layer cache batch sequence function request stream "
@@ -35,13 +30,18 @@ def _corpus(lines: int = 4000, seed: int = 0) -> list[str]:
     return out
 
 
-def train_tokenizer(vocab_size: int) -> object:
-    """A byte-level BPE trained on the spot (used when no tokenizer is given offline)."""
+def train_tokenizer(vocab_size: int, specials: list[str] | None = None) -> Any:
+    """A byte-level BPE trained on the spot (used when no tokenizer is given offline); `specials`
+    take the first ids."""
     from tokenizers import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(
-        _corpus(), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False
+        _corpus(),
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=specials or [EOS],
+        show_progress=False,
     )
     return tok
 
@@ -67,87 +67,53 @@ def load_tokenizer_path(path: Path) -> Any:
     )
 
 
-def make_random_model(kind: str, out_dir: Path, tokenizer_path: Path | None, seed: int = 0) -> str:
-    """Write a GPT-2-architecture HF model with seeded random weights (and its tokenizer) to
-    out_dir; returns a line saying where the tokenizer came from."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    if kind == "gpt2":
-        overrides: dict[str, Any] = {}
-    elif kind == "tiny":
-        overrides = dict(TINY)
-    else:
-        cfg_path = Path(kind)
-        if not cfg_path.is_file():
-            raise ExportError(f"--random-init {kind}: expected gpt2, tiny, or a config JSON file")
-        try:
-            overrides = json.loads(cfg_path.read_text())
-        except ValueError as e:
-            raise ExportError(f"--random-init {kind}: not valid JSON ({e})") from e
-        if overrides.get("model_type", "gpt2") != "gpt2":
-            raise ExportError(f"--random-init {kind}: model_type must be gpt2")
-        overrides.pop("model_type", None)
-
-    if tokenizer_path is not None:
-        tok = load_tokenizer_path(tokenizer_path)
-        how = f"tokenizer from {tokenizer_path}"
-    else:
-        tok = train_tokenizer(1000 if kind == "tiny" else 8000)
-        how = "tokenizer: byte-level BPE trained on the spot (no --tokenizer given)"
-    tok_vocab = tok.get_vocab_size()
-    if "vocab_size" not in overrides:
-        # The model takes the tokenizer's size: every id it can generate then decodes to text. With
-        # the real GPT-2 BPE that is GPT-2's 50,257; with a BPE trained on the spot it is smaller
-        # (a 50,257-row model over a 520-token BPE generated ids that decode to nothing).
-        overrides["vocab_size"] = tok_vocab
-    if tok_vocab > overrides["vocab_size"]:
-        raise ExportError(
-            f"the tokenizer has {tok_vocab} tokens but the model only {overrides['vocab_size']}"
-        )
-    eos = tok.token_to_id(EOS)
-    if eos is None:
-        raise ExportError(f"the tokenizer has no {EOS} token")
-    config = GPT2Config(**overrides, bos_token_id=eos, eos_token_id=eos)  # type: ignore[no-untyped-call]
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)  # type: ignore[no-untyped-call]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tok.save(str(out_dir / "tokenizer.json"))
-    return how
-
-
-def load_model(model: str, revision: str | None) -> Any:
-    """Load a GPT-2 LM (eager attention, eval mode) from a hub id or a local directory."""
-    from transformers import AutoConfig, GPT2LMHeadModel
-
-    local = Path(model).is_dir()
-    try:
-        config = AutoConfig.from_pretrained(model, revision=revision)
-    except (OSError, ValueError) as e:
-        if local:
-            raise ExportError(f"{model} is not a Hugging Face model directory: {e}") from e
-        raise ExportError(
-            f"could not load {model!r} from the Hugging Face hub (unknown model id, or the hub is "
-            "unreachable). To work offline use --random-init gpt2 (random weights, real GPT-2 "
-            "shapes), or pass a local model directory to --model."
-        ) from e
-    if config.model_type != "gpt2":
-        raise ExportError(
-            f"{model} is a {config.model_type!r} model; tandem exports GPT-2-architecture models only"
-        )
-    m = GPT2LMHeadModel.from_pretrained(model, revision=revision, attn_implementation="eager")
-    return m.eval()
-
-
-def load_model_tokenizer(model: str, revision: str | None) -> Any:
-    """The tokenizer that belongs to the model (hub or local directory)."""
-    from tokenizers import Tokenizer
+def model_dir(model: str, revision: str | None) -> Path:
+    """A local directory holding the model's config and tokenizer files: `model` itself when it is
+    one, else the hub cache's copy of them (the hub probed first: an unreachable hub ends here)."""
+    from export import hub
 
     path = Path(model)
     if path.is_dir():
-        return load_tokenizer_path(path)
+        return path
+    if path.suffix == ".json" or path.exists() or model.startswith((".", "/")):
+        raise ExportError(
+            f"--model {model}: not a model directory (a config.json file goes to --random-init)"
+        )
+    hub.require(model)
+    return hub.small_files(model, revision)
+
+
+def load_config(directory: Path) -> Any:
+    """The model's transformers config, checked to be a family tandem splits."""
+    from export.precheck import quick_check
+
+    kind = str(quick_check(directory)["model_type"])  # what is certainly unsupported, in a blink
+    from transformers import AutoConfig
+
+    from export.families import check_config, refusal
+
     try:
-        return Tokenizer.from_pretrained(model, revision=revision or "main")
-    except Exception as e:  # the tokenizers library raises plain Exceptions for hub failures
-        raise ExportError(f"could not fetch the tokenizer of {model!r}: {e}") from e
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(refusal(kind, f"cannot be read by transformers ({e})")) from None
+    check_config(config)
+    return config
+
+
+def load_model(model: str, revision: str | None, config: Any) -> Any:
+    """The causal LM (eager attention, float32, eval mode) from a hub id or a local directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        m = AutoModelForCausalLM.from_pretrained(
+            model, revision=revision, config=config, attn_implementation="eager", torch_dtype=torch.float32
+        )
+    except (OSError, ValueError) as e:
+        raise ExportError(f"could not load the weights of {model!r}: {e}") from e
+    return m.eval()  # type: ignore[no-untyped-call]
+
+
+def load_model_tokenizer(directory: Path) -> Any:
+    """The tokenizer that belongs to the model in `directory` (a model dir or the hub's snapshot)."""
+    return load_tokenizer_path(directory)

@@ -1,9 +1,12 @@
-"""PyTorch wrapper modules, one per pipeline stage, around the real Hugging Face GPT-2 blocks.
+"""One exportable PyTorch module per pipeline stage, over a slice of any supported family's own
+decoder layers (export/families.py says where a family keeps them).
 
-Each stage owns a contiguous layer range; the first also embeds tokens, the last also applies
-ln_f + lm_head to the final position only (sampling never needs the logits of earlier positions),
-and returns the final hidden states of every position as its last output, for the scoring head
-(export/head.py) to turn into log-probabilities only where a request asks.
+Each stage owns a contiguous layer range and rebuilds what the model computes once for all layers:
+the rotary tables from the rows' position ids, and one additive attention mask per kind of layer
+(full causal, or a sliding window) from the absolute positions of the keys. The first stage also
+embeds tokens; the last also applies the final norm and the LM head to the final position only
+(sampling needs no earlier logits) and returns the final hidden states of every position, for the
+scoring head (export/head.py) to turn into log-probabilities only where a request asks.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GPT2LMHeadModel
 
+from export.families import Parts
 from functions import contract as c
 
 
@@ -65,73 +68,123 @@ class StageSpec:
 
 
 class _StageCache:
-    """The minimal cache object HF attention layers call: concatenates past and new keys/values."""
+    """The minimal cache object transformers' attention layers call: concatenates past and new."""
+
+    is_compileable = False
 
     def __init__(self, past: list[torch.Tensor], start: int) -> None:
         self.start = start
-        self.past = past  # flat [k_start, v_start, k_start+1, ...], each (B, H, P, D)
+        self.past = past  # flat [k_start, v_start, k_start+1, ...], each (B, H_kv, P, D)
         self.present: list[torch.Tensor] = []
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         i = 2 * (layer_idx - self.start)
-        k = torch.cat([self.past[i], key], dim=2)  # (B, H, P + S, D)
-        v = torch.cat([self.past[i + 1], value], dim=2)  # (B, H, P + S, D)
+        k = torch.cat([self.past[i], key], dim=2)  # (B, H_kv, P + S, D)
+        v = torch.cat([self.past[i + 1], value], dim=2)  # (B, H_kv, P + S, D)
         self.present += [k, v]
         return k, v
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.past[0].shape[2])
 
-class GPT2Stage(nn.Module):
-    """Layers [spec.start, spec.stop) of a GPT2LMHeadModel as one exportable module.
+
+def attention_bias(
+    mask: torch.Tensor, position_ids: torch.Tensor, window: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive mask (B, 1, S, T) over T = P + S keys: 0 where a query may attend, the dtype's
+    minimum elsewhere. A key is attended when it is a real position (mask 1), not after the query,
+    and within `window` positions of it. Positions are absolute: a key's is the count of real keys
+    before it in its row (the row may have padding between its past and its new positions); a
+    query's is its position id."""
+    key_pos = torch.cumsum(mask, dim=1) - 1  # (B, T)
+    k = key_pos[:, None, :]  # (B, 1, T)
+    q = position_ids[:, :, None]  # (B, S, 1)
+    allowed = (mask[:, None, :] > 0) & (k <= q)  # (B, S, T)
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]  # (B, 1, S, T)
+
+
+class DecoderStage(nn.Module):
+    """Layers [spec.start, spec.stop) of a causal LM as one exportable module.
 
     Inputs: input_ids (B, S) int64 or hidden_states (B, S, C) float; attention_mask (B, P + S)
-    int64 over past and new positions (1 = attend, 0 = padding); position_ids (B, S) int64;
-    past keys/values per layer (B, H, P, D). Outputs: hidden_states (B, S, C) or logits (B, V)
-    of the last position, then present keys/values (B, H, P + S, D); the last stage then its final
-    hidden states (B, S, C), before ln_f.
+    int64 over past and new positions (1 = real, 0 = padding); position_ids (B, S) int64; past
+    keys/values per layer (B, H_kv, P, D). Outputs: hidden_states (B, S, C) or, from the last stage,
+    logits (B, V) of the last position; present keys/values (B, H_kv, P + S, D); the last stage
+    then its final hidden states (B, S, C), before the final norm.
     """
 
-    def __init__(self, model: GPT2LMHeadModel, spec: StageSpec) -> None:
+    def __init__(self, parts: Parts, spec: StageSpec) -> None:
         super().__init__()
-        self.spec = spec
-        t = model.transformer
+        self.spec, self.parts = spec, parts
+        self.layers = nn.ModuleList(parts.layers[spec.start : spec.stop])
+        self.windows = parts.shape.windows[spec.start : spec.stop]
         if spec.first:
-            self.wte, self.wpe = t.wte, t.wpe
-        self.h = nn.ModuleList(t.h[spec.start : spec.stop])
+            self.embed = parts.embed
+            self.positions = parts.positions
+        self.rotary = parts.rotary
         if spec.last:
-            self.ln_f, self.lm_head = t.ln_f, model.lm_head
+            self.norm, self.lm_head = parts.norm, parts.lm_head
 
     def forward(
         self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        if self.spec.first:
-            h = self.wte(x) + self.wpe(position_ids)  # (B, S, C)
-        else:
-            h = x  # (B, S, C)
-        # Padding becomes a large negative additive bias; causality comes from each block's own
-        # triangular buffer, so a fully padded query row still has finite scores (no NaN).
-        bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
-        cache = _StageCache(list(past), self.spec.start)  # bias: (B, 1, 1, P + S)
-        for block in self.h:
-            h = block(h, past_key_values=cache, attention_mask=bias, use_cache=True)[0]
+        h = self._embed(x, position_ids) if self.spec.first else x  # (B, S, C)
+        masks = self._masks(attention_mask, position_ids, h.dtype)
+        rope = self.parts.rotary_tables(h, position_ids) if self.rotary is not None else None
+        cache = _StageCache(list(past), self.spec.start)
+        for layer, window in zip(self.layers, self.windows, strict=True):
+            out = layer(
+                h,
+                attention_mask=masks[window],
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                **({"position_embeddings": rope} if rope is not None else {}),
+            )
+            h = out[0] if isinstance(out, tuple) else out  # (B, S, C)
         if self.spec.last:
-            logits = self.lm_head(self.ln_f(h[:, -1, :]))  # (B, V)
-            return (logits, *cache.present, h)  # h: (B, S, C)
+            logits = self.lm_head(self.norm(h[:, -1, :]))  # (B, V)
+            softcap = self.parts.shape.logit_softcap
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            return (logits, *cache.present, h)
         return (h, *cache.present)
+
+    def _embed(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        h: torch.Tensor = self.embed(ids)  # (B, S, C)
+        if self.positions is not None:
+            h = h + self.positions(position_ids)
+        if self.parts.embed_scale is not None:
+            h = h * torch.tensor(self.parts.embed_scale, dtype=h.dtype)
+        return h
+
+    def _masks(
+        self, mask: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> dict[int | None, torch.Tensor]:
+        """One mask per distinct window among this stage's layers."""
+        if self.parts.causal_in_layers:
+            # GPT-2's blocks apply causality from their own buffer: only padding is added here, so
+            # a fully padded query row still has finite scores
+            bias = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (B, 1, 1, T)
+            return dict.fromkeys(self.windows, bias)
+        return {w: attention_bias(mask, position_ids, w, dtype) for w in set(self.windows)}
 
 
 def example_inputs(
-    model: GPT2LMHeadModel, spec: StageSpec, batch: int = 2, seq: int = 3, past: int = 2
+    parts: Parts, spec: StageSpec, batch: int = 2, seq: int = 3, past: int = 2
 ) -> tuple[torch.Tensor, ...]:
-    """Inputs of the right shapes and dtypes for tracing one stage."""
-    cfg = model.config
-    head_dim = cfg.n_embd // cfg.n_head
+    """Inputs of the right shapes and dtypes for tracing one stage (sizes >= 2 on dynamic axes)."""
+    s = parts.shape
     if spec.first:
-        x = torch.randint(0, cfg.vocab_size, (batch, seq), dtype=torch.int64)
+        x = torch.randint(0, s.vocab_size, (batch, seq), dtype=torch.int64)
     else:
-        x = torch.randn(batch, seq, cfg.n_embd)
+        x = torch.randn(batch, seq, s.hidden_size)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     pos = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq).contiguous()
-    kv = [torch.randn(batch, cfg.n_head, past, head_dim) for _ in spec.past_names()]
+    kv = [torch.randn(batch, s.num_kv_heads, past, s.head_dim) for _ in spec.past_names()]
     return (x, mask, pos, *kv)

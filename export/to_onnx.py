@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from export.stages import GPT2Stage, StageSpec, example_inputs
+from export import attention
+from export.families import Parts
+from export.stages import DecoderStage, StageSpec, example_inputs
+
+# torch resets its loggers on import; its exporter then lists the torchvision ops it skips
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
 def _dynamic_shapes(spec: StageSpec) -> tuple[Any, ...]:
@@ -45,12 +52,16 @@ def to_program(
     return program
 
 
-def export_stage(model: Any, spec: StageSpec, path: Path, opset: int | None) -> None:
+def export_stage(parts: Parts, spec: StageSpec, path: Path, opset: int | None) -> None:
     """Write one stage as a self-contained .onnx file (external data only past 2 GB)."""
-    module = GPT2Stage(model, spec).eval()
-    args = example_inputs(model, spec)
+    module = DecoderStage(parts, spec).eval()
+    args = example_inputs(parts, spec)
     names = (spec.input_names(), spec.output_names())
-    program = to_program(module, args, names, _dynamic_shapes(spec), opset)
+    # GPT-2's blocks keep their own attention (causality from their buffer); the others read each
+    # key/value head once (export/attention.py)
+    grouped = contextlib.nullcontext() if parts.causal_in_layers else attention.selected(parts.config)
+    with grouped:
+        program = to_program(module, args, names, _dynamic_shapes(spec), opset)
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > 1_800_000_000
     program.save(str(path), external_data=large)
 

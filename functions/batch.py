@@ -72,12 +72,12 @@ class StageBatch:
         B = ids.shape[0]
         x = _check_x(inputs[io.x_name], io, B)  # _check_rows found it
         mask, n_new = _check_mask(inputs.get(ATTENTION_MASK), B, x.shape[1])
-        too_long = past + n_new > io.n_positions
+        too_long = past + n_new > io.max_positions
         if too_long.any():
             b = int(np.argmax(too_long))
             raise ContractError(
                 f"sequence {int(ids[b])} would reach position {int(past[b] + n_new[b])}, "
-                f"beyond the context window of {io.n_positions}"
+                f"beyond the context window of {io.max_positions}"
             )
         end, start = _flag(inputs, SEQUENCE_END, B), _flag(inputs, SEQUENCE_START, B)
         if start is not None and (start & (past != 0)).any():
@@ -153,7 +153,7 @@ def _check_rows(inputs: Mapping[str, np.ndarray], io: StageIO) -> tuple[np.ndarr
 def _check_x(x: np.ndarray, io: StageIO, B: int) -> np.ndarray:
     want_dtype, want_ndim = (np.int64, 2) if io.first else (np.float32, 3)
     if x.dtype != want_dtype or x.ndim != want_ndim or x.shape[0] != B or x.shape[1] == 0:
-        shape = "[batch, sequence]" if io.first else f"[batch, sequence, {io.n_embd}]"
+        shape = "[batch, sequence]" if io.first else f"[batch, sequence, {io.hidden_size}]"
         raise ContractError(
             f"{io.x_name} must be {'INT64' if io.first else 'FP32'} {shape} with batch {B} and "
             f"sequence >= 1; got {x.dtype} {list(x.shape)}"
@@ -162,8 +162,8 @@ def _check_x(x: np.ndarray, io: StageIO, B: int) -> np.ndarray:
         if (x < 0).any() or (x >= io.vocab_size).any():
             raise ContractError(f"{INPUT_IDS} must be in [0, {io.vocab_size})")
         return x
-    if x.shape[2] != io.n_embd:
-        raise ContractError(f"{io.x_name} last dimension must be {io.n_embd}")
+    if x.shape[2] != io.hidden_size:
+        raise ContractError(f"{io.x_name} last dimension must be {io.hidden_size}")
     if not np.isfinite(x).all():
         raise ContractError(f"{io.x_name} contains NaN or infinite values")
     return x

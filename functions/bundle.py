@@ -14,7 +14,9 @@ from typing import Any
 
 from functions.contract import PAST_PREFIX, PRESENT_PREFIX
 
-FORMAT_VERSION = 1
+# 2: any decoder-only family (the config is family-generic, stages carry their byte sizes, the
+# tokenizer entry lists every EOS id and the chat template); format 1 was GPT-2 only
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 # model.id of a bundle exported with --random-init SHAPE: "random-init:SHAPE"
 RANDOM_INIT_PREFIX = "random-init:"
@@ -40,6 +42,7 @@ class StageEntry:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     files: dict[str, str]  # file name -> sha256 (the .onnx and any external data)
+    bytes: int = 0  # size of its files on disk (the scoring head's included for the last stage)
 
     @property
     def first(self) -> bool:
@@ -56,12 +59,16 @@ class StageEntry:
 class Manifest:
     format_version: int
     model: dict[str, Any]  # id, revision, architecture, source
-    config: dict[str, Any]  # the GPT-2 config (n_layer, n_embd, n_head, n_positions, vocab_size...)
+    # family-generic (export/families.py Shape): family, hidden_size, num_layers,
+    # num_attention_heads, num_kv_heads, head_dim, max_positions, vocab_size, sliding_window ...
+    config: dict[str, Any]
     dtype: str  # "float32"
     quantization: str | None  # None or "int8"
     opset: int
     stages: list[StageEntry]
-    tokenizer: dict[str, Any]  # file, sha256, eos_token_id, source
+    # file, sha256, eos_token_id (the first of eos_token_ids), eos_token_ids, bos_token_id,
+    # bos_token, eos_token, add_bos_token, chat_template (file name or None), chat_template_sha256
+    tokenizer: dict[str, Any]
     versions: dict[str, str]
     parity: dict[str, Any]
     export_args: dict[str, Any]  # normalised arguments: a re-run with the same ones is a no-op
@@ -74,24 +81,44 @@ class Manifest:
 
     # convenience views used by the serving side
     @property
-    def n_layer(self) -> int:
-        return int(self.config["n_layer"])
+    def family(self) -> str:
+        return str(self.config["family"])
 
     @property
-    def n_head(self) -> int:
-        return int(self.config["n_head"])
+    def num_layers(self) -> int:
+        return int(self.config["num_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config["hidden_size"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.config["num_kv_heads"])
 
     @property
     def head_dim(self) -> int:
-        return int(self.config["n_embd"]) // self.n_head
+        """The width of one key/value head: the config's own, never hidden_size / heads."""
+        return int(self.config["head_dim"])
 
     @property
-    def n_positions(self) -> int:
-        return int(self.config["n_positions"])
+    def max_positions(self) -> int:
+        return int(self.config["max_positions"])
 
     @property
     def vocab_size(self) -> int:
         return int(self.config["vocab_size"])
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a sequence (Llama 3 has several), first the tokenizer's own."""
+        return eos_ids(self.tokenizer)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template's file name in the bundle, or None."""
+        name = self.tokenizer.get("chat_template")
+        return str(name) if name else None
 
     def stage(self, name_or_index: str | int) -> StageEntry:
         for s in self.stages:
@@ -107,8 +134,9 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         if d.get("format_version") != FORMAT_VERSION:
             raise BundleError(
-                f"bundle format {d.get('format_version')!r} is not supported (expected "
-                f"{FORMAT_VERSION}); re-run `python -m export` to rebuild it"
+                f"bundle format {d.get('format_version')!r} is not supported (this version reads "
+                f"format {FORMAT_VERSION}); re-export it: run the same `python -m export` command "
+                "again (`make up` re-exports an outdated bundle by itself)"
             )
         try:
             stages = [
@@ -160,12 +188,29 @@ def load_manifest(bundle: Path | str) -> Manifest:
     return Manifest.from_dict(data)
 
 
+def eos_ids(tokenizer: dict[str, Any]) -> list[int]:
+    """The EOS ids of a manifest's `tokenizer` entry (`eos_token_ids`, else the one `eos_token_id`)."""
+    ids = tokenizer.get("eos_token_ids")
+    if ids is None:
+        one = tokenizer.get("eos_token_id")
+        ids = [] if one is None else [one]
+    return [int(i) for i in ids]
+
+
+def tokenizer_files(m: Manifest) -> dict[str, str]:
+    """The tokenizer function's files: tokenizer.json and the chat template when there is one."""
+    files = {m.tokenizer["file"]: m.tokenizer["sha256"]}
+    if m.chat_template:
+        files[m.chat_template] = m.tokenizer["chat_template_sha256"]
+    return files
+
+
 def all_files(m: Manifest) -> dict[str, str]:
     """Every file the manifest vouches for, with its sha256."""
     files: dict[str, str] = {}
     for s in m.stages:
         files.update(s.files)
-    files[m.tokenizer["file"]] = m.tokenizer["sha256"]
+    files |= tokenizer_files(m)
     if m.reference:
         files.update(m.reference["files"])
     return files

@@ -21,7 +21,15 @@ from pathlib import Path
 import httpx
 
 from functions import contract
-from functions.bundle import MANIFEST, BundleError, Manifest, load_manifest, sha256_file, verify_files
+from functions.bundle import (
+    MANIFEST,
+    BundleError,
+    Manifest,
+    load_manifest,
+    sha256_file,
+    tokenizer_files,
+    verify_files,
+)
 from functions.settings import Env
 
 TOKENIZER_ROLE = "tokenizer"
@@ -33,7 +41,7 @@ TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 def role_files(manifest: Manifest, role: str) -> dict[str, str]:
     """The files (name -> sha256) the tokenizer or a stage ('2' or 'stage-2') needs."""
     if role == TOKENIZER_ROLE:
-        return {manifest.tokenizer["file"]: manifest.tokenizer["sha256"]}
+        return tokenizer_files(manifest)
     return dict(manifest.stage(contract.normalize_stage_name(role)).files)
 
 

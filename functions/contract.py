@@ -55,7 +55,7 @@ LOGIT_BIAS_VALUES = "logit_bias_values"
 BANNED_TOKEN_IDS = "banned_token_ids"
 HIDDEN_STATES_PREFIX = "hidden_states_"
 # ---- scoring (last stage, asked per row; see functions/scoring.py) ----
-FINAL_HIDDEN = "final_hidden_states"  # last stage graph: (B, S, C) before ln_f, every position
+FINAL_HIDDEN = "final_hidden_states"  # last stage graph: (B, S, C) before the final norm, every position
 NUM_TOP = "num_top_logprobs"  # (B,) int64 in [0, TOP_LOGPROBS_MAX]: alternatives wanted per row
 TOP_IDS = "top_token_ids"  # (B, K): the K most likely tokens at the sampled position
 TOP_LOGPROBS = "top_logprobs"  # (B, K)
@@ -64,7 +64,7 @@ TARGET_LOGPROBS = "target_logprobs"  # (N,) for the N positions with a target, r
 TARGET_TOP_IDS = "target_top_token_ids"  # (N, K)
 TARGET_TOP_LOGPROBS = "target_top_logprobs"  # (N, K)
 HEAD_HIDDEN = "hidden"  # the head graph's inputs: (N, C) final hidden states and (N,) targets
-HEAD_FILE = "head.onnx"  # ln_f + lm_head + log_softmax + top-k, on the positions asked for
+HEAD_FILE = "head.onnx"  # final norm + LM head (+ soft-cap) + log_softmax + top-k, on the positions asked
 TOP_LOGPROBS_MAX = 5  # as OpenAI's legacy completions API
 # Last-stage outputs computed only when the request sends the input that says what to compute:
 # output -> that input (functions.batch answers 400 naming both when it is absent). num_top_logprobs
@@ -85,7 +85,8 @@ NEEDED_INPUTS = {  # what each input of OUTPUT_NEEDS is, for the 400 that asks f
 HELD_LENGTHS = "held_lengths"
 
 # ---- HTTP ----
-EOS_HEADER = "Tandem-Eos-Token-Id"  # the tokenizer function's end-of-sequence id, on GET /v1/tokenizer
+# the tokenizer function's end-of-sequence ids, comma-separated (Llama 3 has several), on GET /v1/tokenizer
+EOS_HEADER = "Tandem-Eos-Token-Ids"
 # the tokenizer function's chat template and special tokens' strings (functions.tokenizer), for the gateway
 CHAT_TEMPLATE_PATH = "/v1/chat_template"
 
@@ -98,6 +99,19 @@ SEED_LIMIT = 2**62  # seeds are in [0, SEED_LIMIT); a negative seed on the wire 
 
 class ContractError(ValueError):
     """A batch breaks the contract; the message says which tensor and how (the stage answers 400)."""
+
+
+def eos_header(ids: Sequence[int]) -> dict[str, str]:
+    """The EOS_HEADER that carries these ids (no header for none)."""
+    return {EOS_HEADER: ",".join(str(i) for i in ids)} if ids else {}
+
+
+def parse_eos_header(value: str | None) -> list[int]:
+    """The ids an EOS_HEADER carries; ContractError when it is not comma-separated token ids."""
+    try:
+        return [int(i) for i in (value or "").split(",") if i.strip()]
+    except ValueError:
+        raise ContractError(f"{EOS_HEADER} must be comma-separated token ids, got {value!r}") from None
 
 
 def hidden_states(layer: int) -> str:

@@ -79,7 +79,10 @@ class StageEngine:
         # where the KV cache lives between steps (functions.kvstore); it fetches the final hidden
         # states (scoring) only when a call asks for them
         self.kv = make_store(
-            resolve_kv_store(kv_store, provider), self.session, (manifest.n_head, manifest.head_dim), provider
+            resolve_kv_store(kv_store, provider),
+            self.session,
+            (manifest.num_kv_heads, manifest.head_dim),
+            provider,
         )
         self.head = (
             Head.load(bundle, manifest, session_options(threads), session_providers(provider))
@@ -91,7 +94,8 @@ class StageEngine:
         self.max_batch_tokens = max_batch_tokens
         self.max_response_bytes = max_response_bytes
         # past keys and values of this stage's layers, float32: what one cached position costs
-        self.kv_position_bytes = len(self.past_names) * self.io.n_embd * 4
+        # (KV heads x head width each: hidden_size would overcount GQA models)
+        self.kv_position_bytes = len(self.past_names) * manifest.num_kv_heads * manifest.head_dim * 4
         # after a large call, ONNX Runtime hands the arena memory it grew for it back
         self.shrink = ort.RunOptions()
         arenas = "cpu:0;gpu:0" if provider == "cuda" else "cpu:0"
@@ -283,7 +287,7 @@ class StageEngine:
         x = (
             np.zeros((1, 4), dtype=np.int64)
             if self.io.first
-            else np.zeros((1, 4, self.io.n_embd), dtype=np.float32)
+            else np.zeros((1, 4, self.io.hidden_size), dtype=np.float32)
         )
         seq = np.array([-(2**62)], dtype=np.int64)
         self.infer({c.SEQUENCE_IDS: seq, c.PAST_LENGTHS: np.array([0]), self.x_name: x})

@@ -51,7 +51,7 @@ class KVStore:
         # the final hidden states (scoring) are fetched only when a call asks for them (`extra`)
         self.host_names = [n for n in names if not n.startswith(c.PRESENT_PREFIX) and n != c.FINAL_HIDDEN]
         self.names = self.host_names + self.present_names
-        self.n_head, self.head_dim = head
+        self.kv_heads, self.head_dim = head  # (H_kv, D) of every past and present
 
     # ---- what a subclass provides ----
     def run(
@@ -72,7 +72,7 @@ class KVStore:
     def gather(self, entries: Sequence[Entry | None], n_past: int, P: int) -> list[Any]:
         """One right-aligned (B, H, P, D) tensor per past input: row b holds entries[b]'s positions
         at the end, zeros before (masked out; zeros, never garbage, so no NaN reaches a score)."""
-        B, H, D = len(entries), self.n_head, self.head_dim
+        B, H, D = len(entries), self.kv_heads, self.head_dim
         out = []
         for i in range(n_past):
             buf = self._empty((B, H, P, D), zero=True)
@@ -88,7 +88,7 @@ class KVStore:
         n = sum(end - begin for begin, end in spans)
         out = []
         for a in presents:
-            buf = self._empty((1, self.n_head, n, self.head_dim), zero=False)
+            buf = self._empty((1, self.kv_heads, n, self.head_dim), zero=False)
             at = 0
             for begin, end in spans:
                 self._copy(buf, 0, at, a, row, begin, end - begin)

@@ -44,13 +44,13 @@ class StageIO:
     y_name: str  # hidden_states_{next layer}, or logits for the last stage (inside the graph)
     first: bool
     last: bool
-    n_embd: int
+    hidden_size: int  # the hidden states' width between stages
     vocab_size: int
-    n_positions: int
+    max_positions: int  # the context window
     scoring: bool = False  # last stage with the scoring head: takes target_ids
 
     def wire_inputs(self) -> list[dict[str, Any]]:
-        x = ([-1, -1], "INT64") if self.first else ([-1, -1, self.n_embd], "FP32")
+        x = ([-1, -1], "INT64") if self.first else ([-1, -1, self.hidden_size], "FP32")
         spec: list[tuple[str, str, list[int]]] = [
             (SEQUENCE_IDS, "INT64", [-1]),
             (PAST_LENGTHS, "INT64", [-1]),
@@ -74,7 +74,7 @@ class StageIO:
                 {"name": TOP_IDS, "datatype": "INT64", "shape": [-1, -1]},
                 {"name": TOP_LOGPROBS, "datatype": "FP32", "shape": [-1, -1]},
             ] + (self._scoring_outputs() if self.scoring else [])
-        return [{"name": self.y_name, "datatype": "FP32", "shape": [-1, -1, self.n_embd]}]
+        return [{"name": self.y_name, "datatype": "FP32", "shape": [-1, -1, self.hidden_size]}]
 
     @functools.cached_property
     def input_names(self) -> frozenset[str]:
@@ -122,15 +122,15 @@ def stage_io(manifest: Manifest, stage: StageEntry) -> StageIO:
     """What `stage` of the bundle takes and returns on the wire. It scores prompts (takes
     target_ids) when it is the last stage, its graph gives the final hidden states and the bundle
     has the scoring head (both absent in bundles made before them)."""
-    last = stage.layers[1] == manifest.n_layer
+    last = stage.layers[1] == manifest.num_layers
     return StageIO(
         x_name=stage.inputs[0].name,
         y_name=stage.outputs[0].name,
         first=stage.first,
         last=last,
-        n_embd=int(manifest.config["n_embd"]),
+        hidden_size=manifest.hidden_size,
         vocab_size=manifest.vocab_size,
-        n_positions=manifest.n_positions,
+        max_positions=manifest.max_positions,
         scoring=last and gives_final_hidden(stage) and manifest.head is not None,
     )
 

@@ -67,9 +67,12 @@ class StageService:
             "parameters": {
                 "layers": self.entry.layers,
                 "model_id": m.model["id"],
-                "n_embd": m.config["n_embd"],
-                "n_positions": m.n_positions,
+                "family": m.family,
+                "hidden_size": m.hidden_size,
+                "max_positions": m.max_positions,
                 "vocab_size": m.vocab_size,
+                "num_kv_heads": m.num_kv_heads,
+                "head_dim": m.head_dim,
                 "providers": e.providers if e else [],  # what the session runs on, CPU fallback shown
                 "kv_store": e.kv.kind if e else None,  # host | device (functions.kvstore)
                 "max_batch_tokens": self.settings.max_batch_tokens,  # rows x new positions per call

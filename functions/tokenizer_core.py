@@ -12,7 +12,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-EOS_TOKEN = "<|endoftext|>"
+from functions.bundle import eos_ids
+
 # the manifest's tokenizer fields a chat template is rendered with (the bundle interface)
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token")
 REPLACEMENT = "\ufffd"  # what a byte-level decode yields for an incomplete UTF-8 sequence
@@ -29,7 +30,7 @@ class TokenizerCore:
         self,
         tokenizer: Tokenizer,
         *,
-        eos_token_id: int | None = None,
+        eos_token_ids: Sequence[int] = (),
         model_id: str | None = None,
         raw_json: bytes | None = None,
         chat_template: str | None = None,
@@ -41,18 +42,22 @@ class TokenizerCore:
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.eos_token_id: int | None = (
-            eos_token_id if eos_token_id is not None else tokenizer.token_to_id(EOS_TOKEN)
-        )
+        # every id that ends a sequence (the bundle's manifest lists them; Llama 3 has several)
+        self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
         self.model_id = model_id
         self.raw_json = raw_json if raw_json is not None else tokenizer.to_str().encode()
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The first EOS id (what older readers know as the one)."""
+        return self.eos_token_ids[0] if self.eos_token_ids else None
 
     @classmethod
     def from_file(
         cls,
         path: str | Path,
         *,
-        eos_token_id: int | None = None,
+        eos_token_ids: Sequence[int] = (),
         model_id: str | None = None,
         chat_template: str | None = None,
         special_tokens: dict[str, str | None] | None = None,
@@ -61,7 +66,7 @@ class TokenizerCore:
         raw = Path(path).read_bytes()
         return cls(
             Tokenizer.from_str(raw.decode()),
-            eos_token_id=eos_token_id,
+            eos_token_ids=eos_token_ids,
             model_id=model_id,
             raw_json=raw,
             chat_template=chat_template,
@@ -84,7 +89,7 @@ class TokenizerCore:
             model_id = (manifest.get("model") or {}).get("id")
         return cls.from_file(
             path,
-            eos_token_id=info.get("eos_token_id"),
+            eos_token_ids=eos_ids(info),
             model_id=model_id,
             chat_template=_chat_template(bundle, info.get("chat_template")),
             special_tokens={key: info.get(key) for key in SPECIAL_TOKEN_KEYS},

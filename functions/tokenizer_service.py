@@ -76,7 +76,8 @@ class ChatTemplateResponse(msgspec.Struct):
 class InfoResponse(msgspec.Struct):
     model_id: str | None
     vocab_size: int
-    eos_token_id: int | None
+    eos_token_id: int | None  # the first of eos_token_ids
+    eos_token_ids: list[int]
 
 
 class TokenizerService:
@@ -182,13 +183,18 @@ class TokenizerService:
         return CountResponse(count=counts["tokens"])
 
     def tokenizer_json(self) -> tuple[bytes, dict[str, str]]:
-        """The raw tokenizer.json and the header that carries the end-of-sequence id."""
+        """The raw tokenizer.json and the header that carries the end-of-sequence ids."""
         tok = self.core()
-        return tok.raw_json, {} if tok.eos_token_id is None else {contract.EOS_HEADER: str(tok.eos_token_id)}
+        return tok.raw_json, contract.eos_header(tok.eos_token_ids)
 
     def info(self) -> InfoResponse:
         tok = self.core()
-        return InfoResponse(model_id=tok.model_id, vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id)
+        return InfoResponse(
+            model_id=tok.model_id,
+            vocab_size=tok.vocab_size,
+            eos_token_id=tok.eos_token_id,
+            eos_token_ids=list(tok.eos_token_ids),
+        )
 
     def chat_template(self) -> ChatTemplateResponse:
         tok = self.core()

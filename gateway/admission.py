@@ -44,9 +44,9 @@ def check_length(layout: StageLayout, prompt: int, max_tokens: int, param: str) 
             f"{layout.max_call_positions} (TANDEM_KV_CACHE_BYTES)",
             param="max_tokens",
         )
-    if prompt + max_tokens > layout.n_positions:
+    if prompt + max_tokens > layout.max_positions:
         raise InvalidRequestError(
-            f"this model's context window is {layout.n_positions} tokens; the prompt has {prompt} "
+            f"this model's context window is {layout.max_positions} tokens; the prompt has {prompt} "
             f"and max_tokens asks for {max_tokens} more ({prompt + max_tokens}); shorten one",
             param="max_tokens",
         )

@@ -22,8 +22,8 @@ class StageLayout:
 
     input_names: list[str]  # per stage: input_ids or hidden_states_{first layer}
     output_names: list[str]  # per stage: hidden_states_{next layer} or token_ids
-    n_embd: int
-    n_positions: int
+    hidden_size: int  # the hidden states' width between stages
+    max_positions: int  # the context window
     vocab_size: int
     model_id: str
     max_batch_tokens: int = 1 << 62  # rows x new positions a stage takes per call (the smallest)
@@ -86,10 +86,10 @@ def stage_inputs(
     grp: list[Sequence],
     rows: list[np.ndarray],
     start: dict[int, int],
-    eos: int | None,
+    eos: tuple[int, ...],
 ) -> Inputs:
     """The wire tensors of one call to stage k (the last stage's sampling inputs included)."""
-    xin, mask = c.left_pad(rows, None if k == 0 else layout.n_embd)
+    xin, mask = c.left_pad(rows, None if k == 0 else layout.hidden_size)
     inputs = {
         c.SEQUENCE_IDS: np.array([s.id for s in grp], dtype=np.int64),
         c.PAST_LENGTHS: np.array([start[s.id] for s in grp], dtype=np.int64),

@@ -252,14 +252,14 @@ class Clients:
             return False, f"unreachable ({type(e).__name__})"
         return (True, "ready") if r.status_code == 200 else (False, _detail(r))
 
-    async def tokenizer_json(self) -> tuple[bytes, int | None]:
+    async def tokenizer_json(self) -> tuple[bytes, list[int]]:
+        """The tokenizer's JSON and its end-of-sequence ids."""
         r = await self._request("tokenizer", "GET", f"{self.cfg.tokenizer_url}/v1/tokenizer")
         if r.status_code != 200:
             raise StageUnavailableError(
                 f"the tokenizer has no tokenizer to give ({r.status_code}): {_detail(r)}"
             )
-        eos = r.headers.get(contract.EOS_HEADER)
-        return r.content, int(eos) if eos not in (None, "") else None
+        return r.content, contract.parse_eos_header(r.headers.get(contract.EOS_HEADER))
 
     async def chat_template(self) -> dict[str, Any]:
         """The model's chat template and special tokens' strings (none from an older tokenizer: 404)."""

@@ -46,7 +46,7 @@ async def discover(
     """One attempt; raises when a function is not there (yet), or serves another model than the
     configured `model_name` (gateway.config.check_served_model)."""
     raw, eos = await clients.tokenizer_json()
-    tok = TokenizerCore(Tokenizer.from_str(raw.decode()), eos_token_id=eos, raw_json=raw)
+    tok = TokenizerCore(Tokenizer.from_str(raw.decode()), eos_token_ids=eos, raw_json=raw)
     metas = [await stage_metadata(clients, p.name, [r.node for r in p.replicas]) for p in replicas.pools]
     check_served_model(model_name, [str(m["parameters"]["model_id"]) for m in metas])
     layout = layout_of(metas)
@@ -74,8 +74,8 @@ def layout_of(metas: list[dict[str, Any]]) -> StageLayout:
     layout = StageLayout(
         input_names=[contract.data_input([t["name"] for t in m["inputs"]]) for m in metas],
         output_names=[m["outputs"][0]["name"] for m in metas if m["outputs"]],
-        n_embd=int(p0["n_embd"]),
-        n_positions=int(p0["n_positions"]),
+        hidden_size=int(p0["hidden_size"]),
+        max_positions=int(p0["max_positions"]),
         vocab_size=int(p0["vocab_size"]),
         model_id=str(p0["model_id"]),
         max_batch_tokens=min(int(m["parameters"].get("max_batch_tokens", 1 << 62)) for m in metas),

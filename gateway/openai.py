@@ -21,7 +21,7 @@ __all__ = ["IGNORED_HEADER", "openai_error_body", "openai_routes"]
 def models(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """The served model (OpenAI shape)."""
     gw: Gateway = request.app.state.gateway
-    meta = {"max_model_len": gw.layout.n_positions, "root": gw.layout.model_id} if gw.layout else {}
+    meta = {"max_model_len": gw.layout.max_positions, "root": gw.layout.model_id} if gw.layout else {}
     return {
         "object": "list",
         "data": [{"id": gw.cfg.model_name, "object": "model", "created": 0, "owned_by": "tandem", **meta}],

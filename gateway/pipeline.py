@@ -47,7 +47,7 @@ class Pipeline:
         replicas: Replicas,
         metrics: GatewayMetrics,
         layout: StageLayout,
-        eos: int | None = None,
+        eos: tuple[int, ...] = (),
     ):
         self.cfg, self.clients, self.replicas, self.metrics, self.layout = (
             cfg,
@@ -61,7 +61,7 @@ class Pipeline:
         self.deadlines = CallDeadlines(
             cfg.stages, cfg.call_deadline_factor, cfg.call_deadline_floor, cfg.call_timeout
         )
-        self.eos = eos  # the token min_tokens bans
+        self.eos = eos  # the tokens min_tokens bans
 
     async def run(self, k: int, rows: list[Sequence], x: dict[int, np.ndarray]) -> StageOutcome:
         """Rows through stage k; `x` holds each row's new inputs for stages after the first (its

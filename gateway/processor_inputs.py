@@ -20,7 +20,7 @@ def _padded(rows: list[list[int]]) -> np.ndarray:
     return out
 
 
-def processor_inputs(grp: Seq[Sequence], eos: int | None) -> dict[str, np.ndarray]:
+def processor_inputs(grp: Seq[Sequence], eos: Seq[int]) -> dict[str, np.ndarray]:
     """Per-row tensors for the rows of `grp`; rows that use nothing get neutral values."""
     params = [s.params for s in grp]
     inputs: dict[str, np.ndarray] = {}
@@ -50,8 +50,8 @@ def processor_inputs(grp: Seq[Sequence], eos: int | None) -> dict[str, np.ndarra
         for b, p in enumerate(params):
             values[b, : len(p.logit_bias)] = [v for _, v in p.logit_bias]
         inputs |= {c.LOGIT_BIAS_IDS: ids, c.LOGIT_BIAS_VALUES: values}
-    if eos is not None:
-        banned = [[eos] if s.n_generated < s.params.min_tokens else [] for s in grp]
+    if eos:  # min_tokens: every EOS id is banned until then
+        banned = [list(eos) if s.n_generated < s.params.min_tokens else [] for s in grp]
         if any(banned):
             inputs[c.BANNED_TOKEN_IDS] = _padded(banned)
     return inputs

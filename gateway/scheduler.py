@@ -51,7 +51,7 @@ class Scheduler:
     ):
         self.cfg, self.clients, self.replicas, self.metrics = cfg, clients, replicas, metrics
         self.tokenizer, self.pipeline = tokenizer, pipeline
-        self.n_positions, self.eos = pipeline.layout.n_positions, tokenizer.eos_token_id
+        self.max_positions, self.eos = pipeline.layout.max_positions, frozenset(tokenizer.eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.lanes: list[list[Sequence]] = [[] for _ in range(cfg.pipeline_depth)]
         self._wake = asyncio.Event()
@@ -105,7 +105,7 @@ class Scheduler:
             params,
             IncrementalDecoder(self.tokenizer, skip_special_tokens=True),
             self.cfg.stages,
-            self.pipeline.layout.n_embd,
+            self.pipeline.layout.hidden_size,
             parent,  # type: ignore[arg-type]
         )
         if seed is not None:
@@ -239,7 +239,7 @@ class Scheduler:
             self.metrics.itl.observe(now - s.t_last)
         s.t_last = now
         self.metrics.generation_tokens.inc()
-        reason = s.accept(token, logprob, self.eos, self.n_positions, top)
+        reason = s.accept(token, logprob, self.eos, self.max_positions, top)
         if reason is not None:
             self._finish(s, reason, ended_in_stages)
 

@@ -127,7 +127,7 @@ class Sequence:
     params: SamplingParams
     decoder: IncrementalDecoder
     n_stages: int
-    width: int  # n_embd: the hidden state size sent to stages 2..N
+    width: int  # hidden_size: the hidden state size sent to stages 2..N
     parent: trace.Span | None = None  # the request's span: stage-call spans hang under it
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     held: list[int] = field(default_factory=list)  # per stage: positions we believe it caches
@@ -198,7 +198,12 @@ class Sequence:
         return self.chunk_end is None and self.n_generated + 1 >= self.params.max_tokens
 
     def accept(
-        self, token: int, logprob: float | None, eos: int | None, n_positions: int, top: Top | None = None
+        self,
+        token: int,
+        logprob: float | None,
+        eos: frozenset[int],
+        max_positions: int,
+        top: Top | None = None,
     ) -> str | None:
         """Take one generated token: queue its event (text held back while it may still become a
         stop string) and return the finish reason when this token ends the sequence."""
@@ -206,11 +211,11 @@ class Sequence:
         self.tokens.append(token)
         self.n_generated += 1
         early = self.n_generated < self.params.min_tokens  # no stop yet (EOS is banned in the stage)
-        if token == eos and not self.params.ignore_eos and not early:
+        if token in eos and not self.params.ignore_eos and not early:
             self.text += self.decoder.flush()
             self._emit(token, logprob, final=True)
             return "stop"
-        done = self.n_generated >= self.params.max_tokens or len(self.tokens) >= n_positions
+        done = self.n_generated >= self.params.max_tokens or len(self.tokens) >= max_positions
         try:
             self.text += self.decoder.push(token)
         except TokenizerInputError:

@@ -94,7 +94,7 @@ class Gateway:
         self.layout, self.tokenizer = found.layout, found.tokenizer
         self.chat_template, self.chat_problem = found.chat, found.chat_problem
         pipeline = Pipeline(
-            self.cfg, self.clients, self.replicas, self.metrics, self.layout, self.tokenizer.eos_token_id
+            self.cfg, self.clients, self.replicas, self.metrics, self.layout, self.tokenizer.eos_token_ids
         )
         self.scheduler = Scheduler(
             self.cfg, self.clients, self.replicas, self.metrics, self.tokenizer, pipeline

@@ -85,7 +85,7 @@ async def tokenize(request: Request[Any, Any, Any], data: JSONBody[TokenizeReque
     gw = _gateway(request, data.model)
     layout, _ = gw.ready_layout()
     ids = await data.ids(gw)
-    return {"count": len(ids), "max_model_len": layout.n_positions, "tokens": ids}
+    return {"count": len(ids), "max_model_len": layout.max_positions, "tokens": ids}
 
 
 @post("/detokenize", status_code=200, tags=["vllm"])

@@ -9,8 +9,8 @@ Bundles (tests.helpers.exports; built once per run and kept between runs of the 
                  lock), and its files are checked against the manifest before each hand-out. A new
                  family adds its tiny-model writer to exports.TINY_MODELS.
   tiny_hf_dir    exports.hf_dir("gpt2")
-  tiny_bundle    exports.bundle("gpt2", 3, "--with-reference"): the 3-stage tiny GPT-2, with the
-                 optimum monolith the benchmark compares against
+  tiny_bundle    exports.bundle("gpt2", None, "--with-reference", layers=TINY_LAYERS): the tiny
+                 GPT-2 in 3 stages of 2 layers, with the optimum monolith the benchmark compares against
   reference      Reference(tiny_hf_dir): PyTorch greedy generation and log-probabilities
   chat_bundle    the tiny bundle as a chat model (tests/helpers/chat.py), one copy per worker
 
@@ -46,7 +46,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import schedule
-from tests.helpers.exports import ExportCache, cache_root, run_export
+from tests.helpers.exports import TINY_LAYERS, ExportCache, cache_root, run_export
 from tests.helpers.reference import Reference
 from tests.helpers.stack import Stack, StackPool
 
@@ -83,8 +83,10 @@ def tiny_hf_dir(exports: ExportCache) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(exports: ExportCache) -> Path:
-    """The tiny model exported as a 3-stage bundle with the monolithic reference."""
-    return exports.bundle("gpt2", 3, "--with-reference")
+    """The tiny model exported as a 3-stage bundle of two layers each, with the monolithic reference.
+    The split is explicit: the default one balances bytes, which puts the tiny model's large
+    position table alone with one layer on the first stage."""
+    return exports.bundle("gpt2", None, "--with-reference", layers=TINY_LAYERS)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.benchmarks import bench
-from tests.helpers.exports import ExportCache
+from tests.helpers.exports import TINY_LAYERS, ExportCache
 from tests.helpers.procs import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.processes, pytest.mark.timeout(900)]
@@ -27,7 +27,7 @@ def test_benchmark_smoke_run(tiny_bundle: Path, exports: ExportCache, tmp_path: 
     # the shared bundle (exported with the reference) and its int8 twin, laid out as the benchmark
     # finds them: BUNDLE and BUNDLE-int8
     bundle = tmp_path / "tiny"
-    int8 = exports.bundle("gpt2", 3, "--with-reference", "--quantize", "int8")
+    int8 = exports.bundle("gpt2", None, "--with-reference", "--quantize", "int8", layers=TINY_LAYERS)
     for src, dst in ((tiny_bundle, bundle), (int8, tmp_path / "tiny-int8")):
         shutil.copytree(src, dst)
     doc_path, png = tmp_path / "bench.json", tmp_path / "bench.png"

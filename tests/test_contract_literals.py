@@ -30,7 +30,7 @@ EVERYWHERE = {
     "attention_mask",
     "position_ids",
 }
-EVERYWHERE |= {"Tandem-Eos-Token-Id", "input_ids"}
+EVERYWHERE |= {"Tandem-Eos-Token-Ids", "input_ids"}
 EVERYWHERE |= {"penalty_token_ids", "penalty_prompt_lengths", "logit_bias_ids", "logit_bias_values"}
 EVERYWHERE |= {"banned_token_ids"}
 PREFIXES = ("hidden_states_", "past_key_values.", "present.", "stage-")

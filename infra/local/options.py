@@ -59,7 +59,8 @@ def declare(opt: Callable[..., None]) -> None:
     """Every option: opt(flag, default, **argparse keywords)."""
     opt("--bundle", help="bundle directory (default bundles/gpt2, or bundles/<kind>-random)")
     opt("--model", "gpt2", help="hub id or local HF directory to export (default gpt2)")
-    opt("--random-init", metavar="gpt2|tiny", help="export seeded random weights instead: works offline")
+    shapes = "gpt2, llama, qwen2 ..., FAMILY-tiny: `python -m export --help`"
+    opt("--random-init", metavar="SHAPE", help=f"export seeded random weights of a shape ({shapes}) instead")
     opt("--tokenizer", metavar="PATH", help="tokenizer for --random-init (encoder.json + vocab.bpe dir)")
     opt(
         "--quantize",

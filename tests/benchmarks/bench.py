@@ -9,7 +9,7 @@ Variants, run one after the other (never at the same time: they share the CPU):
   monolith  DIR/reference/model.onnx (the whole model exported by optimum, with KV cache) run by
             ONNX Runtime in this process, greedy loop in numpy, KV cache fed back each step.
             This is the baseline.
-  hf        transformers PyTorch `GPT2LMHeadModel.generate`, greedy, on the same weights (the
+  hf        transformers PyTorch `AutoModelForCausalLM.generate`, greedy, on the same weights (the
             seeded random model is rebuilt the way the export built it).
   stack     the tandem stack over HTTP: the gateway's OpenAI-compatible streaming
             `POST /v1/completions`. Without --stack-url the benchmark starts
@@ -268,6 +268,8 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
         errors["run"] = "interrupted"
     finally:
         for launcher in stack:
+            if launcher.record is not None:  # after the runs: KV caches freed, arenas kept
+                launcher.record["stage_rss_bytes"] = launcher.memory()
             launcher.stop()
     results: dict = {}
     for v, levels in runs.items():
@@ -279,6 +281,32 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
                     summary["texts"] = first[(v, c)]["texts"]
                 results.setdefault(v, {})[c] = summary
     return results
+
+
+def memory_line(used: dict) -> str:
+    """Each stage process's resident memory against its own files, for one measured stack."""
+    try:
+        stages = {
+            s["name"]: s for s in json.loads((Path(used["bundle"]) / "manifest.json").read_text())["stages"]
+        }
+    except (OSError, ValueError, KeyError):
+        stages = {}
+    parts = [
+        f"{name} {rss / 1e6:.0f} MB (files {stages.get(name, {}).get('bytes', 0) / 1e6:.0f} MB)"
+        for name, rss in used.get("stage_rss_bytes", {}).items()
+    ]
+    return f"[{used['variant']}] stage memory after the runs: " + (", ".join(parts) or "not measured")
+
+
+def model_label(manifest: dict) -> str:
+    """ "llama random-init:llama (SmolLM2-135M shape), 134.5M parameters, random weights"-like."""
+    cfg, model = manifest.get("config", {}), manifest.get("model", {})
+    h, v, n = cfg.get("hidden_size"), cfg.get("vocab_size"), len(manifest.get("stages", []))
+    weights = "random weights" if str(model.get("id", "")).startswith("random-init:") else "trained weights"
+    return (
+        f"{cfg.get('family', 'gpt2')} {model.get('id')} ({cfg.get('num_layers')} layers, hidden {h}, "
+        f"vocab {v}), {weights}, {n} stages"
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -296,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     prompts = make_prompts(manifest, max(args.concurrency), args.prompt_tokens, args.seed)
+    args.model_label = model_label(manifest)
     machine = machine_info()
     errors: dict = {}
     results = measure_all(args, bundle, manifest, prompts, machine, errors)
@@ -303,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     checks = run_checks(results, bundle)
     print(report(args, machine, results, checks, errors))
+    for used in args.stack_used:
+        print(memory_line(used))
     if startup:
         print(
             "Stage function ready after process start (median of "

@@ -37,7 +37,7 @@ def greedy(n: int) -> SamplingParams:
 
 
 def tiny_bundle(out: Path) -> Path:
-    from export.source import make_random_model
+    from export.random_init import make_random_model
 
     make_random_model("tiny", out / "hf", None, seed=0)
     cmd = [

@@ -29,6 +29,7 @@ TARGET_STACK_VS_MONOLITH_C16 = 1.2  # 16 streams against the monolith's batch of
 TARGET_DELAY_5MS_VS_NONE = 0.85  # 16 streams, 5 ms per hop, pipelined, against no delay
 TARGET_INT8_VS_FP32 = 1.8  # int8 stack single stream against the fp32 stack
 TARGET_STACK_SCALING = 3.0
+TARGET_STAGES_VS_ONE = 0.9  # the same model in N stages, single stream, against 1 stage (within 10 %)
 # pause before every run, so that the previous variant's threads (torch's OpenMP pool, ORT's) are
 # asleep and each run starts from a quiet machine
 SETTLE_S = 0.3
@@ -76,13 +77,19 @@ def check_bundle(bundle: Path, need_reference: bool) -> dict:
 
 def make_prompts(manifest: dict, count: int, length: int, seed: int) -> np.ndarray:
     """[count, length] int64 token ids, seeded; row i is the same whatever the count."""
-    cfg = manifest.get("config", {})
-    vocab = int(cfg.get("vocab_size", 50257))
-    eos = cfg.get("eos_token_id")
+    from functions.bundle import eos_ids
+
+    vocab = int(manifest.get("config", {}).get("vocab_size", 50257))
+    eos = set(eos_ids(manifest.get("tokenizer", {})))
     rng = np.random.default_rng(seed)
-    # Leave out the end-of-text id (the last one in GPT-2's vocabulary) so no prompt holds it.
-    high = vocab - 1 if eos == vocab - 1 else vocab
-    return rng.integers(0, high, size=(count, length), dtype=np.int64)
+    # no prompt holds an end-of-sequence id: the last id is left out when it is one (GPT-2's), any
+    # other is moved to the next id that is none
+    high = vocab - 1 if vocab - 1 in eos else vocab
+    out = rng.integers(0, high, size=(count, length), dtype=np.int64)
+    while eos and np.isin(out, list(eos)).any():
+        hit = np.isin(out, list(eos))
+        out[hit] = (out[hit] + 1) % high
+    return out
 
 
 def machine_info() -> dict:

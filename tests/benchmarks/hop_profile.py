@@ -53,7 +53,7 @@ def step_inputs(engine_io: StageIO, past: int, width: int, seq: int = 7) -> dict
     x = (
         np.zeros((1, width), dtype=np.int64)
         if engine_io.first
-        else np.zeros((1, width, engine_io.n_embd), dtype=np.float32)
+        else np.zeros((1, width, engine_io.hidden_size), dtype=np.float32)
     )
     inputs = {
         c.SEQUENCE_IDS: np.array([seq], dtype=np.int64),
@@ -75,7 +75,7 @@ def describe(bundle: Path, k: int) -> tuple[str, StageIO, list[str]]:
 
 def steps_of(io: StageIO, prompt: int, steps: int) -> list[dict[str, np.ndarray]]:
     """The prefill, then `steps` decode steps (starting over when the context window is full)."""
-    room = io.n_positions - prompt
+    room = io.max_positions - prompt
     out = [step_inputs(io, 0, prompt)]
     for i in range(steps):
         j = i % room

@@ -109,27 +109,30 @@ def open_monolith(args, bundle: Path, prompts: np.ndarray) -> Runner:
 
 
 def load_hf_model(bundle: Path, manifest: dict, tmp: Path):
-    """GPT2LMHeadModel with the bundle's weights: a seeded random model is rebuilt the way the
+    """The causal LM with the bundle's weights: a seeded random model is rebuilt the way the
     export built it (the bundle keeps no PyTorch weights); a local HF directory is loaded as is."""
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     mid = str(manifest.get("model", {}).get("id", ""))
     revision = str(manifest.get("model", {}).get("revision", ""))
     if mid.startswith("random-init:"):
-        from export.source import make_random_model
+        from export.random_init import ALIASES, SHAPES, make_random_model
 
         kind = mid.split(":", 1)[1]
-        if kind not in ("gpt2", "tiny") and not Path(kind).is_file():
+        if kind not in SHAPES and kind not in ALIASES and not Path(kind).is_file():
             raise BenchError(
                 f"the bundle was made from --random-init {kind}, which is not here any more; use --skip-hf"
             )
         m = re.fullmatch(r"seed-(\d+)", revision)
         seed = int(m.group(1)) if m else 0
-        tok = bundle / "tokenizer.json"
+        # the tokenizer the export was given (GPT-2's BPE) sets a GPT-2's vocabulary; other shapes
+        # have theirs, and a tokenizer trained on the spot is trained again the same way
+        given = manifest.get("export_args", {}).get("tokenizer_sha256")
+        tok = bundle / "tokenizer.json" if given else None
         log(f"[hf] rebuilding random-init {kind} weights, seed {seed}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            make_random_model(kind, tmp, tok if tok.is_file() else None, seed=seed)
+            make_random_model(kind, tmp, tok, seed=seed)
         src = str(tmp)
     elif Path(mid).is_dir():
         src = mid
@@ -138,7 +141,9 @@ def load_hf_model(bundle: Path, manifest: dict, tmp: Path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = GPT2LMHeadModel.from_pretrained(src, revision=None if src != mid else (revision or None))
+            model = AutoModelForCausalLM.from_pretrained(
+                src, revision=None if src != mid else (revision or None), attn_implementation="eager"
+            )
     except OSError as e:
         raise BenchError(f"could not load the PyTorch weights of {mid!r}: {e}; use --skip-hf") from e
     return model.eval()

@@ -14,6 +14,7 @@ from tests.benchmarks.common import (
     TARGET_STACK_SCALING,
     TARGET_STACK_VS_MONOLITH_C1,
     TARGET_STACK_VS_MONOLITH_C16,
+    TARGET_STAGES_VS_ONE,
     TARGET_TTFT_VS_MONOLITH,
 )
 from tests.benchmarks.stack_client import StackSpec
@@ -130,6 +131,9 @@ def targets(results: dict, main: str = "stack") -> list[Target]:
         if spec.delay_ms == 5 and spec.without_delay().name in results:
             base = spec.without_delay().name
             goals.append((f"{v} vs {base}, 16 streams", (v, 16), (base, 16), TARGET_DELAY_5MS_VS_NONE, "tok"))
+        one = StackSpec(spec.depth, spec.delay_ms, spec.int8, 1).name
+        if spec.stages not in (None, 1) and one in results:
+            goals.append((f"{v} vs {one}, 1 stream", (v, 1), (one, 1), TARGET_STAGES_VS_ONE, "tok"))
         if spec.int8 and not spec.delay_ms:
             # the float stack of the same depth; no depth given is the gateway's default, 1
             same = {spec.depth} | ({None, 1} if spec.depth in (None, 1) else set())
@@ -162,8 +166,9 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
         "monolith": "monolith: optimum ONNX + ORT, KV cache, numpy loop (baseline)",
         "hf": "HF transformers PyTorch `generate`",
     }
+    model = getattr(args, "model_label", "GPT-2 124M, random weights")
     lines = [
-        f"GPT-2 124M, random weights, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+        f"{model}, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
         f"greedy; {args.rounds * args.repeats} measured passes after 1 warm-up, every variant once per "
         'pass (order rotating), medians over the passes; "vs monolith" is the median of the per-pass '
         "ratios; one run of `python -m tests.benchmarks.bench`",

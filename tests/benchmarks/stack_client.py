@@ -234,6 +234,7 @@ class StackProcess:
         self.command = command or self.default_command(bundle, port)
         self.proc: subprocess.Popen | None = None
         self.log_file = None
+        self.record: dict | None = None  # its entry in the benchmark's list of stacks
 
     @staticmethod
     def default_command(bundle: Path, port: int) -> list[str]:
@@ -304,6 +305,23 @@ class StackProcess:
             f"(last: {last}); output tail:\n{self.tail()}"
         )
 
+    def memory(self) -> dict[str, int]:
+        """Resident bytes of each stage process the launcher started (from its pids.json)."""
+        state = Path((self.env or {}).get("TANDEM_STATE_DIR", "")) / "pids.json"
+        out: dict[str, int] = {}
+        if not state.is_file():
+            return out
+        for service in json.loads(state.read_text())["services"]:
+            if not service["name"].startswith("stage"):
+                continue
+            try:
+                status = Path(f"/proc/{service['pid']}/status").read_text()
+            except OSError:
+                continue
+            kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+            out[service["name"]] = kb * 1024
+        return out
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -333,46 +351,70 @@ class StackProcess:
 class StackSpec:
     """One configuration of the stack to measure, from a `--stacks` entry: `:`-separated tokens,
     `dN` (the gateway's pipeline_depth), `Xms` (a simulated delay added to every stage call, as if
-    the stages were on other machines) and `int8` (the int8-quantised bundle). `base` alone is the
-    gateway's own defaults (with --pipeline-depth / --hop-delay-ms applied)."""
+    the stages were on other machines), `int8` (the int8-quantised bundle) and `sN` (the same model
+    split into N stages: the bundle BUNDLE-sN). `base` alone is the gateway's own defaults (with
+    --pipeline-depth / --hop-delay-ms applied)."""
 
     depth: int | None = None
     delay_ms: float = 0.0
     int8: bool = False
+    stages: int | None = None
 
     @property
     def name(self) -> str:
-        parts = (["int8"] if self.int8 else []) + ([f"d{self.depth}"] if self.depth is not None else [])
+        parts = [f"s{self.stages}"] if self.stages is not None else []
+        parts += (["int8"] if self.int8 else []) + ([f"d{self.depth}"] if self.depth is not None else [])
         parts += [f"{self.delay_ms:g}ms"] if self.delay_ms else []
         return ":".join(["stack", *parts])
 
     @classmethod
     def parse(cls, text: str, depth: int | None, delay_ms: float) -> StackSpec:
-        int8 = False
+        int8, stages = False, None
         for tok in (t.strip().lower() for t in text.split(":") if t.strip()):
             if tok == "base":
                 continue
             if tok == "int8":
                 int8 = True
+            elif re.fullmatch(r"s[1-9]\d*", tok):
+                stages = int(tok[1:])
             elif re.fullmatch(r"d[1-9]\d*", tok):
                 depth = int(tok[1:])
             elif re.fullmatch(r"\d+(\.\d+)?ms", tok):
                 delay_ms = float(tok[:-2])
             else:
                 raise ValueError(
-                    f"unknown stack token {tok!r} in {text!r}: use base, int8, dN (pipeline depth) or "
-                    "Xms (hop delay), joined with ':' (for example d3:5ms)"
+                    f"unknown stack token {tok!r} in {text!r}: use base, int8, dN (pipeline depth), "
+                    "Xms (hop delay) or sN (the bundle split in N stages), joined with ':' (for example d3:5ms)"
                 )
-        return cls(depth, delay_ms, int8)
+        return cls(depth, delay_ms, int8, stages)
 
     def without_delay(self) -> StackSpec:
-        return StackSpec(self.depth, 0.0, self.int8)
+        return StackSpec(self.depth, 0.0, self.int8, self.stages)
+
+
+def split_bundle(bundle: Path, stages: int) -> Path:
+    """BUNDLE-sN: the model of `bundle` split into `stages` stages, checked to hold the same weights."""
+    other = bundle.with_name(f"{bundle.name}-s{stages}")
+    how = f"`python -m export <the same --model or --random-init and --seed> --stages {stages} --out {other}`"
+    if not (other / "manifest.json").is_file():
+        raise BenchError(f"no {stages}-stage bundle at {other}; export one with {how}")
+    mine, theirs = (json.loads((b / "manifest.json").read_text()) for b in (bundle, other))
+    if (mine["model"]["id"], mine["model"]["revision"]) != (
+        theirs["model"]["id"],
+        theirs["model"]["revision"],
+    ):
+        raise BenchError(f"{other} holds another model than {bundle}; re-export it with {how}")
+    if len(theirs["stages"]) != stages:
+        raise BenchError(f"{other} has {len(theirs['stages'])} stages, not {stages}; re-export it with {how}")
+    return other
 
 
 def open_stack(args, spec: StackSpec, index: int, prompts: np.ndarray, bundle: Path, stack: list) -> Runner:
     """The gateway to measure; a stack the benchmark starts itself goes into `stack` (to stop).
     The index-th started stack takes its own ports and state directory, so several configurations
     stay loaded side by side (each idles while another runs)."""
+    if spec.stages is not None:
+        bundle = split_bundle(bundle, spec.stages)
     if spec.int8:
         bundle = Path(args.int8_bundle) if args.int8_bundle else bundle.with_name(bundle.name + "-int8")
         if not (bundle / "manifest.json").is_file():
@@ -400,17 +442,18 @@ def open_stack(args, spec: StackSpec, index: int, prompts: np.ndarray, bundle: P
         stack.append(launcher)
         url = launcher.start()
     model = stack_model_id(url)
-    args.stack_used.append(
-        {
-            "variant": spec.name,
-            "url": url,
-            "model": model,
-            "bundle": str(bundle),
-            "started_by_bench": not args.stack_url,
-            "pipeline_depth": spec.depth,
-            "hop_delay_ms": spec.delay_ms,
-        }
-    )
+    record = {
+        "variant": spec.name,
+        "url": url,
+        "model": model,
+        "bundle": str(bundle),
+        "started_by_bench": not args.stack_url,
+        "pipeline_depth": spec.depth,
+        "hop_delay_ms": spec.delay_ms,
+    }
+    args.stack_used.append(record)
+    if not args.stack_url:
+        stack[-1].record = record
     log(f"[{spec.name}] gateway {url}, model {model!r}")
 
     def run(c: int) -> dict:

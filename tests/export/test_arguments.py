@@ -1,20 +1,25 @@
 """`python -m export` refuses every bad argument with one clear line (no traceback) and leaves
-nothing behind; the tokenizer checks; the serving side never imports torch. (Each case is an
-export process that imports torch and transformers before it refuses.)"""
+nothing behind: an unreachable hub within 5 s, unsupported model kinds, bad splits and shapes; the
+tokenizer's coverage of the vocabulary. (Each case is an export process that imports torch and
+transformers before it refuses.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_export
-from tests.helpers.procs import REPO_ROOT
+from tests.helpers.procs import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.export
 
@@ -27,26 +32,103 @@ def _bad(args: list[str], *expected: str) -> None:
         assert e in r.stderr, r.stderr
 
 
-def test_unknown_model_or_unreachable_hub(tmp_path: Path) -> None:
-    env_before = dict(os.environ)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # what "unreachable" looks like, without waiting for DNS
+@contextlib.contextmanager
+def _silent_server() -> Iterator[int]:
+    """A port that accepts connections and never answers (a hub that hangs)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
     try:
-        _bad(
-            ["--model", "no-such-org/no-such-model", "--out", str(tmp_path / "x")],
-            "--random-init",
-            "no-such-org/no-such-model",
-        )
+        yield sock.getsockname()[1]
     finally:
-        os.environ.clear()
-        os.environ.update(env_before)
+        sock.close()
+
+
+@pytest.mark.parametrize("hub", ["refused", "hangs", "no-dns"])
+def test_unreachable_hub_is_one_message_within_5_s(tmp_path: Path, hub: str) -> None:
+    """No retries, no traceback: the export probes the hub once and names the offline options."""
+    with contextlib.ExitStack() as stack:
+        if hub == "refused":
+            endpoint = f"http://127.0.0.1:{free_port()}"
+        elif hub == "hangs":
+            endpoint = f"http://127.0.0.1:{stack.enter_context(_silent_server())}"
+        else:
+            endpoint = "https://no-such-host.invalid"
+        env = {**os.environ, "HF_ENDPOINT": endpoint}
+        env.pop("HF_HUB_OFFLINE", None)
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "export",
+                "--model",
+                "no-such-org/no-such-model",
+                "--out",
+                str(tmp_path / "x"),
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        took = time.monotonic() - t0
+    assert r.returncode == 2 and took < 5, (took, r.stdout + r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for part in ("'no-such-org/no-such-model'", "is unreachable", "--random-init FAMILY", "HF_HUB_OFFLINE=1"):
+        assert part in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
 
 
-def test_not_gpt2(tmp_path: Path) -> None:
-    d = tmp_path / "bert"
+def test_offline_hub_and_model_not_cached(tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE=1: the cache only, and a model not in it is one message naming the options."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "--model",
+            "no-such-org/no-such-model",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "not in the local Hugging Face cache" in r.stderr and "--random-init FAMILY" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (
+            {"model_type": "bert", "architectures": ["BertModel"]},
+            "'bert' has no embed_tokens / layers / norm layout",
+        ),
+        ({"model_type": "t5", "is_encoder_decoder": True}, "'t5' is an encoder-decoder"),
+        (
+            {"model_type": "no-such-family"},
+            "'no-such-family' is a model_type this transformers version does not know",
+        ),
+        ({"model_type": "granite", "embedding_multiplier": 12.0}, "an embedding multiplier"),
+        ({"model_type": "mixtral", "num_local_experts": 8}, "'mixtral' has mixture-of-experts layers"),
+    ],
+)
+def test_unsupported_kinds(tmp_path: Path, config: dict[str, object], expected: str) -> None:
+    """An encoder, an encoder-decoder, an unknown model_type, a family that computes something at
+    the model level: one message naming what is supported, exit 2, within 5 s."""
+    d = tmp_path / "model"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    _bad(["--model", str(d), "--out", str(tmp_path / "x")], "'bert'", "GPT-2")
+    (d / "config.json").write_text(json.dumps(config))
+    t0 = time.monotonic()
+    _bad(["--model", str(d), "--out", str(tmp_path / "x")], expected, "llama (", "qwen2 (", "gemma (")
+    assert time.monotonic() - t0 < 5
 
 
 @pytest.mark.parametrize(
@@ -65,10 +147,10 @@ def test_bad_splits(tiny_hf_dir: Path, tmp_path: Path, split: list[str], expecte
 
 
 def test_bad_random_init_and_tokenizer(tmp_path: Path) -> None:
-    _bad(["--random-init", "huge", "--out", str(tmp_path / "x")], "expected gpt2, tiny, or a config JSON")
+    _bad(["--random-init", "huge", "--out", str(tmp_path / "x")], "expected a shape (gpt2, tiny, llama,")
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"model_type": "llama"}))
-    _bad(["--random-init", str(cfg), "--out", str(tmp_path / "x")], "model_type must be gpt2")
+    cfg.write_text(json.dumps({"model_type": "bert"}))
+    _bad(["--random-init", str(cfg), "--out", str(tmp_path / "x")], "'bert' has no embed_tokens")
     r = subprocess.run(
         [
             sys.executable,
@@ -95,20 +177,20 @@ def test_cleanup_of_failed_build(tiny_hf_dir: Path, tmp_path: Path) -> None:
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_a_tokenizer_smaller_than_the_model_is_refused(tiny_hf_dir: Path, tmp_path: Path) -> None:
-    """Every id the model can generate must decode: a model with more rows than its tokenizer has
-    ids is refused before anything is exported."""
-    d = tmp_path / "padded"
-    shutil.copytree(tiny_hf_dir, d)
-    config = json.loads((d / "config.json").read_text())
-    tokens = config["vocab_size"]
-    config["vocab_size"] = tokens + 64  # as if the embedding had been padded
-    (d / "config.json").write_text(json.dumps(config))
-    from transformers import GPT2LMHeadModel
+def test_a_tokenizer_smaller_than_the_model_gains_fillers_and_a_larger_one_is_refused() -> None:
+    """Every id the model can generate must decode: a vocabulary padded past the tokenizer (Qwen2.5's
+    151,936 rows for 151,665 tokens) gets special filler tokens; a tokenizer with ids the model
+    cannot embed is refused."""
+    from export.errors import ExportError
+    from export.source import train_tokenizer
+    from export.tokenizer_meta import TokenizerInfo, cover
 
-    GPT2LMHeadModel.from_pretrained(d, ignore_mismatched_sizes=True).save_pretrained(d)
-    _bad(
-        ["--model", str(d), "--out", str(tmp_path / "x")],
-        f"covers {tokens} ids",
-        f"vocab_size is {tokens + 64}",
-    )
+    tok = train_tokenizer(300)
+    have = tok.get_vocab_size()
+    info = TokenizerInfo(tok, [0], None, None, None, None, "test")
+    cover(info, have + 64)
+    assert info.fillers == 64 and tok.get_vocab_size() == have + 64
+    assert tok.decode([have + 63], skip_special_tokens=False) == f"<|tandem_unused_{have + 63}|>"
+    assert tok.encode("plain text").ids == train_tokenizer(300).encode("plain text").ids
+    with pytest.raises(ExportError, match=f"has {have + 64} ids but the model's vocab_size is {have}"):
+        cover(TokenizerInfo(tok, [], None, None, None, None, "test"), have)

@@ -1,6 +1,7 @@
 """`python -m export`: parity for 1, 2 and 3 stages, the manifest, the offline path (random
-weights, int8, the optimum reference), the tokenizers, and a serving side without torch. Idempotence and corruption: test_rebuild.py; bad
-arguments: test_arguments.py."""
+weights, int8, the optimum reference), the tokenizers, bundle formats, and a serving side without
+torch. Idempotence and corruption: test_rebuild.py; bad arguments: test_arguments.py; every family:
+test_families.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from functions.bundle import FORMAT_VERSION, load_manifest, sha256_file, verify_files
 from tests.conftest import run_export
-from tests.helpers.procs import REPO_ROOT
+from tests.helpers.procs import REPO_ROOT, free_port
 
 
 def _check_parity(bundle: Path, n_stages: int, layers: list[list[int]]) -> None:
@@ -31,8 +32,9 @@ def test_three_stages_parity_and_manifest(tiny_bundle: Path) -> None:
     _check_parity(tiny_bundle, 3, [[0, 2], [2, 4], [4, 6]])
     m = load_manifest(tiny_bundle)
     assert m.format_version == FORMAT_VERSION
-    assert m.model["architecture"] == "GPT2LMHeadModel" and m.model["revision"]
-    assert m.config["n_layer"] == 6 and m.config["n_embd"] == 64 and m.config["n_head"] == 4
+    assert m.model["architecture"] == "GPT2LMHeadModel" and m.model["revision"] and m.family == "gpt2"
+    assert m.num_layers == 6 and m.hidden_size == 64 and m.config["num_attention_heads"] == 4
+    assert m.num_kv_heads == 4 and m.head_dim == 16 and m.config["sliding_window"] is None
     assert m.dtype == "float32" and m.quantization is None and m.opset >= 13
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(m.versions)
     s1, s2, s3 = m.stages
@@ -61,7 +63,12 @@ def test_three_stages_parity_and_manifest(tiny_bundle: Path) -> None:
             assert sha256_file(tiny_bundle / f) == digest
     tok = json.loads((tiny_bundle / "tokenizer.json").read_text())
     assert any(t["content"] == "<|endoftext|>" for t in tok["added_tokens"])
-    assert m.tokenizer["eos_token_id"] == m.config["eos_token_id"]
+    eos = next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|endoftext|>")
+    assert m.tokenizer["eos_token_id"] == eos and m.eos_token_ids == [eos]
+    assert m.chat_template is None  # a model directory without a template gets none
+    assert sum(s.bytes for s in m.stages) == sum(
+        (tiny_bundle / f).stat().st_size for s in m.stages for f in s.files
+    )
     assert verify_files(tiny_bundle, m) == []
     # the graph's dynamic axes carry the manifest's names
     import onnx
@@ -73,7 +80,9 @@ def test_three_stages_parity_and_manifest(tiny_bundle: Path) -> None:
 
 
 @pytest.mark.export
-@pytest.mark.parametrize(("stages", "layers"), [(1, [[0, 6]]), (2, [[0, 3], [3, 6]])])
+# the default split balances bytes: the first stage holds the embeddings (a 1,024-row position
+# table and the token table), the last the LM head (tied, so a second copy of the token table)
+@pytest.mark.parametrize(("stages", "layers"), [(1, [[0, 6]]), (2, [[0, 2], [2, 6]])])
 def test_one_and_two_stages(tiny_hf_dir: Path, tmp_path: Path, stages: int, layers: list[list[int]]) -> None:
     out = tmp_path / f"b{stages}"
     r = run_export("--model", str(tiny_hf_dir), "--out", str(out), "--stages", str(stages))
@@ -97,6 +106,13 @@ def test_random_init_int8_and_reference(tmp_path: Path) -> None:
     assert 0.0 <= m.parity["top1_agreement"] <= 1.0 and m.parity["max_abs_logit_diff"] >= 0
     assert m.reference is not None and (out / m.reference["file"]).is_file()
     assert verify_files(out, m) == []
+    # a random-init bundle carries tandem's default chat template, hashed like every file
+    from export.tokenizer_meta import DEFAULT_TEMPLATE
+    from functions.bundle_fetch import TOKENIZER_ROLE, role_files
+
+    assert m.chat_template == "chat_template.jinja"
+    assert (out / m.chat_template).read_text() == DEFAULT_TEMPLATE.read_text()
+    assert set(role_files(m, TOKENIZER_ROLE)) == {"tokenizer.json", "chat_template.jinja"}
     assert not any(p.name.startswith("_") for p in out.iterdir())  # no leftovers of the build
 
 
@@ -134,7 +150,7 @@ def test_openai_gpt2_bpe_files() -> None:
 def test_random_init_takes_the_tokenizers_size(tmp_path: Path) -> None:
     from transformers import GPT2Config
 
-    from export.source import make_random_model
+    from export.random_init import make_random_model
 
     for kind in ("tiny", "gpt2"):  # gpt2 without --tokenizer: a BPE trained on the spot
         d = tmp_path / kind
@@ -143,3 +159,39 @@ def test_random_init_takes_the_tokenizers_size(tmp_path: Path) -> None:
 
         size = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size()
         assert GPT2Config.from_pretrained(d).vocab_size == size < 50257
+
+
+def test_a_format_1_bundle_says_re_export(tmp_path: Path) -> None:
+    """A GPT-2-only bundle of format 1 (before the families): the stage function refuses to start with
+    the message to re-export, and the export's up-to-date check rebuilds it."""
+    from functions.bundle import BundleError
+    from tests.helpers.bundles import make_fake_bundle
+
+    old = make_fake_bundle(tmp_path / "old")
+    doc = json.loads((old / "manifest.json").read_text())
+    doc["format_version"] = 1
+    doc["config"] = {"n_layer": 3, "n_embd": 8, "n_head": 2, "n_positions": 64, "vocab_size": 400}
+    (old / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match=r"bundle format 1 is not supported .*re-export it"):
+        load_manifest(old)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "functions.stage",
+            "--bundle",
+            str(old),
+            "--stage",
+            "1",
+            "--port",
+            str(free_port()),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "re-export it" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    from export.publish import up_to_date
+
+    assert not up_to_date(old, {})

@@ -47,9 +47,22 @@ def test_core_basics(core: TokenizerCore, bundle: Path) -> None:
 
 
 def test_core_without_manifest(tmp_path: Path) -> None:
+    """The EOS ids come from the manifest only: no family's end-of-text token is assumed."""
     core = TokenizerCore.from_bundle(make_tokenizer_bundle(tmp_path, manifest=False))
     assert core.model_id is None
-    assert core.eos_token_id == core.tokenizer.token_to_id(EOS)
+    assert core.eos_token_ids == () and core.eos_token_id is None
+
+
+def test_core_with_several_eos_ids(tmp_path: Path) -> None:
+    """A manifest's eos_token_ids list (Llama 3 has several) is what the core knows, in order."""
+    import json
+
+    bundle = make_tokenizer_bundle(tmp_path)
+    doc = json.loads((bundle / "manifest.json").read_text())
+    doc["tokenizer"]["eos_token_ids"] = [7, doc["tokenizer"]["eos_token_id"]]
+    (bundle / "manifest.json").write_text(json.dumps(doc))
+    core = TokenizerCore.from_bundle(bundle)
+    assert core.eos_token_ids == (7, core.tokenizer.token_to_id(EOS)) and core.eos_token_id == 7
 
 
 def test_multibyte_characters_are_split_across_tokens(core: TokenizerCore) -> None:
@@ -123,9 +136,10 @@ def test_http_decode_stream(http: httpx.Client, core: TokenizerCore) -> None:
 def test_http_tokenizer_and_info(http: httpx.Client, core: TokenizerCore, bundle: Path) -> None:
     response = http.get("/v1/tokenizer")
     assert response.content == (bundle / "tokenizer.json").read_bytes()
-    assert response.headers["tandem-eos-token-id"] == str(core.eos_token_id)
+    assert response.headers["tandem-eos-token-ids"] == str(core.eos_token_id)
     info = http.get("/v1/info").json()
-    assert info == {"model_id": "tiny", "vocab_size": 400, "eos_token_id": core.eos_token_id}
+    eos = core.eos_token_id
+    assert info == {"model_id": "tiny", "vocab_size": 400, "eos_token_id": eos, "eos_token_ids": [eos]}
 
 
 def test_http_metrics_and_docs(http: httpx.Client) -> None:

@@ -89,7 +89,7 @@ def test_an_answer_over_the_response_bound_is_refused_before_running(tiny_bundle
     engine = StageEngine(
         tiny_bundle, manifest, manifest.stage(c.stage_name(3)), threads=1, max_response_bytes=limit
     )
-    n = manifest.config["n_embd"]
+    n = manifest.hidden_size
     name = manifest.stage(c.stage_name(3)).inputs[0].name
 
     def batch(rows: int) -> dict[str, np.ndarray]:

@@ -198,7 +198,7 @@ def test_a_bundle_without_the_head_serves_but_refuses_prompt_scoring(
                 {
                     contract.SEQUENCE_IDS: np.array([1]),
                     contract.PAST_LENGTHS: np.array([0]),
-                    engine.x_name: np.zeros((1, 2, engine.io.n_embd), dtype=np.float32),
+                    engine.x_name: np.zeros((1, 2, engine.io.hidden_size), dtype=np.float32),
                     contract.TARGET_IDS: np.array([[3, -1]]),
                 }
             )

@@ -71,7 +71,7 @@ def test_tokenize_and_detokenize_round_trip(stack: InProcessStack) -> None:
     body = r.json()
     assert body["tokens"] == gw.tokenizer.encode(TEXT)
     assert body["count"] == len(body["tokens"]) > 0
-    assert body["max_model_len"] == gw.layout.n_positions
+    assert body["max_model_len"] == gw.layout.max_positions
     r = call(stack, "POST", "/detokenize", json={"tokens": body["tokens"]})
     assert r.status_code == 200, r.text
     assert r.json() == {"prompt": gw.tokenizer.decode(body["tokens"])}

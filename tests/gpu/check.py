@@ -55,7 +55,7 @@ def skip_reason() -> str | None:
 def export_bundle(size: str, work: Path) -> tuple[Path, Path]:
     """A seeded random GPT-2 as a local HF directory, and its bundle (exported with `python -m
     export --model DIR`, the real from_pretrained path)."""
-    from export.source import make_random_model
+    from export.random_init import make_random_model
 
     hf_dir, bundle = work / f"{size}-hf", work / f"{size}-bundle"
     if not (hf_dir / "config.json").is_file():
@@ -71,16 +71,16 @@ def export_bundle(size: str, work: Path) -> tuple[Path, Path]:
 
 
 def cuda_parity(hf_dir: Path, bundle: Path) -> bool:
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
-    from export.verify import verify
+    from export.families import parts_of
+    from export.verify import links_of, verify
     from functions.bundle import load_manifest
 
     manifest = load_manifest(bundle)
-    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    parity = verify(
-        model, bundle, manifest.stages, manifest.config, providers=[CUDA_EP, "CPUExecutionProvider"]
-    )
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    links = links_of(bundle, manifest.stages)
+    parity = verify(model, links, parts_of(model).shape, providers=[CUDA_EP, "CPUExecutionProvider"])
     diff, top1 = parity["max_abs_logit_diff"], parity["top1_agreement"]
     ok = diff <= FP32_MAX_DIFF and top1 == 1.0
     say(

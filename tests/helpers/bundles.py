@@ -33,7 +33,7 @@ def make_tokenizer_bundle(directory: Path, *, manifest: bool = True, model_id: s
     tokenizer.save(str(directory / "tokenizer.json"))
     if manifest:
         eos = tokenizer.token_to_id(EOS)
-        doc = {"model": {"id": model_id}, "tokenizer": {"eos_token_id": eos}}
+        doc = {"model": {"id": model_id}, "tokenizer": {"eos_token_id": eos, "eos_token_ids": [eos]}}
         (directory / "manifest.json").write_text(json.dumps(doc))
     return directory
 
@@ -65,7 +65,16 @@ def make_fake_bundle(directory: Path, stages: int = 3) -> Path:
     manifest = {
         "format_version": FORMAT_VERSION,
         "model": {"id": "fake"},
-        "config": {"n_layer": stages, "n_embd": 8, "n_head": 2, "n_positions": 64, "vocab_size": 400},
+        "config": {
+            "family": "gpt2",
+            "num_layers": stages,
+            "hidden_size": 8,
+            "num_attention_heads": 2,
+            "num_kv_heads": 2,
+            "head_dim": 4,
+            "max_positions": 64,
+            "vocab_size": 400,
+        },
         "dtype": "float32",
         "quantization": None,
         "opset": 18,
@@ -74,6 +83,7 @@ def make_fake_bundle(directory: Path, stages: int = 3) -> Path:
             "file": "tokenizer.json",
             "sha256": hashlib.sha256(tokenizer).hexdigest(),
             "eos_token_id": 0,
+            "eos_token_ids": [0],
         },
         "versions": {},
         "parity": {},

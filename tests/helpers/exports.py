@@ -34,11 +34,12 @@ DEFAULT_ROOT = REPO_ROOT / ".tandem" / "test-cache"
 # what a bundle depends on besides the export's arguments: the code that makes one, and the pins
 HASHED = ("export", "functions", "requirements/export.txt", "requirements/serve-common.txt")
 PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxscript", "onnxruntime")
+TINY_LAYERS = "0:2,2:4,4:6"  # the tiny GPT-2's 6 layers, 2 per stage (tiny_bundle's split)
 STALE_S = 24 * 3600  # entries of other code versions are removed once this old
 
 
 def _tiny_gpt2(directory: Path) -> None:
-    from export.source import make_random_model
+    from export.random_init import make_random_model
 
     make_random_model("tiny", directory, None, seed=0)
 

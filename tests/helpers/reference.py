@@ -15,7 +15,7 @@ class Reference:
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
         torch = self.torch

@@ -16,6 +16,7 @@ import msgspec
 
 from functions import contract
 from functions import stage_api as api
+from functions.bundle import load_manifest, short_name
 from tests.helpers.procs import (
     Command,
     ProcessHandle,
@@ -36,9 +37,11 @@ class Stack:
     tokenizer_url: str = ""
     stage_urls: dict[str, list[str]] = field(default_factory=dict)  # "stage-2" -> replica URLs
     procs: dict[str, ProcessHandle] = field(default_factory=dict)  # service id -> process
+    # the environment of every stage process (start_stack's env), kept for restarts
+    stage_env: Mapping[str, str | None] | None = None
 
     def start_stage(self, node_id: str, stage: int, port: int) -> None:
-        self.procs[node_id] = start_stage(self.bundle, stage, port)
+        self.procs[node_id] = start_stage(self.bundle, stage, port, env=self.stage_env)
 
     def held(self) -> dict[str, dict[str, int]]:
         """Sequences held by every stage replica (url -> {sequence id: length})."""
@@ -84,7 +87,7 @@ def start_stack(
     """Tokenizer and `replicas[k]` replicas of stage k + 1, all started at once, then a gateway.
     `env` goes to every process (a None value removes a variable), `gateway_env` to the gateway."""
     cfg_path = workdir / "config.json"
-    stack = Stack(bundle, cfg_path)
+    stack = Stack(bundle, cfg_path, stage_env=env)
     tok_port, gw_port = free_port(), free_port()
     stack.tokenizer_url = f"http://127.0.0.1:{tok_port}"
     stack.gateway_url = f"http://127.0.0.1:{gw_port}"
@@ -101,7 +104,8 @@ def start_stack(
             stack.stage_urls.setdefault(name, []).append(f"http://127.0.0.1:{port}")
             commands[node_id] = stage_command(bundle, k + 1, port, env=env)
     config = {
-        "model_name": "gpt2",
+        # what clients call the bundle's model (the gateway checks it against what the stages serve)
+        "model_name": short_name(load_manifest(bundle).model["id"]),
         "tokenizer": {"address": f"127.0.0.1:{tok_port}"},
         "nodes": nodes,
         "health_interval": 0.2,

@@ -21,7 +21,7 @@ from tests.helpers.stage_driver import StageEndpoint
 N_EMBD = 64
 VOCAB = 520
 MAX_BODY = 4 * 1024 * 1024
-# Key + value of the stage's 2 layers per position: 2 layers * 2 * n_embd * 4 bytes.
+# Key + value of the stage's 2 layers per position: 2 layers * 2 * KV heads * head_dim * 4 bytes.
 KV_BYTES_PER_POSITION = 2 * 2 * N_EMBD * 4
 SMALL_CACHE = 20_000  # two 8-position sequences (8 KiB each) fit, a third does not
 # the tiny test model: 6 layers, 2 per stage
