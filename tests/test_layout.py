@@ -59,47 +59,60 @@ def graph() -> dict[str, set[str]]:
 
 def cycles(g: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found: list[list[str]] = []
-    counter = 0
+    tarjan = _Tarjan(g)
     for root in g:
-        if root in index:
-            continue
-        work = [(root, iter(sorted(g[root])))]
-        index[root] = low[root] = counter
-        counter += 1
-        stack.append(root)
-        on_stack.add(root)
+        if root not in tarjan.index:
+            tarjan.visit(root)
+    return tarjan.found
+
+
+class _Tarjan:
+    """The state of one Tarjan run: depth-first order, low links, the open components' stack."""
+
+    def __init__(self, g: dict[str, set[str]]) -> None:
+        self.g = g
+        self.index: dict[str, int] = {}
+        self.low: dict[str, int] = {}
+        self.stack: list[str] = []
+        self.on_stack: set[str] = set()
+        self.found: list[list[str]] = []
+
+    def visit(self, root: str) -> None:
+        # the recursion's frames: (module, its children not yet looked at)
+        work: list[tuple[str, Iterator[str]]] = []
+        self._open(root, work)
         while work:
             v, children = work[-1]
             child = next(children, None)
-            if child is not None:
-                if child not in index:
-                    index[child] = low[child] = counter
-                    counter += 1
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(g[child]))))
-                elif child in on_stack:
-                    low[v] = min(low[v], index[child])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[v])
-            if low[v] == index[v]:
-                component = []
-                while True:
-                    w = stack.pop()
-                    on_stack.discard(w)
-                    component.append(w)
-                    if w == v:
-                        break
-                if len(component) > 1:
-                    found.append(sorted(component))
-    return found
+            if child is None:
+                work.pop()
+                self._close(v, work)
+            elif child not in self.index:
+                self._open(child, work)
+            elif child in self.on_stack:
+                self.low[v] = min(self.low[v], self.index[child])
+
+    def _open(self, v: str, work: list[tuple[str, Iterator[str]]]) -> None:
+        self.index[v] = self.low[v] = len(self.index)
+        self.stack.append(v)
+        self.on_stack.add(v)
+        work.append((v, iter(sorted(self.g[v]))))
+
+    def _close(self, v: str, work: list[tuple[str, Iterator[str]]]) -> None:
+        if work:
+            parent = work[-1][0]
+            self.low[parent] = min(self.low[parent], self.low[v])
+        if self.low[v] != self.index[v]:
+            return
+        component = []
+        while True:
+            w = self.stack.pop()
+            self.on_stack.discard(w)
+            component.append(w)
+            if w == v:
+                break
+        if len(component) > 1:
+            self.found.append(sorted(component))
 
 
 def test_packages_import_only_the_layers_below_them() -> None:

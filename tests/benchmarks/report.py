@@ -36,14 +36,10 @@ def compare_tokens(a: list[list[int]], b: list[list[int]]) -> list[str]:
 
 
 def run_checks(results: dict, bundle: Path) -> dict:
-    checks: dict = {}
     mono = results.get("monolith")
     if mono is None:
-        return checks
-    if "hf" in results:
-        for c in mono.keys() & results["hf"].keys():
-            diff = compare_tokens(mono[c]["tokens"], results["hf"][c]["tokens"])
-            checks[f"monolith_vs_hf_tokens_C{c}"] = "equal" if not diff else "differ: " + "; ".join(diff)
+        return {}
+    checks = _hf_checks(mono, results.get("hf"))
     # int8 is not meant to match fp32
     stacks = [v for v in results if v.startswith("stack") and not v.startswith("stack:int8")]
     if not stacks:
@@ -59,43 +55,54 @@ def run_checks(results: dict, bundle: Path) -> dict:
         wants = [tok.decode(ids, skip_special_tokens=False) for ids in r["tokens"]]  # once per level
         for v in stacks:
             texts = results[v].get(c, {}).get("texts")
-            if texts is None:
-                continue
-            bad = []
-            for i, (want, got) in enumerate(zip(wants, texts, strict=True)):
-                if got != want:
-                    # incremental decoding may cut multi-byte characters differently
-                    same = got.replace("\ufffd", "") == want.replace("\ufffd", "")
-                    bad.append(f"row {i}" + (" (only U+FFFD placement)" if same else ""))
-            checks[f"monolith_vs_{v}_text_C{c}"] = "equal" if not bad else "differ: " + "; ".join(bad)
+            if texts is not None:
+                checks[f"monolith_vs_{v}_text_C{c}"] = _text_check(wants, texts)
     return checks
+
+
+def _hf_checks(mono: dict, hf: dict | None) -> dict:
+    """The monolith's greedy tokens against HF's, per level both ran."""
+    checks: dict = {}
+    if hf is None:
+        return checks
+    for c in mono.keys() & hf.keys():
+        diff = compare_tokens(mono[c]["tokens"], hf[c]["tokens"])
+        checks[f"monolith_vs_hf_tokens_C{c}"] = "equal" if not diff else "differ: " + "; ".join(diff)
+    return checks
+
+
+def _text_check(wants: list[str], texts: list[str]) -> str:
+    """A stack's streamed texts against the monolith's decoded tokens, row by row."""
+    bad = []
+    for i, (want, got) in enumerate(zip(wants, texts, strict=True)):
+        if got != want:
+            # incremental decoding may cut multi-byte characters differently
+            same = got.replace("\ufffd", "") == want.replace("\ufffd", "")
+            bad.append(f"row {i}" + (" (only U+FFFD placement)" if same else ""))
+    return "equal" if not bad else "differ: " + "; ".join(bad)
 
 
 def ratios(results: dict, levels: list[int]) -> dict:
     """Paired ratios of aggregate tok/s (see `paired`): every variant against the monolith at each
     level, each variant's highest level against its lowest, and every stack with a hop delay
     against the same stack without it."""
-    out: dict = {}
     others = [v for v in results if v != "monolith"]
-    for c in levels:
-        for v in others:
-            x = paired(results, (v, c), ("monolith", c))
-            if x is not None:
-                out[f"{v}/monolith aggregate tok/s, C={c}"] = x
+    named: list[tuple[str, tuple[str, int], tuple[str, int]]] = [
+        (f"{v}/monolith aggregate tok/s, C={c}", (v, c), ("monolith", c)) for c in levels for v in others
+    ]
     lo, hi = min(levels), max(levels)
     if hi != lo:
-        for v in results:
-            x = paired(results, (v, hi), (v, lo))
-            if x is not None:
-                out[f"{v} C={hi} / {v} C={lo} aggregate tok/s"] = x
+        named += [(f"{v} C={hi} / {v} C={lo} aggregate tok/s", (v, hi), (v, lo)) for v in results]
     for v in (v for v in others if v.startswith("stack")):
         spec = _spec(v)
         base = spec.without_delay().name
         if spec.delay_ms and base in results:
-            for c in levels:
-                x = paired(results, (v, c), (base, c))
-                if x is not None:
-                    out[f"{v}/{base} aggregate tok/s, C={c}"] = x
+            named += [(f"{v}/{base} aggregate tok/s, C={c}", (v, c), (base, c)) for c in levels]
+    out: dict = {}
+    for name, a, b in named:
+        x = paired(results, a, b)
+        if x is not None:
+            out[name] = x
     return out
 
 
@@ -162,10 +169,6 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 
 
 def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> str:
-    labels = {
-        "monolith": "monolith: optimum ONNX + ORT, KV cache, numpy loop (baseline)",
-        "hf": "HF transformers PyTorch `generate`",
-    }
     model = getattr(args, "model_label", "GPT-2 124M, random weights")
     lines = [
         f"{model}, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
@@ -174,45 +177,75 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
         "ratios; one run of `python -m tests.benchmarks.bench`",
         "",
     ]
-    if results:
-        lines += [
-            "| variant | streams | first token ms | decode tok/s per stream | inter-token p50 / p99 ms "
-            "| aggregate tok/s | vs monolith |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-    else:
-        lines.append("No variant produced figures.")
+    lines += _table_lines(results)
+    lines += _ratio_lines(args, results)
+    lines += _hop_lines(results)
+    lines += _machine_lines(machine)
+    if checks:
+        lines += ["", "Checks:"]
+        lines += [f"- {k}: {v}" for k, v in checks.items()]
+    lines += [f"- {v}: FAILED: {e}" for v, e in errors.items()]
+    return "\n".join(lines)
+
+
+_LABELS = {
+    "monolith": "monolith: optimum ONNX + ORT, KV cache, numpy loop (baseline)",
+    "hf": "HF transformers PyTorch `generate`",
+}
+
+
+def _table_lines(results: dict) -> list[str]:
+    """The table: one row per variant and level."""
+    if not results:
+        return ["No variant produced figures."]
+    lines = [
+        "| variant | streams | first token ms | decode tok/s per stream | inter-token p50 / p99 ms "
+        "| aggregate tok/s | vs monolith |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for v, per in results.items():
         for c, r in per.items():
             x = paired(results, (v, c), ("monolith", c))
             rel = "1.00x" if v == "monolith" else (f"{x:.2f}x" if x is not None else "n/a")
             lines.append(
-                f"| {labels[v] if v in labels else _stack_label(v)} | {c} | {_fmt(r['first_token_ms'])} | "
+                f"| {_LABELS[v] if v in _LABELS else _stack_label(v)} | {c} | {_fmt(r['first_token_ms'])} | "
                 f"{_fmt(r['decode_tok_s_per_stream'])} | {_fmt(r.get('itl_p50_ms'))} / "
                 f"{_fmt(r.get('itl_p99_ms'))} | {_fmt(r['aggregate_tok_s'])} | {rel} |"
             )
+    return lines
+
+
+def _ratio_lines(args, results: dict) -> list[str]:
     rat = ratios(results, args.concurrency)
     tgt = targets(results, args.stack_specs[0].name if getattr(args, "stack_specs", None) else "stack")
-    if rat or tgt:
-        lines += ["", "Ratios (aggregate tok/s):"]
-    for k, x in rat.items():
-        lines.append(f"- {k}: {x:.2f}x")
-    for name, x, want, ok in tgt:
-        lines.append(f"- target {name}: {x:.2f}x, want {want}x: {'met' if ok else 'NOT met'}")
+    lines = ["", "Ratios (aggregate tok/s):"] if rat or tgt else []
+    lines += [f"- {k}: {x:.2f}x" for k, x in rat.items()]
+    lines += [
+        f"- target {name}: {x:.2f}x, want {want}x: {'met' if ok else 'NOT met'}" for name, x, want, ok in tgt
+    ]
+    return lines
+
+
+def _hop_lines(results: dict) -> list[str]:
     hops = [
         (v, c, r) for v, per in results.items() for c, r in per.items() if r.get("hop_overhead_p50_ms", 0) > 0
     ]
-    if hops:
-        lines += [
-            "",
-            "Per-hop overhead (a stage call's time outside the stage's session, from the gateway's "
-            "tandem_stage_hop_overhead_seconds; a simulated delay counts in it):",
-        ]
+    if not hops:
+        return []
+    lines = [
+        "",
+        "Per-hop overhead (a stage call's time outside the stage's session, from the gateway's "
+        "tandem_stage_hop_overhead_seconds; a simulated delay counts in it):",
+    ]
     for v, c, r in hops:
         lines.append(
             f"- {v}, {c} stream(s): p50 {r['hop_overhead_p50_ms']:.2f} ms, mean {r['hop_overhead_mean_ms']:.2f} ms"
         )
-    lines += [
+    return lines
+
+
+def _machine_lines(machine: dict) -> list[str]:
+    lines = [
         "",
         f"Machine: {machine['cpu_model']}, {machine['logical_cores']} logical cores "
         f"({machine['usable_cores']} usable), onnxruntime {machine['onnxruntime']}, "
@@ -227,13 +260,7 @@ def report(args, machine: dict, results: dict, checks: dict, errors: dict) -> st
             f"{machine['load_avg_1m_at_end']:.2f} at the end (this run included)"
             + ("; other work was running at the start, so the figures are skewed" if start_load > 0.5 else "")
         )
-    if checks:
-        lines += ["", "Checks:"]
-        for k, v in checks.items():
-            lines.append(f"- {k}: {v}")
-    for v, e in errors.items():
-        lines.append(f"- {v}: FAILED: {e}")
-    return "\n".join(lines)
+    return lines
 
 
 def _stack_label(v: str) -> str:
