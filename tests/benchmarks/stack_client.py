@@ -12,7 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -80,62 +81,72 @@ async def _one_stream(client, url: str, model: str, prompt: list[int], new_token
         # exported without a tokenizer streams tokens whose text is empty)
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
-    first = last = None
-    times: list[float] = []  # when each token-carrying chunk arrived
-    counted = 0
-    usage_tokens = None
-    finish = None
-    text: list[str] = []
-    done = False
+    tally = _Tally()
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
             detail = (await r.aread()).decode(errors="replace")[:500]
             raise BenchError(f"POST {url}/v1/completions answered {r.status_code}: {detail}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
-                break
-            try:
-                obj = json.loads(data)
-            except ValueError as e:
-                raise BenchError(f"the gateway sent an SSE event that is not JSON: {data[:200]!r}") from e
-            if "error" in obj:
-                raise BenchError(f"the gateway streamed an error: {json.dumps(obj['error'])[:500]}")
-            now = time.perf_counter()
-            usage = obj.get("usage")
-            so_far = usage.get("completion_tokens") if isinstance(usage, dict) else None
-            for ch in obj.get("choices") or []:
-                n = _chunk_tokens(ch) if so_far is None else int(so_far) - counted
-                if n > 0:
-                    counted += n
-                    if first is None:
-                        first = now
-                    last = now
-                    times.append(now)
-                if ch.get("text"):
-                    text.append(ch["text"])
-                if ch.get("finish_reason"):
-                    finish = ch["finish_reason"]
-            if so_far is not None:
-                usage_tokens = int(so_far)
-    if not done:
-        raise BenchError("the gateway closed the stream without `data: [DONE]`")
-    if first is None:
+        async for obj in _events(r):
+            tally.add(obj, time.perf_counter())
+    if not tally.times:
         raise BenchError("the gateway streamed no token")
     return {
-        "first": first,
-        "last": last,
+        "first": tally.times[0],
+        "last": tally.times[-1],
         "end": time.perf_counter(),
-        "tokens": usage_tokens if usage_tokens is not None else counted,
-        "seen": counted,
-        "gaps": np.diff(times).tolist(),
-        "tokens_source": "usage" if usage_tokens is not None else "chunks",
-        "finish_reason": finish,
-        "text": "".join(text),
+        "tokens": tally.usage_tokens if tally.usage_tokens is not None else tally.counted,
+        "seen": tally.counted,
+        "gaps": np.diff(tally.times).tolist(),
+        "tokens_source": "usage" if tally.usage_tokens is not None else "chunks",
+        "finish_reason": tally.finish,
+        "text": "".join(tally.text),
     }
+
+
+async def _events(r) -> AsyncIterator[dict]:
+    """The JSON events of an SSE stream up to `data: [DONE]` (a stream that ends without it, an
+    event that is not JSON or one that carries an error is a BenchError)."""
+    async for line in r.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError as e:
+            raise BenchError(f"the gateway sent an SSE event that is not JSON: {data[:200]!r}") from e
+        if "error" in obj:
+            raise BenchError(f"the gateway streamed an error: {json.dumps(obj['error'])[:500]}")
+        yield obj
+    raise BenchError("the gateway closed the stream without `data: [DONE]`")
+
+
+@dataclass
+class _Tally:
+    """What one stream carried so far: when each token-carrying chunk arrived, the tokens counted
+    (from the usage so far when the gateway sends it, else from the chunks), text, finish reason."""
+
+    times: list[float] = field(default_factory=list)
+    counted: int = 0
+    usage_tokens: int | None = None
+    finish: str | None = None
+    text: list[str] = field(default_factory=list)
+
+    def add(self, obj: dict, now: float) -> None:
+        usage = obj.get("usage")
+        so_far = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        for ch in obj.get("choices") or []:
+            n = _chunk_tokens(ch) if so_far is None else int(so_far) - self.counted
+            if n > 0:
+                self.counted += n
+                self.times.append(now)
+            if ch.get("text"):
+                self.text.append(ch["text"])
+            if ch.get("finish_reason"):
+                self.finish = ch["finish_reason"]
+        if so_far is not None:
+            self.usage_tokens = int(so_far)
 
 
 HOP_METRIC = "tandem_stage_hop_overhead_seconds"
