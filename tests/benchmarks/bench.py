@@ -39,7 +39,6 @@ number of streams, one line per variant (PNG).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -52,11 +51,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.benchmarks.bench_options import parse_args
 from tests.benchmarks.common import (
-    DEFAULT_BUNDLE,
     REPO_ROOT,
     SETTLE_S,
-    VARIANTS,
     BenchError,
     Runner,
     check_bundle,
@@ -67,105 +65,7 @@ from tests.benchmarks.common import (
 )
 from tests.benchmarks.inprocess import open_hf, open_monolith
 from tests.benchmarks.report import jsonable, ratios, report, run_checks, targets
-from tests.benchmarks.stack_client import StackProcess, StackSpec, open_stack
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m tests.benchmarks.bench",
-        description="Measure the tandem stack against the monolithic ONNX model and HF transformers.",
-    )
-    p.add_argument(
-        "--bundle",
-        default=DEFAULT_BUNDLE,
-        help=f"model bundle made with --with-reference (default {DEFAULT_BUNDLE})",
-    )
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--concurrency", default="1,16", help="comma-separated sequence counts (default 1,16)")
-    p.add_argument(
-        "--repeats", type=int, default=1, help="passes per round (default 1); also stage start-ups timed"
-    )
-    p.add_argument(
-        "--variants",
-        default=",".join(VARIANTS),
-        help="comma-separated subset of monolith,hf,stack (default all three)",
-    )
-    p.add_argument("--skip-hf", action="store_true", help="leave out the hf variant")
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=5,
-        help="measured passes are rounds x repeats; every variant runs once per pass (default 5)",
-    )
-    p.add_argument("--skip-startup", action="store_true", help="leave out the stage start-up timing")
-    p.add_argument(
-        "--stack-url",
-        default=None,
-        help="gateway of a running stack; without it the benchmark starts one itself",
-    )
-    p.add_argument(
-        "--stack-port",
-        type=int,
-        default=8000,
-        help="gateway port of the stack the benchmark starts itself (default 8000)",
-    )
-    p.add_argument(
-        "--pipeline-depth",
-        type=int,
-        default=None,
-        help="the started stack's pipeline_depth (lanes of micro-batches; default: the gateway's, 1)",
-    )
-    p.add_argument(
-        "--hop-delay-ms",
-        type=float,
-        default=0.0,
-        help="added to every stage call of the started stack, as if the stages were on other machines",
-    )
-    p.add_argument(
-        "--stacks",
-        default="base",
-        help="stack configurations to measure side by side, comma-separated: base (the gateway's "
-        "defaults) or ':'-joined dN (pipeline depth), Xms (hop delay), int8 (default base)",
-    )
-    p.add_argument(
-        "--int8-bundle", default=None, help="the int8 bundle for int8 stacks (default: BUNDLE-int8)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids (default 0)")
-    p.add_argument("--out", default=None, help="write every figure to this JSON file")
-    p.add_argument("--plot", default=None, help="draw tok/s and inter-token latency per variant to this PNG")
-    args = p.parse_args(argv)
-    try:
-        specs = [StackSpec.parse(t, args.pipeline_depth, args.hop_delay_ms) for t in args.stacks.split(",")]
-    except ValueError as e:
-        p.error(f"--stacks: {e}")
-    args.stack_specs = list({sp.name: sp for sp in specs}.values())
-    if args.stack_url and len(args.stack_specs) > 1:
-        p.error("--stack-url measures one running stack: give one --stacks entry at most")
-    args.stack_used = []
-
-    try:
-        args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
-    except ValueError:
-        p.error(f"--concurrency: expected comma-separated integers, got {args.concurrency!r}")
-    if not args.concurrency or min(args.concurrency) < 1:
-        p.error("--concurrency: every level must be >= 1")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        p.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
-    if args.skip_hf:
-        variants = [v for v in variants if v != "hf"]
-    args.variants = [v for v in VARIANTS if v in variants]  # fixed order: the baseline first
-    if not args.variants:
-        p.error("nothing to run")
-    if args.prompt_tokens < 1:
-        p.error("--prompt-tokens must be >= 1")
-    if args.new_tokens < 2:
-        p.error("--new-tokens must be >= 2 (the decode rate needs two tokens)")
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
-    return args
+from tests.benchmarks.stack_client import StackProcess, open_stack
 
 
 def stage_startup(bundle: Path, manifest: dict, repeats: int) -> dict[str, float]:
@@ -221,25 +121,11 @@ def stage_startup(bundle: Path, manifest: dict, repeats: int) -> dict[str, float
 
 def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine: dict, errors: dict) -> dict:
     """{variant: {C: summary}}: every variant loaded side by side, runs interleaved pass by pass."""
-    runners: dict[str, Runner] = {}
     stack: list[StackProcess] = []
     runs: dict[str, dict[int, list[dict]]] = {}  # variant -> C -> one run per pass, in pass order
     first: dict[tuple[str, int], dict] = {}  # the warm-up run: tokens and texts to check
     try:
-        names = [v for v in args.variants if v != "stack"]
-        names += [sp.name for sp in args.stack_specs] if "stack" in args.variants else []
-        specs = {sp.name: sp for sp in args.stack_specs}
-        for v in names:
-            try:
-                if v == "monolith":
-                    runners[v] = open_monolith(args, bundle, prompts)
-                elif v == "hf":
-                    runners[v] = open_hf(args, bundle, manifest, prompts, machine)
-                else:
-                    runners[v] = open_stack(args, specs[v], len(stack), prompts, bundle, stack)
-            except BenchError as e:
-                errors[v] = str(e)
-                log(f"[{v}] FAILED: {e}")
+        runners = _open_runners(args, bundle, manifest, prompts, machine, errors, stack)
         runs.update({v: {c: [] for c in args.concurrency} for v in runners})
         passes = args.rounds * args.repeats
         for i in range(-1, passes):  # pass -1 is the warm-up
@@ -248,21 +134,10 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
                 alive = [v for v in runners if v not in errors]
                 k = max(i, 0) % max(len(alive), 1)
                 for v in alive[k:] + alive[:k]:  # the order rotates from pass to pass
-                    time.sleep(SETTLE_S)
-                    try:
-                        r = runners[v](c)
-                    except BenchError as e:
-                        errors[v] = str(e)
-                        log(f"[{v}] FAILED: {e}")
-                        continue
-                    log(
-                        f"[{v}] C={c}: first token {r['first_token_ms']:.1f} ms, "
-                        f"{r['decode_tok_s_per_stream']:.1f} tok/s/stream, "
-                        f"{r['aggregate_tok_s']:.1f} tok/s aggregate"
-                    )
-                    if i < 0:
+                    r = _run_once(runners, v, c, errors)
+                    if r is not None and i < 0:
                         first[(v, c)] = r
-                    else:
+                    elif r is not None:
                         runs[v][c].append({k_: x for k_, x in r.items() if k_ not in ("tokens", "texts")})
     except KeyboardInterrupt:
         errors["run"] = "interrupted"
@@ -271,6 +146,54 @@ def measure_all(args, bundle: Path, manifest: dict, prompts: np.ndarray, machine
             if launcher.record is not None:  # after the runs: KV caches freed, arenas kept
                 launcher.record["stage_rss_bytes"] = launcher.memory()
             launcher.stop()
+    return _summaries(runs, first, errors)
+
+
+def _open_runners(
+    args, bundle: Path, manifest: dict, prompts: np.ndarray, machine: dict, errors: dict, stack: list
+) -> dict[str, Runner]:
+    """Every variant loaded (a stack started for each --stacks entry, recorded in `stack`); one that
+    fails to load is in `errors`, not in the answer."""
+    names = [v for v in args.variants if v != "stack"]
+    names += [sp.name for sp in args.stack_specs] if "stack" in args.variants else []
+    specs = {sp.name: sp for sp in args.stack_specs}
+    opens = {
+        "monolith": lambda: open_monolith(args, bundle, prompts),
+        "hf": lambda: open_hf(args, bundle, manifest, prompts, machine),
+    }
+    runners: dict[str, Runner] = {}
+    for v in names:
+        try:
+            runners[v] = (
+                opens[v]() if v in opens else open_stack(args, specs[v], len(stack), prompts, bundle, stack)
+            )
+        except BenchError as e:
+            errors[v] = str(e)
+            log(f"[{v}] FAILED: {e}")
+    return runners
+
+
+def _run_once(runners: dict[str, Runner], v: str, c: int, errors: dict) -> dict | None:
+    """One run of variant `v` with C sequences, after the settling pause; None if it failed."""
+    time.sleep(SETTLE_S)
+    try:
+        r = runners[v](c)
+    except BenchError as e:
+        errors[v] = str(e)
+        log(f"[{v}] FAILED: {e}")
+        return None
+    log(
+        f"[{v}] C={c}: first token {r['first_token_ms']:.1f} ms, "
+        f"{r['decode_tok_s_per_stream']:.1f} tok/s/stream, "
+        f"{r['aggregate_tok_s']:.1f} tok/s aggregate"
+    )
+    return r
+
+
+def _summaries(
+    runs: dict[str, dict[int, list[dict]]], first: dict[tuple[str, int], dict], errors: dict
+) -> dict:
+    """{variant: {C: summary}} of the measured runs, with the warm-up run's tokens and texts."""
     results: dict = {}
     for v, levels in runs.items():
         for c, rs in levels.items():
