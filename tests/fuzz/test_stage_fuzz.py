@@ -220,61 +220,98 @@ _odd_dims = st.one_of(_ints, st.sampled_from([True, 1.5, "2", None, [], {}]))
 
 def _mutate_tensor(draw: st.DrawFn, tensors: list[Tensor]) -> None:
     t = draw(st.sampled_from(tensors))
-    kind = draw(st.sampled_from(MUTATIONS))
-    if kind == "name":
-        t.name = draw(st.one_of(st.sampled_from(TENSOR_NAMES + OTHER_NAMES), st.text(max_size=8), _ints))
-    elif kind == "datatype":
-        t.datatype = draw(st.one_of(st.sampled_from(DATATYPES), st.integers()))
-    elif kind == "shape":
-        t.shape = draw(
-            st.one_of(
-                st.lists(_ints, max_size=10),
-                st.lists(_odd_dims, max_size=3),
-                st.sampled_from([None, 7, "[1]", {}]),
-            )
+    _MUTATORS[draw(st.sampled_from(MUTATIONS))](draw, t, tensors)
+
+
+def _mutate_name(draw: st.DrawFn, t: Tensor, tensors: list[Tensor]) -> None:
+    t.name = draw(st.one_of(st.sampled_from(TENSOR_NAMES + OTHER_NAMES), st.text(max_size=8), _ints))
+
+
+def _mutate_datatype(draw: st.DrawFn, t: Tensor, tensors: list[Tensor]) -> None:
+    t.datatype = draw(st.one_of(st.sampled_from(DATATYPES), st.integers()))
+
+
+def _mutate_shape(draw: st.DrawFn, t: Tensor, tensors: list[Tensor]) -> None:
+    t.shape = draw(
+        st.one_of(
+            st.lists(_ints, max_size=10),
+            st.lists(_odd_dims, max_size=3),
+            st.sampled_from([None, 7, "[1]", {}]),
         )
-    elif kind == "values":
-        if t.values.dtype == np.int64 and t.values.size:
-            flat = t.values.reshape(-1).copy()
-            i = draw(st.integers(0, flat.size - 1))
-            flat[i] = draw(st.sampled_from([-1, -(2**63), 2**63 - 1, VOCAB, 10**6, 1024, 1025, int(flat[0])]))
-            t.values = flat.reshape(t.values.shape)
-        else:
-            t.values = np.array(draw(st.lists(st.integers(-3, 3), max_size=6)), np.int64)
-    elif kind == "drop":
-        tensors.remove(t)
-    elif kind == "duplicate":
-        tensors.append(Tensor(t.name, t.datatype, t.shape, t.values, t.binary))
-    elif kind == "size":
-        t.extra["parameters"] = {
-            "binary_data_size": draw(st.one_of(_ints, st.sampled_from([True, "8", 1.5, None])))
-        }
-    elif kind == "data":
-        t.binary = False
-        if draw(st.booleans()):
-            t.datatype = draw(st.sampled_from(list(protocol.DATATYPES)))
-        t.extra["data"] = draw(
-            st.one_of(
-                st.lists(
-                    st.one_of(
-                        st.integers(), st.floats(), st.booleans(), st.text(max_size=3), st.sampled_from(BIG)
-                    ),
-                    max_size=8,
-                ),
-                st.recursive(st.integers(-3, 3), lambda s: st.lists(s, max_size=3), max_leaves=10),
-                st.sampled_from([None, "abc", {}, 1e308, 10**400]),
-            )
-        )
-    elif kind == "numbers":  # JSON numbers in a tensor of any numeric datatype
-        t.binary = False
-        t.datatype = draw(st.sampled_from(["FP16", "FP32", "FP64", "INT8", "UINT64", "INT64"]))
-        values = st.one_of(st.integers(), st.floats(), st.sampled_from(BIG))
-        t.extra["data"] = draw(st.lists(values, min_size=1, max_size=4))
-        t.shape = [len(t.extra["data"])]
-    else:  # the same bytes under another datatype (sizes then mismatch, or values reinterpret)
+    )
+
+
+def _mutate_values(draw: st.DrawFn, t: Tensor, tensors: list[Tensor]) -> None:
+    if t.values.dtype == np.int64 and t.values.size:
+        flat = t.values.reshape(-1).copy()
+        i = draw(st.integers(0, flat.size - 1))
+        flat[i] = draw(st.sampled_from([-1, -(2**63), 2**63 - 1, VOCAB, 10**6, 1024, 1025, int(flat[0])]))
+        t.values = flat.reshape(t.values.shape)
+    else:
+        t.values = np.array(draw(st.lists(st.integers(-3, 3), max_size=6)), np.int64)
+
+
+def _drop(draw: st.DrawFn, t: Tensor, tensors: list[Tensor]) -> None:
+    tensors.remove(t)
+
+
+def _duplicate(draw: st.DrawFn, t: Tensor, tensors: list[Tensor]) -> None:
+    tensors.append(Tensor(t.name, t.datatype, t.shape, t.values, t.binary))
+
+
+def _mutate_size(draw: st.DrawFn, t: Tensor, tensors: list[Tensor]) -> None:
+    t.extra["parameters"] = {
+        "binary_data_size": draw(st.one_of(_ints, st.sampled_from([True, "8", 1.5, None])))
+    }
+
+
+def _mutate_data(draw: st.DrawFn, t: Tensor, tensors: list[Tensor]) -> None:
+    t.binary = False
+    if draw(st.booleans()):
         t.datatype = draw(st.sampled_from(list(protocol.DATATYPES)))
-        with np.errstate(all="ignore"):  # overflowing casts are the point
-            t.values = t.values.astype(protocol.DATATYPES[t.datatype])
+    t.extra["data"] = draw(
+        st.one_of(
+            st.lists(
+                st.one_of(
+                    st.integers(), st.floats(), st.booleans(), st.text(max_size=3), st.sampled_from(BIG)
+                ),
+                max_size=8,
+            ),
+            st.recursive(st.integers(-3, 3), lambda s: st.lists(s, max_size=3), max_leaves=10),
+            st.sampled_from([None, "abc", {}, 1e308, 10**400]),
+        )
+    )
+
+
+def _mutate_numbers(draw: st.DrawFn, t: Tensor, tensors: list[Tensor]) -> None:
+    """JSON numbers in a tensor of any numeric datatype."""
+    t.binary = False
+    t.datatype = draw(st.sampled_from(["FP16", "FP32", "FP64", "INT8", "UINT64", "INT64"]))
+    values = st.one_of(st.integers(), st.floats(), st.sampled_from(BIG))
+    t.extra["data"] = draw(st.lists(values, min_size=1, max_size=4))
+    t.shape = [len(t.extra["data"])]
+
+
+def _mutate_dtype_bytes(draw: st.DrawFn, t: Tensor, tensors: list[Tensor]) -> None:
+    """The same bytes under another datatype (sizes then mismatch, or values reinterpret)."""
+    t.datatype = draw(st.sampled_from(list(protocol.DATATYPES)))
+    with np.errstate(all="ignore"):  # overflowing casts are the point
+        t.values = t.values.astype(protocol.DATATYPES[t.datatype])
+
+
+# a mutation (one of MUTATIONS, drawn in that order) -> what it does to the drawn tensor
+_MUTATORS = {
+    "name": _mutate_name,
+    "datatype": _mutate_datatype,
+    "shape": _mutate_shape,
+    "values": _mutate_values,
+    "drop": _drop,
+    "duplicate": _duplicate,
+    "size": _mutate_size,
+    "data": _mutate_data,
+    "numbers": _mutate_numbers,
+    "dtype-bytes": _mutate_dtype_bytes,
+}
 
 
 def _encode(tensors: list[Tensor], header_extra: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
@@ -312,7 +349,6 @@ def cases(draw: st.DrawFn, stage: int) -> Case:
         st.sampled_from(["valid", "valid", "tensor", "tensor", "tensor", "body", "header", "garbage"])
     )
     tensors = _valid_tensors(draw, stage)
-    header_extra: dict[str, Any] = {}
     if kind == "tensor":
         for _ in range(draw(st.integers(1, 3))):
             if tensors:
@@ -323,33 +359,8 @@ def cases(draw: st.DrawFn, stage: int) -> Case:
         header_extra["id"] = draw(st.sampled_from(["req-1", 7, None, ""]))
     header, data = _encode(tensors, header_extra)
     head = json.dumps(header).encode()
-    body = head + data
-    hlen: str | None = str(len(head))
-    if kind == "body":
-        how = draw(st.sampled_from(["truncate", "append", "flip", "json-only"]))
-        if how == "truncate":
-            body = body[: draw(st.integers(0, max(0, len(body) - 1)))]
-        elif how == "append":
-            body += draw(st.binary(min_size=1, max_size=64))
-        elif how == "flip" and data:
-            i = draw(st.integers(len(head), len(body) - 1))
-            body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1 :]
-        else:
-            hlen = None  # the binary tail read as part of the JSON
-    elif kind == "header":
-        hlen = draw(
-            st.one_of(
-                st.none(),
-                st.integers(-(2**70), 2**70).map(str),
-                st.sampled_from(["", "abc", "1e3", "0x10", "1_0", "+5", "-0", "9" * 5000]),
-                st.integers(0, len(body) + 2).map(str),
-                # what HTTP allows in a header value (no surrounding spaces)
-                st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=10).map(str.strip),
-            )
-        )
-    elif kind == "garbage":
-        body = draw(st.binary(max_size=256))
-        hlen = draw(st.one_of(st.none(), st.integers(0, len(body)).map(str)))
+    framing = _FRAMINGS.get(kind, _as_built)
+    body, hlen = framing(draw, head, data)
     others = [c.stage_name(k) for k in (1, 2, 3) if k != stage] + ["stage-0", "x", "1", "%00"]
     model = draw(st.sampled_from([c.stage_name(stage)] * 40 + others))
     headers = {"content-type": "application/octet-stream"}
@@ -357,6 +368,53 @@ def cases(draw: st.DrawFn, stage: int) -> Case:
         headers[protocol.HEADER] = hlen
     valid = kind == "valid" and model == c.stage_name(stage) and header_extra.get("id") != 7
     return Case(kind, model, body, headers, expect if valid else None, sent)
+
+
+# A case's body and Inference-Header-Content-Length (None: the header left out) from its encoded
+# JSON header and binary tail: as built, or broken as the case's kind says.
+Framing = tuple[bytes, str | None]
+
+
+def _as_built(draw: st.DrawFn, head: bytes, data: bytes) -> Framing:
+    return head + data, str(len(head))
+
+
+def _broken_body(draw: st.DrawFn, head: bytes, data: bytes) -> Framing:
+    body, hlen = _as_built(draw, head, data)
+    how = draw(st.sampled_from(["truncate", "append", "flip", "json-only"]))
+    if how == "truncate":
+        body = body[: draw(st.integers(0, max(0, len(body) - 1)))]
+    elif how == "append":
+        body += draw(st.binary(min_size=1, max_size=64))
+    elif how == "flip" and data:
+        i = draw(st.integers(len(head), len(body) - 1))
+        body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1 :]
+    else:  # json-only (or a flip with no binary tail): the tail read as part of the JSON
+        hlen = None
+    return body, hlen
+
+
+def _broken_header(draw: st.DrawFn, head: bytes, data: bytes) -> Framing:
+    body = head + data
+    hlen = draw(
+        st.one_of(
+            st.none(),
+            st.integers(-(2**70), 2**70).map(str),
+            st.sampled_from(["", "abc", "1e3", "0x10", "1_0", "+5", "-0", "9" * 5000]),
+            st.integers(0, len(body) + 2).map(str),
+            # what HTTP allows in a header value (no surrounding spaces)
+            st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=10).map(str.strip),
+        )
+    )
+    return body, hlen
+
+
+def _garbage(draw: st.DrawFn, head: bytes, data: bytes) -> Framing:
+    body = draw(st.binary(max_size=256))
+    return body, draw(st.one_of(st.none(), st.integers(0, len(body)).map(str)))
+
+
+_FRAMINGS = {"body": _broken_body, "header": _broken_header, "garbage": _garbage}
 
 
 def rss_kb(pid: int) -> int:
