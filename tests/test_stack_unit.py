@@ -279,6 +279,7 @@ def test_banner_lists_the_urls() -> None:
     text = stack.banner(args, config, stack.services(args, config, Path("c.json")))
     for url in (
         "http://127.0.0.1:8000/v1/completions",
+        "http://127.0.0.1:8000/v1/chat/completions",
         "http://127.0.0.1:8000/docs",
         "http://127.0.0.1:8000/metrics",
         "http://127.0.0.1:8100/metrics",
