@@ -114,7 +114,7 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 
 def merged(engine: DockerEngine, files: list[Path], env: dict[str, str]) -> dict[str, Any]:
-    """`docker-compose config` of the files as the README merges them for host networking."""
+    """`docker-compose config` of the files as infra/README.md merges them for host networking."""
     doc: dict[str, Any] = yaml.safe_load(engine.compose(files, PROJECT, "config", env=env).stdout)
     return doc
 
