@@ -1,6 +1,6 @@
 """`python -m export`: split a decoder-only causal LM (hub id, local directory or seeded random
 weights) into a bundle of N ONNX pipeline stages. Families: gpt2, llama, qwen2, mistral, phi3, gemma,
-gemma2, and others with the same layout (README: Model families)."""
+gemma2, and others with the same layout (docs/families.md)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 A decode step is a few milliseconds of ONNX Runtime per stage, and the gateway makes one call per
 stage per generated token. Litestar's routing, dependency injection, middleware and response
 objects cost about half a millisecond per request on the 2-core machine we measure on (py-spy, see
-README "Benchmarks"), which adds up to over a millisecond and a half per token across three stages.
+docs/benchmarks.md), which adds up to over a millisecond and a half per token across three stages.
 A `FastRoute` answers one method and path pattern with a plain coroutine instead; everything else
 (health, metadata, docs, errors of other routes) still goes through the Litestar app unchanged.
 

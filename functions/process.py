@@ -70,7 +70,7 @@ def pin_serving_thread(cpu: int) -> None:
     event loop on one core, handing a request from one process to the next is a wake-up on the same
     core instead of an interrupt to the other, and ONNX Runtime's worker threads have the other core
     to themselves: the stack's single-stream rate went from 0.79x to 0.83-0.85x the monolith's
-    (paired benchmark runs, README "Benchmarks").
+    (paired benchmark runs, docs/benchmarks.md).
     """
     global _process_cpus
     if _process_cpus is None:

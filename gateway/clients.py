@@ -5,7 +5,7 @@ Protocol v2, explicit timeouts, bounded retries with backoff on transport errors
 Stage infer calls go through one seam, `StagePoster.post(url, body, headers)`: by default
 `gateway.wire` (a minimal keep-alive HTTP/1.1 client) for http stages and httpx for https ones;
 measured on the 2-core machine, each of the three calls per token cost ~1 ms less with aiohttp than
-with httpx's async client, and less again with `wire` (README "Benchmarks"). Tests inject an httpx
+with httpx's async client, and less again with `wire` (docs/benchmarks.md). Tests inject an httpx
 transport (ASGI apps in-process) or a fake poster. httpx serves the rest (tokenizer, health,
 releases), where a millisecond does not matter.
 """

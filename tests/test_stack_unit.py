@@ -279,6 +279,7 @@ def test_banner_lists_the_urls() -> None:
     text = stack.banner(args, config, stack.services(args, config, Path("c.json")))
     for url in (
         "http://127.0.0.1:8000/v1/completions",
+        "http://127.0.0.1:8000/v1/chat/completions",
         "http://127.0.0.1:8000/docs",
         "http://127.0.0.1:8000/metrics",
         "http://127.0.0.1:8100/metrics",
@@ -286,6 +287,20 @@ def test_banner_lists_the_urls() -> None:
     ):
         assert url in text
     assert "curl -s http://127.0.0.1:8000/v1/completions" in text and '"model": "gpt2"' in text
+
+
+def test_the_readme_shows_the_real_banner() -> None:
+    # the sample in the README's "Two commands", the UI and Prometheus (Debian's) served, as there
+    args = parse()
+    config = stack.gateway_config(args, "gpt2", ["stage-1", "stage-2", "stage-3"])
+    svcs = [*stack.services(args, config, Path("c.json")), plan.Service("prometheus", 9090, [])]
+    ui = plan.Service("frontend", 5173, [], "/")
+    links = {page: f"http://127.0.0.1:9090/classic/{page}" for page in ("targets", "alerts")}
+    real = stack.banner(args, config, svcs, ui, links).strip("\n").splitlines()
+    readme = (stack.REPO_ROOT / "README.md").read_text()
+    sample = readme[readme.index("tandem is up:") :].split("```")[0].strip("\n").splitlines()
+    # the logs folder follows TANDEM_STATE_DIR, which a test run may set
+    assert [x for x in sample if "logs  " not in x] == [x for x in real if "logs  " not in x]
 
 
 def test_launcher_imports_nothing_heavy() -> None:

@@ -52,6 +52,19 @@ describe("App", () => {
     expect(screen.getByRole("button", { name: "Stop" })).toHaveProperty("disabled", true);
   });
 
+  it("names the served model and its stages once the gateway answers", async () => {
+    gateway(async () => jsonResponse(500, {}));
+    render(<App />);
+    expect(screen.getByTestId("subtitle").textContent).toBe(
+      "A language model as a pipeline of stage functions: watch a request go through it.",
+    );
+    await waitFor(() =>
+      expect(screen.getByTestId("subtitle").textContent).toBe(
+        "gpt2 as a pipeline of 3 stage functions: watch a request go through it.",
+      ),
+    );
+  });
+
   it("streams the output, fills the metrics, stage times and trace link", async () => {
     const body = sse(
       tokenChunk(" one"),

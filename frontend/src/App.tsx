@@ -6,7 +6,7 @@ import { NodesPanel } from "./components/NodesPanel";
 import { ParamsForm } from "./components/ParamsForm";
 import { SettingsPanel } from "./components/SettingsPanel";
 import { statusLine, useGeneration } from "./generation";
-import { useNodes } from "./nodes";
+import { subtitle, useNodes } from "./nodes";
 import { DEFAULT_FIELDS, type FormFields, toParams, toSampling } from "./params";
 import { type Settings, loadSettings, saveSettings } from "./settings";
 
@@ -89,7 +89,7 @@ export function App({ nodesIntervalMs = 2000 }: { nodesIntervalMs?: number }) {
     <>
       <header>
         <h1>tandem</h1>
-        <p>GPT-2 as a pipeline of stage functions: watch a request go through it.</p>
+        <p data-testid="subtitle">{subtitle(nodes.status)}</p>
       </header>
       <main>
         <section className="left" aria-label="Request">

@@ -1,5 +1,6 @@
 // The gateway's GET /api/nodes (gateway/nodes.py), polled for the node health panel; it also says
-// whether the gateway traces (the metrics panel links a request's trace only then).
+// whether the gateway traces (the metrics panel links a request's trace only then) and which model it
+// serves in how many stages (the page's subtitle).
 
 import { useCallback, useEffect, useState } from "react";
 import { authHeaders } from "./settings";
@@ -36,6 +37,15 @@ export interface NodesState {
 
 export interface LiveNodes extends NodesState {
   refresh: () => void; // ask now (e.g. right after a generation ended) instead of at the next tick
+}
+
+/** The page's subtitle: the served model and its stage count once GET /api/nodes answered (any
+ * family, any N), a generic line until then. */
+export function subtitle(status: NodesStatus | null): string {
+  const what = status
+    ? `${status.model} as a pipeline of ${status.stages.length} stage functions`
+    : "A language model as a pipeline of stage functions";
+  return `${what}: watch a request go through it.`;
 }
 
 export async function fetchNodes(

@@ -106,6 +106,7 @@ def banner(
         f"\ntandem is up: {config['model_name']}, {len(config['nodes'])} stage processes. Ctrl-C stops everything.\n"
         + (f"  web UI        http://{h}:{ui.port}/\n" if ui else "")
         + f"  gateway API   {gw}/v1/completions  (OpenAI-compatible), {gw}/api/model/process\n"
+        f"  chat          {gw}/v1/chat/completions  (OpenAI-compatible, the model's chat template)\n"
         f"  models        {gw}/v1/models\n  OpenAPI docs  {gw}/docs\n  metrics\n{metrics}\n{prom}"
         f"  logs          {shown(STATE_DIR / 'logs')}/\n  try\n"
         f"    curl -s {gw}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"

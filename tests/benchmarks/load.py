@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             bundle = (REPO_ROOT / args.bundle) if not Path(args.bundle).is_absolute() else Path(args.bundle)
             if not (bundle / "manifest.json").is_file():
-                raise BenchError(f"no bundle at {bundle}; export one first (see README, Benchmarks)")
+                raise BenchError(f"no bundle at {bundle}; export one first (see docs/benchmarks.md)")
             # the tokenizer and the stages on the ports after the gateway's, not on 8100-8103
             ports = ["--tokenizer-port", str(args.port + 1), "--stage-port-base", str(args.port + 2)]
             command = StackProcess.default_command(bundle, args.port) + ports

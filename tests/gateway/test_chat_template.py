@@ -1,5 +1,5 @@
 """Chat templates render as transformers renders them: for each template written for these tests
-(tests/gateway/chat_templates: Llama-3, ChatML (Qwen), Mistral [INST], Gemma (raises on a system
+(tests/gateway/chat_templates: Llama-3, ChatML (Qwen), tandem's default for random-init bundles, Mistral [INST], Gemma (raises on a system
 message), Phi-3, Qwen3's reasoning switch, and one that uses namespaces, loop controls, tojson and
 whitespace control), the gateway's renderer followed by an encode that adds no special tokens gives
 the token ids of transformers' `apply_chat_template(..., add_generation_prompt=True, tokenize=True)`
@@ -28,6 +28,7 @@ TURNS = [
 CASES: list[tuple[str, str | None, list[list[dict[str, Any]]]]] = [
     ("llama3", "<|begin_of_text|>", [[SYSTEM, *TURNS], TURNS]),
     ("chatml", None, [[SYSTEM, *TURNS], TURNS[:1]]),
+    ("default", None, [[SYSTEM, *TURNS], TURNS[:1]]),  # what --random-init bundles carry
     ("mistral", "<s>", [[SYSTEM, *TURNS], TURNS]),
     ("gemma", "<bos>", [TURNS, TURNS[:1]]),
     ("phi3", None, [[SYSTEM, *TURNS], TURNS]),
@@ -50,6 +51,10 @@ def base() -> Tokenizer:
 
 
 def template(name: str) -> str:
+    if name == "default":  # tandem's own, which the export gives --random-init bundles
+        from export.tokenizer_meta import DEFAULT_TEMPLATE
+
+        return DEFAULT_TEMPLATE.read_text()
     return (TEMPLATES / f"{name}.jinja").read_text()
 
 

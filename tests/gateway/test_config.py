@@ -19,8 +19,8 @@ from tests.helpers.procs import REPO_ROOT
 
 NO_ENV: dict[str, str] = {}
 
-# the README's example: the original shape (model_name, nodes with id/address/model_part) plus a
-# tokenizer and some knobs; here with two replicas of the middle stage
+# the example of docs/usage.md (Gateway configuration): the original shape (model_name, nodes with
+# id/address/model_part) plus a tokenizer and some knobs; here with two replicas of the middle stage
 CONFIG: dict[str, Any] = {
     "model_name": "gpt2",
     "tokenizer": {"address": "127.0.0.1:8100"},

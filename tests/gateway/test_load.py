@@ -1,7 +1,7 @@
 """The load command (python -m tests.benchmarks.load) on the tiny bundle, shortened: many clients at
 once through the real launcher's stack, every answer complete and well formed, no 5xx, and every
-process's memory back near its baseline afterwards. (The README's figures come from the full
-64 clients x 60 s run on GPT-2 124M; this checks behaviour, not speed.)"""
+process's memory back near its baseline afterwards. (The figures in docs/benchmarks.md come from the
+full 64 clients x 60 s run on GPT-2 124M; this checks behaviour, not speed.)"""
 
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 
 def merged(engine: DockerEngine, files: list[Path], env: dict[str, str]) -> dict[str, Any]:
-    """`docker-compose config` of the files as the README merges them for host networking."""
+    """`docker-compose config` of the files as infra/README.md merges them for host networking."""
     doc: dict[str, Any] = yaml.safe_load(engine.compose(files, PROJECT, "config", env=env).stdout)
     return doc
 
@@ -278,6 +278,20 @@ def test_compose_stack_serves_a_completion(
         f"{gateway}/v1/completions", json={"prompt": prompt, "max_tokens": 5, "model": MODEL}, timeout=60
     )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5, r.text
+    # a --random-init bundle carries tandem's default chat template (export/chat_templates), so the
+    # chat route answers on the offline default too
+    chat = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "model": MODEL}
+    r = httpx.post(f"{gateway}/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant", r.text
+    want = httpx.post(
+        tokenizer,
+        json={
+            "text": f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+            "add_special_tokens": False,
+        },
+        headers={"Authorization": f"Bearer {SERVICE_TOKEN}"},
+    ).json()["ids"]
+    assert r.json()["usage"]["prompt_tokens"] == len(want), (r.text, want)
 
 
 def test_the_ui_container_serves_the_page_and_the_api_on_one_origin(

@@ -1,8 +1,8 @@
 """Every deployment file passes a validator that knows its type, for the committed files (the
 generator's output for 3 stages, which they must equal) and for the generator's output for 2 and
-4 stages: compose files the Compose Specification schema and docker-compose itself (each file as the
-README runs it, the monitoring file on its own), Kubernetes manifests the Kubernetes OpenAPI schemas
-(strict), Knative and Cloud Run services the Knative Serving schema (@kubernetes-models/knative)
+4 stages: compose files the Compose Specification schema and docker-compose itself (each file as
+docs/deploy.md runs it, the monitoring file on its own), Kubernetes manifests the Kubernetes
+OpenAPI schemas (strict), Knative and Cloud Run services the Knative Serving schema (@kubernetes-models/knative)
 and their pod specs the Kubernetes PodSpec schema, KServe InferenceServices KServe's own CRD schema
 (infra/validate/kserve), the in-cluster Prometheus configuration promtool, Dockerfiles hadolint.
 Each validator is first shown to reject a broken copy, so a check that passes everything cannot

@@ -1,5 +1,5 @@
 """docker-compose.monitoring.yml: valid against the Compose specification's schema
-(check-jsonschema's vendored copy, no network), and wired as the README says: on its own (the
+(check-jsonschema's vendored copy, no network), and wired as docs/monitoring.md says: on its own (the
 original's `docker-compose -f docker-compose.monitoring.yml up -d`), Prometheus on :9090 with the
 committed configuration scraping every service and replica of docker-compose.yml, Grafana on :3000
 with admin/admin and the dashboard provisioned, Jaeger with its OTLP receiver on, and every service
