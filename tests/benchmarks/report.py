@@ -266,6 +266,7 @@ def _machine_lines(machine: dict) -> list[str]:
 def _stack_label(v: str) -> str:
     spec = _spec(v)
     words = ["tandem stack over HTTP (`/v1/completions`, SSE)"]
+    words += [f"{spec.stages} stage{'s' if spec.stages > 1 else ''}"] if spec.stages is not None else []
     words += ["int8 bundle"] if spec.int8 else []
     words += [f"pipeline depth {spec.depth}"] if spec.depth is not None else []
     words += [f"+{spec.delay_ms:g} ms per stage call"] if spec.delay_ms else []
