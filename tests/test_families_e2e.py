@@ -29,6 +29,7 @@ import pytest
 from functions.bundle import load_manifest
 from functions.tokenizer_core import TokenizerCore
 from tests.conftest import Reference, run_export
+from tests.helpers.exports import ExportCache
 from tests.helpers.procs import REPO_ROOT, free_port
 from tests.helpers.stack import Stack, start_stack
 
@@ -51,18 +52,27 @@ class FamilyStack:
 
 
 @pytest.fixture(scope="session")
-def family_bundles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Path]]]:
+def family_bundles(
+    tmp_path_factory: pytest.TempPathFactory, exports: ExportCache
+) -> Iterator[dict[str, Future[tuple[Path, Path]]]]:
     """Every family's model directory and bundle, exported two at a time (torch's exporter keeps one
-    core busy) as soon as the first family is asked for."""
+    core busy) as soon as the first family is asked for. GPT-2's is the suite's shared tiny model in
+    2 stages (tests.helpers.exports), which test_export's 2-stage case reads too."""
+    # transformers' lazy attributes are not safe to resolve from two threads at once (an
+    # ImportError for AutoConfig in one of them): resolve them here, before the pool starts
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig  # noqa: F401
+
     from export.random_init import make_random_model
 
-    def export(name: str) -> Path:
-        work = tmp_path_factory.mktemp(f"stack-{name}")
+    def export(name: str) -> tuple[Path, Path]:
+        if name == "gpt2":
+            return exports.hf_dir("gpt2"), exports.bundle("gpt2", STAGES["gpt2"])
+        work = tmp_path_factory.mktemp(f"export-{name}")
         hf, bundle = work / "hf", work / "bundle"
-        make_random_model("tiny" if name == "gpt2" else f"{name}-tiny", hf, None, seed=0)
+        make_random_model(f"{name}-tiny", hf, None, seed=0)
         r = run_export("--model", str(hf), "--out", str(bundle), "--stages", str(STAGES[name]))
         assert r.returncode == 0, r.stdout + r.stderr
-        return work
+        return hf, bundle
 
     pool = ThreadPoolExecutor(max_workers=2)
     try:
@@ -72,16 +82,22 @@ def family_bundles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
 
 
 @pytest.fixture(scope="module", params=sorted(STAGES))
-def fam(request: pytest.FixtureRequest, family_bundles: dict[str, Future[Path]]) -> Iterator[FamilyStack]:
+def fam(
+    request: pytest.FixtureRequest,
+    family_bundles: dict[str, Future[tuple[Path, Path]]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[FamilyStack]:
     name: str = request.param
-    work = family_bundles[name].result()
-    hf, bundle = work / "hf", work / "bundle"
+    hf, bundle = family_bundles[name].result()
     assert len(load_manifest(bundle).stages) == STAGES[name]
     reference = Reference(hf)
     tok = TokenizerCore.from_bundle(bundle)
     prompt = tok.encode(TEXT)
     stack = start_stack(
-        bundle, work, replicas=(1,) * STAGES[name], env={"TANDEM_KV_CACHE_BYTES": str(KV_BUDGET)}
+        bundle,
+        tmp_path_factory.mktemp(f"stack-{name}"),
+        replicas=(1,) * STAGES[name],
+        env={"TANDEM_KV_CACHE_BYTES": str(KV_BUDGET)},
     )
     try:
         yield FamilyStack(name, stack, reference, tok, prompt, reference.greedy(prompt, N))
@@ -198,16 +214,16 @@ def _bindable(port: int) -> bool:
 
 
 def test_the_launcher_starts_one_process_per_stage(
-    family_bundles: dict[str, Future[Path]], tmp_path: Path
+    family_bundles: dict[str, Future[tuple[Path, Path]]], tmp_path: Path
 ) -> None:
     """`python -m infra.local.stack up` on a 4-stage Qwen2 bundle: four stage processes, served."""
-    work = family_bundles["qwen2"].result()
+    hf, bundle = family_bundles["qwen2"].result()
     gw, tok = free_port(), free_port()
     base = free_port()
     while any(p in (gw, tok) or not _bindable(p) for p in range(base, base + 4)):
         base = free_port()
     ports = ["--gateway-port", str(gw), "--tokenizer-port", str(tok), "--stage-port-base", str(base)]
-    cmd = [sys.executable, "-m", "infra.local.stack", "up", "--bundle", str(work / "bundle"), "--no-export"]
+    cmd = [sys.executable, "-m", "infra.local.stack", "up", "--bundle", str(bundle), "--no-export"]
     p = subprocess.Popen(
         [*cmd, "--no-frontend", "--no-prometheus", *ports],
         cwd=REPO_ROOT,
@@ -238,8 +254,8 @@ def test_the_launcher_starts_one_process_per_stage(
             timeout=60,
         )
         assert r.status_code == 200, r.text
-        assert r.json()["token_ids"] == Reference(work / "hf").greedy(
-            TokenizerCore.from_bundle(work / "bundle").encode(TEXT), 8
+        assert r.json()["token_ids"] == Reference(hf).greedy(
+            TokenizerCore.from_bundle(bundle).encode(TEXT), 8
         )
     finally:
         p.send_signal(signal.SIGTERM)
