@@ -31,5 +31,9 @@ def test_hop_profile_smoke_run(tiny_bundle: Path, tmp_path: Path) -> None:
         assert 0 < s["session_ms"]["p50"] < s["rtt_ms"]["p50"]
         assert 0 < s["overhead_ms"]["p50"] <= s["overhead_ms"]["p90"] <= s["overhead_ms"]["p99"]
         split = s["split_mean_ms"]
-        assert split["transport"] > 0 and split["engine"] > 0 and split["handler"] >= 0
+        # transport and handler are differences of means (the round trip's, the stage's handler
+        # histogram's, which also counts the prefill), clamped at 0: either may read 0 on a busy
+        # host, not both
+        assert split["engine"] > 0 and split["transport"] >= 0 and split["handler"] >= 0
+        assert split["transport"] + split["handler"] > 0
         assert split["transport"] + split["engine"] < s["rtt_ms"]["p99"]
