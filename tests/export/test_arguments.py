@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_export
-from tests.helpers.procs import REPO_ROOT, free_port
+from tests.helpers.procs import free_port
 
 pytestmark = pytest.mark.export
 
@@ -57,21 +55,8 @@ def test_unreachable_hub_is_one_message_within_5_s(tmp_path: Path, hub: str) -> 
         env = {**os.environ, "HF_ENDPOINT": endpoint}
         env.pop("HF_HUB_OFFLINE", None)
         t0 = time.monotonic()
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "export",
-                "--model",
-                "no-such-org/no-such-model",
-                "--out",
-                str(tmp_path / "x"),
-            ],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
+        r = run_export(
+            "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "x"), timeout=60, env=env
         )
         took = time.monotonic() - t0
     assert r.returncode == 2 and took < 5, (took, r.stdout + r.stderr)
@@ -84,22 +69,7 @@ def test_unreachable_hub_is_one_message_within_5_s(tmp_path: Path, hub: str) -> 
 def test_offline_hub_and_model_not_cached(tmp_path: Path) -> None:
     """HF_HUB_OFFLINE=1: the cache only, and a model not in it is one message naming the options."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "export",
-            "--model",
-            "no-such-org/no-such-model",
-            "--out",
-            str(tmp_path / "x"),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = run_export("--model", "no-such-org/no-such-model", "--out", str(tmp_path / "x"), timeout=120, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "not in the local Hugging Face cache" in r.stderr and "--random-init FAMILY" in r.stderr
 
@@ -151,21 +121,8 @@ def test_bad_random_init_and_tokenizer(tmp_path: Path) -> None:
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"model_type": "bert"}))
     _bad(["--random-init", str(cfg), "--out", str(tmp_path / "x")], "'bert' has no embed_tokens")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "export",
-            "--random-init",
-            "tiny",
-            "--tokenizer",
-            str(tmp_path / "missing"),
-            "--out",
-            str(tmp_path / "x"),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
+    r = run_export(
+        "--random-init", "tiny", "--tokenizer", str(tmp_path / "missing"), "--out", str(tmp_path / "x")
     )
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
 

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,14 +49,18 @@ def _tiny_gpt2(directory: Path) -> None:
 TINY_MODELS: dict[str, Callable[[Path], None]] = {"gpt2": _tiny_gpt2}
 
 
-def run_export(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`python -m export ARGS` in the repository root, output captured."""
+def run_export(
+    *args: str, timeout: float = 300, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m export ARGS` in the repository root, output captured (`env`: its whole
+    environment, else this process's)."""
     return subprocess.run(
         [sys.executable, "-m", "export", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
