@@ -9,12 +9,11 @@ Whatever this cannot decide goes on to the full check (export/families.py check_
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from export.errors import ExportError
+from export.errors import ExportError, read_json
 from export.families import EXPERTS, NAMED, refusal
 
 
@@ -55,10 +54,7 @@ def quick_check(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise ExportError(f"{directory} is not a Hugging Face model directory: it has no config.json")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as e:
-        raise ExportError(f"{path} is not valid JSON: {e}") from None
+    config = read_json(path)
     if not isinstance(config, dict) or not config.get("model_type"):
         raise ExportError(refusal("unknown", f"{path} names no model_type"))
     kind = str(config["model_type"])

@@ -6,12 +6,11 @@ special_tokens_map.json, chat_template.jinja).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.errors import ExportError
+from export.errors import ExportError, read_json
 
 TEMPLATE_FILE = "chat_template.jinja"
 DEFAULT_TEMPLATE = Path(__file__).parent / "chat_templates" / "default.jinja"
@@ -54,10 +53,7 @@ class TokenizerInfo:
 
 
 def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError as e:
-        raise ExportError(f"{path} is not valid JSON: {e}") from e
+    data = read_json(path) if path.is_file() else {}
     return data if isinstance(data, dict) else {}
 
 

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from functions.bundle import load_manifest
 from functions.tokenizer_core import TokenizerCore
 from tests.conftest import Reference, run_export
 from tests.helpers.exports import ExportCache
-from tests.helpers.procs import REPO_ROOT, free_port
+from tests.helpers.procs import REPO_ROOT, free_port, read_until
 from tests.helpers.stack import Stack, start_stack
 
 pytestmark = [pytest.mark.export, pytest.mark.processes, pytest.mark.timeout(600)]
@@ -232,18 +231,8 @@ def test_the_launcher_starts_one_process_per_stage(
         stderr=subprocess.STDOUT,
         env={**os.environ, "TANDEM_STATE_DIR": str(tmp_path)},
     )
-    lines: list[str] = []
     try:
-        assert p.stdout is not None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(
-            line.startswith("  OpenAPI docs") for line in lines[-1:]
-        ):
-            line = p.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-        out = "".join(lines)
+        out = read_until(p.stdout, lambda line: line.startswith("  OpenAPI docs"), 120)
         assert "tandem is up: hf, 4 stage processes" in out, out
         assert sorted(s["name"] for s in json.loads((tmp_path / "pids.json").read_text())["services"]) == [
             "gateway", "stage-1", "stage-2", "stage-3", "stage-4", "tokenizer",

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from functions import contract as c
-from tests.helpers.procs import REPO_ROOT, port_run
+from tests.helpers.procs import REPO_ROOT, port_run, read_until
 
 pytestmark = pytest.mark.processes
 
@@ -109,19 +109,11 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
         ],
         tmp_path,
     )
-    lines: list[str] = []
     last_line = "  prometheus " if shutil.which("prometheus") else "  OpenAPI docs"
+    out = ""
     try:
-        deadline = time.monotonic() + 90
-        assert p.stdout is not None
-        while time.monotonic() < deadline:
-            line = p.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith(last_line):  # the URL block is printed once everything is ready
-                break
-        out = "".join(lines)
+        # the URL block is printed once everything is ready
+        out = read_until(p.stdout, lambda line: line.startswith(last_line), 90)
         assert f"http://127.0.0.1:{gw}" in out, out
         assert httpx.get(f"http://127.0.0.1:{gw}/readyz").status_code == 200
         r = httpx.post(
@@ -165,7 +157,7 @@ def test_up_serves_and_stops_everything(tiny_bundle: Path, tmp_path: Path) -> No
     finally:
         p.send_signal(signal.SIGTERM)
         rest, _ = p.communicate(timeout=30)
-    assert p.returncode == 0, "".join(lines) + rest
+    assert p.returncode == 0, out + rest
     assert "stopped" in rest
     for port in (gw, tok, base, base + 1, base + 2, prom):  # every service is gone
         with pytest.raises(httpx.TransportError):

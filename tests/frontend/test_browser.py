@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import pytest
 from functions import contract
 from infra.local import frontend
 from tests.helpers.otlp import OtlpReceiver
-from tests.helpers.procs import REPO_ROOT, port_run
+from tests.helpers.procs import REPO_ROOT, port_run, read_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.processes]
 
@@ -82,16 +81,8 @@ def launched(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    lines: list[str] = []
     try:
-        assert p.stdout is not None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any("/docs" in line for line in lines):
-            line = p.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-        banner = "".join(lines)
+        banner = read_until(p.stdout, lambda line: "/docs" in line, 120)
         assert "/docs" in banner, banner
         stages = {contract.stage_name(k + 1): f"http://127.0.0.1:{base + k}" for k in range(3)}
         docs = f"http://127.0.0.1:{gw}/docs"

@@ -47,6 +47,22 @@ def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def read_until(stream: IO[str] | None, done: Callable[[str], bool], timeout: float) -> str:
+    """What a process printed on `stream`, up to and including the first line `done` accepts; less
+    when the stream ends or `timeout` seconds pass (checked between lines)."""
+    assert stream is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line)
+        if done(line):
+            break
+    return "".join(lines)
+
+
 def free_port() -> int:
     """A port that was free a moment ago (the usual small race is acceptable in tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
