@@ -61,8 +61,7 @@ def _summary(per_token: list[float], sessions: list[float]) -> dict[str, float]:
     }
 
 
-def in_process(bundle: Path, prompt: int, steps: int) -> dict[str, float]:
-    n = len(load_manifest(bundle).stages)
+def in_process(bundle: Path, n: int, prompt: int, steps: int) -> dict[str, float]:
     stages = [_engine(bundle, k, prompt, steps) for k in range(1, n + 1)]
     per_token, sessions = [], []
     for i in range(steps + 1):
@@ -117,10 +116,11 @@ def _drive(conns: list[socket.socket], steps: int) -> dict[str, float]:
     return _summary(per_token, sessions)
 
 
-def one_process_per_stage(bundle: Path, prompt: int, steps: int, loop_cpu: int | None) -> dict[str, float]:
+def one_process_per_stage(
+    bundle: Path, n: int, prompt: int, steps: int, loop_cpu: int | None
+) -> dict[str, float]:
     from tests.helpers.procs import free_port
 
-    n = len(load_manifest(bundle).stages)
     ctx = mp.get_context("spawn")
     ports = [free_port() for _ in range(n)]
     procs = [
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "bundle": bundle.name,
             "stages": stages,
-            "in_process": in_process(bundle, args.prompt_tokens, args.steps),
-            "processes": one_process_per_stage(bundle, args.prompt_tokens, args.steps, loop_cpu),
+            "in_process": in_process(bundle, stages, args.prompt_tokens, args.steps),
+            "processes": one_process_per_stage(bundle, stages, args.prompt_tokens, args.steps, loop_cpu),
         }
         rows.append(row)
     print(
